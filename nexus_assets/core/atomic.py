@@ -22,6 +22,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o644)  # mkstemp's 0600 would hide artifacts from other users of the box
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
@@ -36,6 +37,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o755)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             if old.exists():

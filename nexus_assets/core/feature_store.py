@@ -1,0 +1,215 @@
+"""The frozen-feature cache: teacher outputs as chunked, zstd Parquet, resumable chunk by chunk.
+
+Layout of one cache entry (`<teacher dir>/<cache_key>/`):
+  items-00000.parquet   one row per probe item: row_id, split, embeddings / logits / pooled hidden layers
+  tokens-00000.parquet  one row per token (LMs, ASR decoders): row_id, position, top-k logits, logsumexp, ...
+  chunk-00000.json      written last, atomically: the chunk is complete only if this exists and matches
+  manifest.json         written when every chunk is complete
+The cache key covers teacher hash + data hash + extraction config, so a change to any of them lands in a
+new entry and stale features are never reused.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .atomic import atomic_path, sha256_file, sha256_json, write_json
+
+MANIFEST = "manifest.json"
+CURRENT = "current.json"
+
+
+class FeatureCacheError(RuntimeError):
+    """Feature data is missing, corrupt or non-finite; the message names teacher, file and column."""
+
+
+def cache_key(teacher_hash: str, data_hash: str, extraction: dict, code_version: str) -> str:
+    return sha256_json({"teacher": teacher_hash, "data": data_hash, "extraction": extraction,
+                        "code": code_version})[:16]
+
+
+def _column(values: Any) -> pa.Array:
+    """numpy (N,) -> plain column; (N, D) -> fixed-size list column (cheap to read back as a matrix)."""
+    if isinstance(values, list):
+        return pa.array(values)
+    arr = np.asarray(values)
+    if arr.ndim == 1:
+        return pa.array(arr)
+    flat = pa.array(arr.reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, int(np.prod(arr.shape[1:])))
+
+
+def outputs_to_tables(row_ids: Sequence[str], splits: Sequence[str], outputs, teacher: str) -> tuple[pa.Table, pa.Table | None]:
+    """Turn one batch's TeacherOutputs into (items table, tokens table) keyed by row_id."""
+    items = {"row_id": pa.array(list(row_ids)), "split": pa.array(list(splits))}
+    for name, v in outputs.items.items():
+        if not isinstance(v, list) and not np.isfinite(np.asarray(v)).all():
+            raise FeatureCacheError(f"teacher {teacher!r}: non-finite values in output {name!r} for rows "
+                                    f"{list(row_ids)[:3]}...")
+        items[name] = _column(v)
+    tokens = None
+    if outputs.tokens is not None:
+        idx = np.asarray(outputs.tokens["item_index"])
+        cols = {"row_id": pa.array([row_ids[i] for i in idx])}
+        for name, v in outputs.tokens.items():
+            if name != "item_index":
+                cols[name] = _column(v)
+        tokens = pa.table(cols)
+    return pa.table(items), tokens
+
+
+@dataclass
+class ChunkPlan:
+    index: int
+    start: int
+    stop: int
+
+
+def _chunk_files(folder: Path, i: int) -> dict[str, Path]:
+    return {"items": folder / f"items-{i:05d}.parquet", "tokens": folder / f"tokens-{i:05d}.parquet",
+            "marker": folder / f"chunk-{i:05d}.json"}
+
+
+def chunk_is_complete(folder: Path, i: int) -> bool:
+    """A chunk counts only if its marker exists and every file it lists has the recorded size and hash:
+    a truncated or garbage chunk file is detected here and redone on resume."""
+    files = _chunk_files(folder, i)
+    if not files["marker"].exists():
+        return False
+    try:
+        marker = json.loads(files["marker"].read_text())
+        for kind, meta in marker["files"].items():
+            p = folder / meta["file"]
+            if not p.exists() or p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+                return False
+    except (ValueError, KeyError, OSError):
+        return False
+    return True
+
+
+def write_chunk(folder: Path, i: int, items: pa.Table, tokens: pa.Table | None) -> dict:
+    files = _chunk_files(folder, i)
+    meta: dict[str, Any] = {"index": i, "rows": items.num_rows, "files": {}}
+    for kind, table in (("items", items), ("tokens", tokens)):
+        if table is None:
+            continue
+        with atomic_path(files[kind]) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        meta["files"][kind] = {"file": files[kind].name, "bytes": files[kind].stat().st_size,
+                               "sha256": sha256_file(files[kind]), "rows": table.num_rows}
+    write_json(files["marker"], meta)  # last: the chunk exists for readers only from here on
+    return meta
+
+
+def cache_features(
+    forward: Callable[[list[dict]], Any],
+    rows: pa.Table,
+    folder: Path,
+    *,
+    teacher: str,
+    batch_size: int,
+    chunk_rows: int,
+    input_columns: Sequence[str],
+    manifest_extra: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run `forward` over every probe row, chunk by chunk, resuming from the last complete chunk.
+
+    rows: the probe table (row_id, split, + the input columns). Returns the manifest.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    n = rows.num_rows
+    plans = [ChunkPlan(i, s, min(s + chunk_rows, n)) for i, s in enumerate(range(0, n, chunk_rows))]
+    done = [p.index for p in plans if chunk_is_complete(folder, p.index)]
+    if done:
+        log(f"[{teacher}] resuming: {len(done)}/{len(plans)} chunks already complete")
+    t0, processed = time.time(), 0
+    chunks = []
+    for p in plans:
+        if p.index in done:
+            chunks.append(json.loads(_chunk_files(folder, p.index)["marker"].read_text()))
+            continue
+        part = rows.slice(p.start, p.stop - p.start).select(["row_id", "split", *input_columns]).to_pylist()
+        item_tables, token_tables = [], []
+        for b in range(0, len(part), batch_size):
+            batch = part[b:b + batch_size]
+            out = forward(batch)
+            it, tk = outputs_to_tables([r["row_id"] for r in batch], [r["split"] for r in batch], out, teacher)
+            item_tables.append(it)
+            if tk is not None:
+                token_tables.append(tk)
+        items = pa.concat_tables(item_tables)
+        tokens = pa.concat_tables(token_tables) if token_tables else None
+        chunks.append(write_chunk(folder, p.index, items, tokens))
+        processed += len(part)
+        rate = processed / max(time.time() - t0, 1e-9)
+        log(f"[{teacher}] chunk {p.index + 1}/{len(plans)}: {p.stop}/{n} rows, {rate:.1f} rows/s")
+    manifest = {
+        "teacher": teacher,
+        "rows": n,
+        "chunks": len(plans),
+        "token_rows": sum(c["files"].get("tokens", {}).get("rows", 0) for c in chunks),
+        "bytes": sum(m["bytes"] for c in chunks for m in c["files"].values()),
+        "content_hash": sha256_json([sorted((k, m["sha256"]) for k, m in c["files"].items()) for c in chunks]),
+        "seconds_this_run": round(time.time() - t0, 2),
+        "rows_computed_this_run": processed,
+        **(manifest_extra or {}),
+    }
+    write_json(folder / MANIFEST, manifest)
+    write_json(folder.parent / CURRENT, {"cache_key": folder.name, "content_hash": manifest["content_hash"]})
+    return manifest
+
+
+def current_entry(teacher_dir: Path) -> Path:
+    """The cache entry the last successful materialization pointed at."""
+    cur = Path(teacher_dir) / CURRENT
+    if not cur.exists():
+        raise FeatureCacheError(f"{teacher_dir}: no features cached; materialize teacher_features first")
+    entry = Path(teacher_dir) / json.loads(cur.read_text())["cache_key"]
+    if not (entry / MANIFEST).exists():
+        raise FeatureCacheError(f"{entry}: feature cache incomplete ({MANIFEST} missing)")
+    return entry
+
+
+def read_features(entry: Path, kind: str = "items", columns: list[str] | None = None,
+                  filter_splits: Sequence[str] | None = None) -> pa.Table:
+    files = sorted(Path(entry).glob(f"{kind}-*.parquet"))
+    if not files:
+        raise FeatureCacheError(f"{entry}: no {kind} chunks")
+    table = pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+    if filter_splits is not None and "split" in table.column_names:
+        import pyarrow.compute as pc
+
+        table = table.filter(pc.is_in(table["split"], pa.array(list(filter_splits))))
+    return table
+
+
+def iter_matrix(entry: Path, column: str, kind: str = "items", batch_rows: int = 4096,
+                teacher: str = "?") -> Iterator[np.ndarray]:
+    """Stream one feature column as float32 (n, D) blocks, never holding every row in memory."""
+    files = sorted(Path(entry).glob(f"{kind}-*.parquet"))
+    if not files:
+        raise FeatureCacheError(f"teacher {teacher!r}: {entry}: no {kind} chunks")
+    for f in files:
+        pf = pq.ParquetFile(f)
+        if column not in pf.schema_arrow.names:
+            raise FeatureCacheError(f"teacher {teacher!r}: layer/column {column!r} missing from {f}; "
+                                    f"cached columns: {pf.schema_arrow.names}")
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=[column]):
+            yield column_matrix(batch.column(0))
+
+
+def column_matrix(col) -> np.ndarray:
+    """Fixed-size-list column -> (n, D) float32 view without a Python loop."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_fixed_size_list(col.type):
+        return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+    return col.to_numpy(zero_copy_only=False)

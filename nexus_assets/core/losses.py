@@ -430,7 +430,7 @@ def router_entropy(router_logits: torch.Tensor) -> torch.Tensor:
     """Mean over samples of the routing distribution's entropy (nats): log E for uniform, 0 for one-hot.
 
     Args:
-        router_logits (torch.Tensor): shape (B, E).
+        router_logits (torch.Tensor): shape (B, E); a -inf logit (a disabled expert) counts as p = 0.
 
     Returns:
         torch.Tensor: 0-dim entropy in [0, log E].
@@ -438,7 +438,9 @@ def router_entropy(router_logits: torch.Tensor) -> torch.Tensor:
     if router_logits.ndim != 2 or router_logits.shape[0] == 0 or router_logits.shape[1] == 0:
         raise _shape_error("router_logits", router_logits, "(B, E) with B, E >= 1")
     log_p = F.log_softmax(_f32(router_logits), dim=-1)  # (B, E)
-    return -(log_p.exp() * log_p).sum(dim=-1).mean()
+    p = log_p.exp()
+    # 0 * log 0 = 0 for experts masked with a -inf logit (and a finite gradient there).
+    return -(p * log_p.masked_fill(p == 0, 0.0)).sum(dim=-1).mean()
 
 
 def weighted_sum(

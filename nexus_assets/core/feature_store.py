@@ -48,12 +48,12 @@ def _column(values: Any) -> pa.Array:
 
 def outputs_to_tables(row_ids: Sequence[str], splits: Sequence[str], outputs, teacher: str) -> tuple[pa.Table, pa.Table | None]:
     """Turn one batch's TeacherOutputs into (items table, tokens table) keyed by row_id."""
-    items = {"row_id": pa.array(list(row_ids)), "split": pa.array(list(splits))}
-    for name, v in outputs.items.items():
+    for name, v in {**outputs.items, **(outputs.tokens or {})}.items():
         if not isinstance(v, list) and not np.isfinite(np.asarray(v)).all():
             raise FeatureCacheError(f"teacher {teacher!r}: non-finite values in output {name!r} for rows "
                                     f"{list(row_ids)[:3]}...")
-        items[name] = _column(v)
+    items = {"row_id": pa.array(list(row_ids)), "split": pa.array(list(splits))}
+    items.update({name: _column(v) for name, v in outputs.items.items()})
     tokens = None
     if outputs.tokens is not None:
         idx = np.asarray(outputs.tokens["item_index"])

@@ -1,0 +1,171 @@
+"""Snapshots and the feature cache on a tiny Llama built from a config (the real teachers have their own tests)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from nexus_assets.core.feature_store import FeatureCacheError, current_entry, read_features
+from nexus_assets.core.registry import TeacherSpec
+from nexus_assets.teachers.base import load_teacher
+from nexus_assets.teachers.features import extract_teacher_features
+from nexus_assets.teachers.snapshot import SnapshotError, build_snapshot, verify_snapshot
+from nexus_assets_tests.helpers import tiny_llama_dir
+
+
+def spec_for(source: dict, **extraction) -> TeacherSpec:
+    ex = {"layers": ["layers.1", "layers.3"], "token_layers": ["layers.1"], "top_k": 5, "batch_size": 3,
+          "chunk_rows": 4, "max_length": 16, **extraction}
+    return TeacherSpec.model_validate(dict(
+        name="tiny-llama", modality="text", tower="text", family="causal_lm", capabilities=["text.generate"],
+        dataset="text-probe", source=source, extraction=ex))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def probe_rows(n=10) -> pa.Table:
+    rng = np.random.default_rng(0)
+    texts = [" ".join(f"w{i}" for i in rng.integers(0, 290, size=rng.integers(2, 12))) for _ in range(n)]
+    return pa.table({"row_id": [f"t/{i}/0" for i in range(n)], "split": ["train"] * n, "text": texts})
+
+
+def test_path_snapshot_hashes_and_catalogs_every_tensor(llama_dir, tmp_path):
+    m = build_snapshot(spec_for({"kind": "path", "path": str(llama_dir)}), tmp_path / "snap", log=lambda s: None)
+    names = {e["file"] for e in m["files"]}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    import pyarrow.parquet as pq
+    cat = pq.read_table(tmp_path / "snap" / "catalog.parquet").to_pylist()
+    emb = [r for r in cat if r["name"] == "model.embed_tokens.weight"][0]
+    assert emb["shape"] == [300, 32] and emb["dtype"] == "F32" and emb["bytes"] == 300 * 32 * 4
+    assert verify_snapshot(tmp_path / "snap")["content_hash"] == m["content_hash"]
+
+
+def test_corrupted_or_deleted_weight_file_is_named(llama_dir, tmp_path):
+    build_snapshot(spec_for({"kind": "path", "path": str(llama_dir)}), tmp_path / "snap", log=lambda s: None)
+    weights = tmp_path / "snap" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match=r"weight file .*model\.safetensors is corrupted"):
+        verify_snapshot(tmp_path / "snap")
+    weights.unlink()
+    with pytest.raises(SnapshotError, match=r"weight file .*model\.safetensors is missing"):
+        verify_snapshot(tmp_path / "snap")
+    assert (llama_dir / "model.safetensors").exists(), "the source folder must never be touched"
+
+
+def test_hf_source_reads_a_local_hub_cache_offline(llama_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--nexus--tiny-llama"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in llama_dir.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = spec_for({"kind": "hf", "repo_id": "nexus/tiny-llama", "revision": "main"})
+    m = build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    assert "model.safetensors" in {e["file"] for e in m["files"]}
+    missing = spec_for({"kind": "hf", "repo_id": "nexus/absent", "revision": "main"})
+    with pytest.raises(Exception, match="not in the local hub cache and HF_HUB_OFFLINE is set"):
+        build_snapshot(missing, tmp_path / "snap2", log=lambda s: None)
+    assert not (tmp_path / "snap2").exists(), "a failed snapshot leaves nothing behind"
+
+
+def _extract(spec, snap, rows, out, **kw):
+    return extract_teacher_features(spec, snap, rows, "datahash", out, log=lambda s: None, **kw)
+
+
+def test_cached_features_equal_a_direct_forward(llama_dir, tmp_path):
+    spec = spec_for({"kind": "path", "path": str(llama_dir)})
+    build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    rows = probe_rows(10)
+    entry, m = _extract(spec, tmp_path / "snap", rows, tmp_path / "feat")
+    assert m["rows"] == 10 and m["chunks"] == 3 and current_entry(tmp_path / "feat") == entry
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    items = read_features(entry).to_pydict()
+    tokens = read_features(entry, "tokens").to_pydict()
+    for i, text in enumerate(rows["text"].to_pylist()):
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+        np.testing.assert_allclose(items["hidden.layers.3"][i], out.hidden_states[3][0].mean(0).numpy(), atol=1e-4)
+        mine = [j for j, r in enumerate(tokens["row_id"]) if r == rows["row_id"][i].as_py()]
+        assert len(mine) == ids.shape[1]
+        logits = out.logits[0]
+        top = torch.topk(logits, 5, dim=-1)
+        np.testing.assert_allclose(np.array([tokens["topk_logits"][j] for j in mine]), top.values.numpy(), atol=1e-4)
+        np.testing.assert_allclose(np.array([tokens["logsumexp"][j] for j in mine]),
+                                   torch.logsumexp(logits, -1).numpy(), atol=1e-4)
+        np.testing.assert_allclose(np.array([tokens["hidden.layers.1"][j] for j in mine]),
+                                   out.hidden_states[1][0].numpy(), atol=1e-4)
+        assert [tokens["token_id"][j] for j in mine] == ids[0].tolist()
+
+
+def test_truncated_chunk_is_detected_and_redone_and_killed_run_resumes(llama_dir, tmp_path):
+    spec = spec_for({"kind": "path", "path": str(llama_dir)})
+    build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    rows = probe_rows(10)
+    entry, full = _extract(spec, tmp_path / "snap", rows, tmp_path / "feat")
+    reference = read_features(entry).to_pydict()
+
+    chunk = entry / "items-00001.parquet"
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])  # a truncated chunk
+    _, again = _extract(spec, tmp_path / "snap", rows, tmp_path / "feat")
+    assert again["rows_computed_this_run"] == 4 and again["cache_key"] == full["cache_key"]
+    np.testing.assert_allclose(np.array(read_features(entry).to_pydict()["hidden.layers.3"]),
+                               np.array(reference["hidden.layers.3"]), atol=1e-6)
+
+    # a run killed after its first chunk: only the marker-complete chunks count, the rest is redone
+    for p in entry.glob("chunk-0000[12].json"):
+        p.unlink()
+    (entry / "manifest.json").unlink()
+    _, resumed = _extract(spec, tmp_path / "snap", rows, tmp_path / "feat")
+    assert resumed["rows_computed_this_run"] == 6
+
+
+def test_changing_extraction_config_changes_the_cache_key(llama_dir, tmp_path):
+    spec = spec_for({"kind": "path", "path": str(llama_dir)})
+    build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    rows = probe_rows(4)
+    e1, _ = _extract(spec, tmp_path / "snap", rows, tmp_path / "feat")
+    e2, m2 = _extract(spec_for({"kind": "path", "path": str(llama_dir)}, top_k=7), tmp_path / "snap", rows,
+                      tmp_path / "feat")
+    assert e1 != e2 and m2["rows_computed_this_run"] == 4
+    e3, m3 = extract_teacher_features(spec, tmp_path / "snap", rows, "otherdata", tmp_path / "feat",
+                                      log=lambda s: None)
+    assert e3 not in (e1, e2)
+
+
+def test_non_finite_teacher_output_is_refused(llama_dir, tmp_path):
+    spec = spec_for({"kind": "path", "path": str(llama_dir)})
+    build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    teacher = load_teacher(spec, tmp_path / "snap")
+    with torch.no_grad():
+        teacher.model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    from nexus_assets.core.feature_store import cache_features
+    with pytest.raises(FeatureCacheError, match="teacher 'tiny-llama': non-finite values in output 'hidden.layers.1'"):
+        cache_features(teacher.forward, probe_rows(4), tmp_path / "feat" / "k", teacher="tiny-llama",
+                       batch_size=2, chunk_rows=2, input_columns=["text"], log=lambda s: None)
+    assert not list((tmp_path / "feat" / "k").glob("chunk-*.json")), "no chunk of a failed batch is marked done"
+
+
+def test_unknown_layer_is_named(llama_dir, tmp_path):
+    spec = spec_for({"kind": "path", "path": str(llama_dir)}, layers=["layers.9"], token_layers=[])
+    build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    with pytest.raises(Exception, match=r"teacher 'tiny-llama': extraction.layers \['layers.9'\]"):
+        load_teacher(spec, tmp_path / "snap")

@@ -360,15 +360,20 @@ def load(spec: TeacherSpec, snapshot_dir: Path, device: str = "cpu") -> WhisperT
     for f in (hf / "config.json", weights, hf / "tokenizer.json", hf / "preprocessor_config.json"):
         if not f.is_file():
             raise TeacherLoadError(f"teacher {spec.name!r}: missing {f} (was convert() run on this snapshot?)")
+    # Built from the config and loaded strictly: from_pretrained would fill missing weights with random ones.
+    current = hf / "config.json"
     try:
-        cfg = WhisperConfig.from_dict(json.loads((hf / "config.json").read_text()))
+        cfg = WhisperConfig.from_dict(json.loads(current.read_text()))
         model = WhisperForConditionalGeneration(cfg)
+        current = weights
         state = load_file(weights)
         state.setdefault("proj_out.weight", state["model.decoder.embed_tokens.weight"])
         model.load_state_dict(state, strict=True)
+        current = hf / "tokenizer.json"
         tokenizer = WhisperTokenizerFast.from_pretrained(hf)
+        current = hf / "preprocessor_config.json"
         features = WhisperFeatureExtractor.from_pretrained(hf)
-    except Exception as e:  # safetensors, json and tokenizers each raise their own types
-        raise TeacherLoadError(f"teacher {spec.name!r}: cannot load {weights.parent}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # json, safetensors, torch and tokenizers each raise their own types
+        raise TeacherLoadError(f"teacher {spec.name!r}: cannot load {current}: {type(e).__name__}: {e}") from e
     model.tie_weights()
     return WhisperTeacher(spec, model.float().eval().requires_grad_(False).to(device), tokenizer, features, device)

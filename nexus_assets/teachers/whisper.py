@@ -245,6 +245,7 @@ def convert(spec: TeacherSpec, snapshot_dir: Path) -> ConvertResult:
         WhisperFeatureExtractor(feature_size=cfg.num_mel_bins, sampling_rate=SAMPLE_RATE).save_pretrained(tmp)
     files = sorted(str(p.relative_to(snapshot_dir)) for p in (snapshot_dir / HF_DIR).rglob("*") if p.is_file())
     info = {
+        "converted": True,
         "source": "model.bin",
         "ct2_version": ct2.version,
         "ct2_spec": ct2.spec,

@@ -192,17 +192,31 @@ def read_features(entry: Path, kind: str = "items", columns: list[str] | None = 
 
 
 def iter_matrix(entry: Path, column: str, kind: str = "items", batch_rows: int = 4096,
-                teacher: str = "?") -> Iterator[np.ndarray]:
-    """Stream one feature column as float32 (n, D) blocks, never holding every row in memory."""
+                teacher: str = "?", splits: Sequence[str] | None = None) -> Iterator[np.ndarray]:
+    """Stream one feature column as float32 (n, D) blocks, never holding every row in memory.
+
+    splits: keep only rows of these probe splits (token rows are matched through their item's row_id),
+    so statistics used for training never see held-out data."""
     files = sorted(Path(entry).glob(f"{kind}-*.parquet"))
     if not files:
         raise FeatureCacheError(f"teacher {teacher!r}: {entry}: no {kind} chunks")
+    keep = None
+    if splits is not None:
+        items = read_features(entry, "items", columns=["row_id", "split"], filter_splits=splits)
+        keep = pa.array(sorted(set(items["row_id"].to_pylist())))
     for f in files:
         pf = pq.ParquetFile(f)
         if column not in pf.schema_arrow.names:
             raise FeatureCacheError(f"teacher {teacher!r}: layer/column {column!r} missing from {f}; "
                                     f"cached columns: {pf.schema_arrow.names}")
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=[column]):
+        cols = [column] if keep is None else [column, "row_id"]
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+            if keep is not None:
+                import pyarrow.compute as pc
+
+                batch = batch.filter(pc.is_in(batch.column(1), keep))
+                if batch.num_rows == 0:
+                    continue
             yield column_matrix(batch.column(0))
 
 

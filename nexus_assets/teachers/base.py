@@ -46,6 +46,21 @@ class Teacher(Protocol):
 
     def num_parameters(self) -> int: ...
 
+    def importance_spec(self, capability: str, rows: list[dict]) -> "ImportanceSpec":
+        """What NIWT needs to score this teacher's neurons for one capability (see core/importance.py)."""
+
+
+@dataclass
+class ImportanceSpec:
+    """model: the frozen teacher module; layers: layer name -> submodule whose output holds the neurons
+    (the same activations `hidden.<layer>` caches); batches: inputs passed to `model`; objective: model
+    output of one batch -> scalar, summed over samples, measuring the capability."""
+
+    model: Any
+    layers: dict[str, Any]
+    batches: list[Any]
+    objective: Any
+
 
 class TeacherLoadError(RuntimeError):
     """A teacher's weights are missing or unreadable; the message names the teacher and the file."""

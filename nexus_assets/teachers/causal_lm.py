@@ -80,6 +80,36 @@ class CausalLMTeacher:
         return lm_outputs(out.logits, out.hidden_states, ids, mask, self.spec)
 
 
+    def layer_module(self, name: str):
+        """hidden_states[i] is block i-1's output (i >= 1); the last index is after the final norm."""
+        i = int(name.split(".")[1])
+        if i == 0:
+            return self.model.model.embed_tokens
+        if i == self.model.config.num_hidden_layers:
+            return self.model.model.norm
+        return self.model.model.layers[i - 1]
+
+    def importance_spec(self, capability: str, rows: list[dict]):
+        """Objective: summed log-probability of the teacher's own greedy next tokens (its behaviour)."""
+        from nexus_assets.teachers.base import ImportanceSpec
+
+        bs = self.spec.extraction.batch_size
+        batches = []
+        for i in range(0, len(rows), bs):
+            enc = self.tokenize([r["text"] for r in rows[i:i + bs]])
+            batches.append({"input_ids": enc["input_ids"].to(self.device),
+                            "attention_mask": enc["attention_mask"].to(self.device)})
+        masks = iter([b["attention_mask"] for b in batches] * len(self.spec.extraction.layers))
+
+        def objective(out):
+            mask = next(masks).bool()
+            logp = torch.log_softmax(out.logits.float(), -1)
+            return (logp.max(-1).values * mask).sum()
+
+        layers = {n: self.layer_module(n) for n in self.spec.extraction.layers}
+        return ImportanceSpec(self.model, layers, batches, objective)
+
+
 def lm_outputs(logits, hidden_states, ids, mask, spec: TeacherSpec) -> TeacherOutputs:
     """Pack one LM forward into feature columns.
 

@@ -72,5 +72,48 @@ class EfficientNetTeacher:
         return TeacherOutputs(items=items)
 
 
+    def importance_spec(self, capability: str, rows: list[dict]):
+        """Objective: the teacher's top-1 class logit per image (Grad-CAM's class score)."""
+        from nexus_assets.teachers.base import ImportanceSpec
+
+        bs = self.spec.extraction.batch_size
+        batches = [torch.stack([image_tensor(r["image"], r.get("row_id", "?")) for r in rows[i:i + bs]])
+                   .to(self.device) for i in range(0, len(rows), bs)]
+
+        def objective(logits):
+            return logits.max(-1).values.sum()
+
+        tapped = _TappedEfficientNet(self.model, self.spec.extraction.layers)
+        return ImportanceSpec(tapped, {n: tapped.taps[k] for n, k in tapped.names.items()}, batches, objective)
+
+
+class _Tap(torch.nn.Identity):
+    """A hook point that sees a conv map channels-last, since NIWT treats the last dim as the neurons."""
+
+
+class _TappedEfficientNet(torch.nn.Module):
+    """The teacher's own forward with a tap after each profiled layer: (B,C,H,W) -> tap(B,H,W,C) -> back."""
+
+    def __init__(self, model, layers: list[str]):
+        super().__init__()
+        self.model = model
+        self.taps = torch.nn.ModuleDict({n.replace(".", "_"): _Tap() for n in layers})
+        self.names = {n: n.replace(".", "_") for n in layers}
+
+    def _tap(self, name: str, h):
+        key = self.names.get(name)
+        if key is None:
+            return h
+        return self.taps[key](h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def forward(self, x):
+        m = self.model
+        h = m._swish(m._bn0(m._conv_stem(x)))
+        for i, block in enumerate(m._blocks):
+            h = self._tap(f"blocks.{i}", block(h, drop_connect_rate=0.0))
+        h = self._tap("features", m._swish(m._bn1(m._conv_head(h))))
+        return m._fc(h.mean((2, 3)))
+
+
 def load(spec: TeacherSpec, snapshot_dir: Path, device: str = "cpu") -> EfficientNetTeacher:
     return EfficientNetTeacher(spec, snapshot_dir, device)

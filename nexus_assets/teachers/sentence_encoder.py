@@ -52,5 +52,29 @@ class SentenceEncoderTeacher:
         return TeacherOutputs(items=items)
 
 
+    def importance_spec(self, capability: str, rows: list[dict]):
+        """Objective: each sentence embedding's projection on its own (detached) direction, i.e. how much
+        a neuron carries of the embedding the student must reproduce."""
+        from nexus_assets.teachers.base import ImportanceSpec
+
+        bs = self.spec.extraction.batch_size
+        batches = [dict(self.tokenizer([r["text"] for r in rows[i:i + bs]], return_tensors="pt", padding=True,
+                                       truncation=True, max_length=self.spec.extraction.max_length).to(self.device))
+                   for i in range(0, len(rows), bs)]
+        masks = iter([b["attention_mask"] for b in batches] * len(self.spec.extraction.layers))
+
+        def objective(out):
+            m = next(masks)[..., None].float()
+            emb = (out.last_hidden_state * m).sum(1) / m.sum(1)
+            return (emb * torch.nn.functional.normalize(emb.detach(), dim=-1)).sum()
+
+        def layer_module(name):
+            i = int(name.split(".")[1])
+            return self.model.embeddings if i == 0 else self.model.encoder.layer[i - 1]
+
+        layers = {n: layer_module(n) for n in self.spec.extraction.layers}
+        return ImportanceSpec(self.model, layers, batches, objective)
+
+
 def load(spec: TeacherSpec, snapshot_dir: Path, device: str = "cpu") -> SentenceEncoderTeacher:
     return SentenceEncoderTeacher(spec, snapshot_dir, device)

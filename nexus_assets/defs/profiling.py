@@ -1,0 +1,131 @@
+"""activation_subspace, neuron_importance (per teacher) and student_architecture (per tower)."""
+import dagster as dg
+from pydantic import Field
+
+from .partitions import REGISTRY, dataset_to_teachers, teacher_partitions, teacher_to_tower, tower_partitions
+from .resources import NexusCompute
+
+
+def _png_md(path) -> dg.MetadataValue:
+    import base64
+
+    data = base64.b64encode(open(path, "rb").read()).decode()
+    return dg.MetadataValue.md(f"![plot](data:image/png;base64,{data})")
+
+
+@dg.asset(
+    partitions_def=teacher_partitions,
+    ins={"teacher_features": dg.AssetIn()},
+    code_version="1",
+    group_name="profiling",
+    kinds={"safetensors"},
+)
+def activation_subspace(context: dg.AssetExecutionContext, teacher_features: dict) -> dg.Output[dict]:
+    """Streaming PCA per cached layer: the subspace that carries the teacher's knowledge."""
+    from pathlib import Path
+
+    from nexus_assets.core.atomic import sha256_json
+    from nexus_assets.core.paths import artifact_dir
+    from nexus_assets.core.subspace import profile_subspaces
+
+    spec = REGISTRY.teacher(context.partition_key)
+    out = artifact_dir("activation_subspace", spec.name)
+    s = profile_subspaces(Path(teacher_features["path"]), spec.name, spec.extraction.layers,
+                          spec.extraction.token_layers, out, log=context.log.info)
+    dims = {layer: v["intrinsic_dims"] for layer, v in s["layers"].items()}
+    return dg.Output(
+        {"path": str(out), "teacher": spec.name, "layers": s["layers"]},
+        data_version=dg.DataVersion(sha256_json([teacher_features["cache_key"], s["layers"]])[:16]),
+        metadata={"path": dg.MetadataValue.path(str(out)), "intrinsic_dims": dg.MetadataValue.json(dims),
+                  "explained_variance": _png_md(out / s["plot"])},
+    )
+
+
+class ImportanceConfig(dg.Config):
+    sample_rows: int = Field(32, description="train rows the live teacher is back-propagated on (keep small)")
+    protected_mass: float = Field(0.9, description="share of importance mass the protected set must cover")
+
+
+@dg.asset(
+    partitions_def=teacher_partitions,
+    ins={"teacher_snapshot": dg.AssetIn(), "probe_dataset": dg.AssetIn(partition_mapping=dataset_to_teachers)},
+    code_version="1",
+    group_name="profiling",
+    kinds={"parquet", "pytorch"},
+    pool="gpu",
+)
+def neuron_importance(context: dg.AssetExecutionContext, config: ImportanceConfig, compute: NexusCompute,
+                      teacher_snapshot: dict, probe_dataset: dict) -> dg.Output[dict]:
+    """NIWT importance of each cached layer's neurons per capability, and the protected set."""
+    from pathlib import Path
+
+    import pyarrow.compute as pc
+
+    from nexus_assets.core.atomic import sha256_json
+    from nexus_assets.core.paths import artifact_dir
+    from nexus_assets.core.probe_data import read_probe_rows
+    from nexus_assets.teachers.features import INPUT_COLUMNS
+    from nexus_assets.teachers.importance import profile_importance
+
+    if not 0 < config.protected_mass <= 1:
+        raise ValueError(f"neuron_importance config: protected_mass must be in (0, 1], got {config.protected_mass}")
+    spec = REGISTRY.teacher(context.partition_key)
+    rows = read_probe_rows(Path(probe_dataset["path"]))
+    rows = rows.filter(pc.equal(rows["split"], "train")).slice(0, config.sample_rows)
+    rows = rows.select(["row_id", *INPUT_COLUMNS[spec.modality]]).to_pylist()
+    out = artifact_dir("neuron_importance", spec.name)
+    s = profile_importance(spec, Path(teacher_snapshot["path"]), rows, out, mass=config.protected_mass,
+                           device=compute.resolved_device(), log=context.log.info)
+    return dg.Output(
+        {"path": str(out), "teacher": spec.name, "capabilities": s["capabilities"]},
+        data_version=dg.DataVersion(sha256_json([teacher_snapshot["content_hash"], probe_dataset["content_hash"],
+                                                 config.model_dump()])[:16]),
+        metadata={"path": dg.MetadataValue.path(str(out)), "sample_rows": len(rows),
+                  "protected": dg.MetadataValue.json(s["capabilities"])},
+    )
+
+
+class ArchitectureConfig(dg.Config):
+    variance: float = Field(0.95, description="cumulative variance whose intrinsic dimension sets the LoRA rank")
+    width_variance: float = Field(0.99, description="cumulative variance whose intrinsic dimension sets the width")
+    depth: int = Field(4, description="student tower blocks")
+    min_width: int = Field(128)
+    max_width: int = Field(384, description="upper clamp: the embedded default must train on 2 CPU cores")
+
+
+@dg.asset(
+    partitions_def=tower_partitions,
+    ins={"activation_subspace": dg.AssetIn(partition_mapping=teacher_to_tower)},
+    code_version="1",
+    group_name="profiling",
+    kinds={"json"},
+)
+def student_architecture(context: dg.AssetExecutionContext, config: ArchitectureConfig, compute: NexusCompute,
+                         activation_subspace: dict) -> dg.Output[dict]:
+    """Tower width, depth and LoRA rank from the teachers' intrinsic dimensions, capped by the memory budget."""
+    from nexus_assets.core.atomic import sha256_json, write_json
+    from nexus_assets.core.paths import artifact_dir
+    from nexus_assets.core.sizing import choose_tower_architecture
+
+    tower = context.partition_key
+    subspaces = activation_subspace if "layers" not in activation_subspace else {"?": activation_subspace}
+    profiles = [{"teacher": s["teacher"], "layer": layer, "width": v["width"], "intrinsic_dims": v["intrinsic_dims"]}
+                for s in subspaces.values() for layer, v in s["layers"].items()]
+    arch = choose_tower_architecture(
+        tower, profiles, variance=config.variance, width_variance=config.width_variance,
+        memory_budget_bytes=compute.memory_budget_bytes(), depth=config.depth,
+        min_width=config.min_width, max_width=config.max_width,
+    )
+    arch["teachers"] = sorted({p["teacher"] for p in profiles})
+    arch["capabilities"] = sorted(c for t in REGISTRY.towers()[tower] for c in t.capabilities)
+    out = artifact_dir("student_architecture", tower) / "architecture.json"
+    write_json(out, arch)
+    for line in arch["reasoning"]:
+        context.log.info(line)
+    return dg.Output(
+        arch,
+        data_version=dg.DataVersion(sha256_json(arch)[:16]),
+        metadata={"path": dg.MetadataValue.path(str(out)), "hidden_width": arch["hidden_width"],
+                  "lora_rank": arch["lora_rank"], "max_rank": arch["max_rank"], "depth": arch["depth"],
+                  "reasoning": dg.MetadataValue.md("\n".join(f"- {r}" for r in arch["reasoning"]))},
+    )

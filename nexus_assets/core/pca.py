@@ -29,6 +29,16 @@ FORMAT_VERSION = "1"
 DEFAULT_THRESHOLDS = (0.90, 0.95, 0.99)
 
 
+def _to_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """CPU numpy view of activations; bfloat16 (which numpy lacks) is widened to float32."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu")
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
 @dataclass(frozen=True)
 class PCAResult:
     """The principal subspace of one layer's activations.
@@ -94,21 +104,19 @@ class StreamingPCA:
         """Fold a batch of rows into the running statistics.
 
         Args:
-            x: (n, dim) activations, numpy or torch (moved to CPU). n may be 0.
+            x: (n, dim) activations, numpy or torch (moved to CPU; bfloat16 widened). n may be 0.
 
-        Memory: two (n, dim) temporaries in the accumulation dtype, freed on return.
+        Memory: one (n, dim) temporary in the accumulation dtype (centred in place), freed on return.
         """
-        if isinstance(x, torch.Tensor):
-            x = x.detach().to("cpu").numpy()
-        x = np.asarray(x)
+        x = _to_numpy(x)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected rows of shape (n, {self.dim}), got {x.shape}")
         n_b = x.shape[0]
         if n_b == 0:
             return self
-        xb = x.astype(self.dtype, copy=False)
-        mean_b = xb.mean(axis=0)  # (dim,)
-        centred = xb - mean_b  # (n_b, dim)
+        centred = x.astype(self.dtype, copy=True)  # (n_b, dim), never aliases the caller's array
+        mean_b = centred.mean(axis=0)  # (dim,)
+        centred -= mean_b
         m2_b = centred.T @ centred  # (dim, dim)
         del centred
         n_a = self.count
@@ -215,9 +223,7 @@ def fit_streaming_pca(
     where = f"teacher {teacher!r} layer {layer!r}"
     pca: StreamingPCA | None = None
     for i, batch in enumerate(batches):
-        if isinstance(batch, torch.Tensor):
-            batch = batch.detach().to("cpu").numpy()
-        batch = np.asarray(batch)
+        batch = _to_numpy(batch)
         if batch.ndim != 2:
             raise ValueError(f"{where} batch {i}: expected a 2-D (rows, dim) array, got shape {batch.shape}")
         if not np.issubdtype(batch.dtype, np.number):
@@ -230,15 +236,17 @@ def fit_streaming_pca(
             raise ValueError(
                 f"{where} batch {i}: width {batch.shape[1]} differs from the first batch's width {pca.dim}"
             )
-        finite = np.isfinite(batch)
-        if not finite.all():
-            bad_rows = np.flatnonzero(~finite.all(axis=1))
-            n_nan = int(np.isnan(batch).sum())
-            raise ValueError(
-                f"{where} batch {i}: {n_nan} NaN and {int((~finite).sum()) - n_nan} Inf values "
-                f"in {bad_rows.size} rows (first row {int(bad_rows[0])})"
-            )
-        del finite
+        # Fast path: NaN/Inf poison a float64 sum, so only a non-finite sum pays for the
+        # element-wise scan (which also rules out a false alarm from overflow of huge values).
+        if not np.isfinite(batch.sum(dtype=np.float64)):
+            finite = np.isfinite(batch)  # (n, dim) bool
+            if not finite.all():
+                bad_rows = np.flatnonzero(~finite.all(axis=1))
+                n_nan = int(np.isnan(batch).sum())
+                raise ValueError(
+                    f"{where} batch {i}: {n_nan} NaN and {int((~finite).sum()) - n_nan} Inf values "
+                    f"in {bad_rows.size} rows (first row {int(bad_rows[0])})"
+                )
         pca.update(batch)
     if pca is None:
         raise ValueError(f"{where}: no batches")

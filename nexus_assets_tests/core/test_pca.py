@@ -71,6 +71,19 @@ def test_torch_input_is_accepted():
     a = StreamingPCA(DIM).update(torch.from_numpy(x).float()).finalize(3)
     b = StreamingPCA(DIM).update(x.astype(np.float32)).finalize(3)
     np.testing.assert_array_equal(a.explained_variance, b.explained_variance)
+    bf16 = torch.from_numpy(x).bfloat16()
+    c = fit_streaming_pca([bf16[:1000], bf16[1000:]], 3, layer="l", teacher="t")
+    ref = StreamingPCA(DIM).update(bf16.float().numpy()).finalize(3)
+    np.testing.assert_allclose(c.mean, ref.mean, rtol=1e-12)
+    np.testing.assert_allclose(c.explained_variance, ref.explained_variance, rtol=1e-9, atol=1e-12)
+
+
+def test_float32_accumulation_is_close_to_float64():
+    x = low_rank_data(offset=0.0)
+    f64 = fit_streaming_pca(chunks(x, 10), RANK, layer="l", teacher="t")
+    f32 = fit_streaming_pca(chunks(x, 10), RANK, layer="l", teacher="t", dtype=np.float32)
+    np.testing.assert_allclose(f32.explained_variance[:RANK], f64.explained_variance[:RANK], rtol=1e-4)
+    assert f32.intrinsic_dims() == f64.intrinsic_dims()
 
 
 @pytest.mark.parametrize("n_chunks", [50, 7])

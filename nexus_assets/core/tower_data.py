@@ -1,0 +1,304 @@
+"""Cached teacher features + probe rows -> aligned tensors for one student tower.
+
+Every capability of a tower is trained on the same rows at once (phase (a) is joint), so the rows
+kept are those every teacher of the tower has cached for the requested splits *and* the probe table
+holds; they are sorted by row_id so the order never depends on chunking. heldout/ood rows are never
+read unless a caller asks for those splits.
+
+`TowerData.tensors` is one flat dict whose every tensor has first dim N (rows), so batching and DDP
+sharding are plain indexing. Keys:
+
+    inputs    text:   input_ids (N, T) long, attention_mask (N, T) bool
+              vision: pixels (N, 3, S, S) float32, ImageNet-normalised, resized to image_size
+              audio:  mels (N, F, n_mels) float32, mel_mask (N, F) bool;
+                      dec_ids (N, P+U-1) long, dec_mask (N, P+U-1) bool  (when an "asr" head exists)
+    targets   "<cap>:topk_ids" (N, T|U, k) long, "<cap>:topk_logits" (N, T|U, k), "<cap>:logsumexp" (N, T|U),
+              "<cap>:mask" (N, T|U) bool           for "lm" / "asr" heads (sequence top-k KD)
+              "<cap>:embedding" (N, D)             for "embedding" heads
+              "<cap>:logits" (N, C)                for "classes" heads
+              "<cap>:hidden.<layer>" (N, Ht)       for every anchored teacher layer (mean-pooled)
+
+Text inputs for every text capability are the SmolLM2 token ids cached by the "lm" teacher (the same
+text the sentence encoder read), so training never loads a tokenizer. Imports pyarrow (via the feature
+store), so the runtime never imports this module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .feature_store import FeatureCacheError, column_matrix, read_features
+from .towers import TowerConfig, decode_wav, log_mel, preprocess_image
+
+__all__ = ["TowerData", "load_tower_data", "synthetic_tower_data", "INPUT_KEYS"]
+
+INPUT_KEYS = ("input_ids", "attention_mask", "pixels", "mels", "mel_mask", "dec_ids", "dec_mask")
+_PROBE_COLUMN = {"text": "text", "vision": "image", "audio": "wav"}
+
+
+@dataclass
+class TowerData:
+    """Aligned tensors of one tower's rows (see the module docstring for the keys and shapes).
+
+    trim: tensor key -> (mask key, extra): in `batch`, axis 1 of that tensor is cut to the batch's
+    longest real row under the mask (its last True + 1) plus `extra`, so a batch of short rows does
+    not pay for the dataset's longest one (the ASR decoder input is P - 1 longer than its targets).
+    """
+
+    row_ids: list[str]
+    tensors: dict[str, torch.Tensor]
+    trim: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.row_ids)
+        for k, v in self.tensors.items():
+            if v.shape[0] != n:
+                raise ValueError(f"tensors[{k!r}] has {v.shape[0]} rows, expected {n} (len(row_ids))")
+        for k, (m, _) in self.trim.items():
+            if k not in self.tensors or m not in self.tensors:
+                raise ValueError(f"trim[{k!r}] refers to a missing tensor ({k!r} or {m!r})")
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def batch(self, idx: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
+        """Rows `idx` of every tensor, sequence axes cut per `trim`."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        out = {k: v[idx] for k, v in self.tensors.items()}
+        lengths = {}
+        for m in {m for m, _ in self.trim.values()}:
+            any_pos = out[m].any(0).nonzero()
+            lengths[m] = int(any_pos.max()) + 1 if any_pos.numel() else 1
+        for k, (m, extra) in self.trim.items():
+            out[k] = out[k][:, : lengths[m] + extra]
+        return out
+
+    def subset(self, idx: Sequence[int]) -> "TowerData":
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        return TowerData([self.row_ids[i] for i in idx], {k: v[idx_t] for k, v in self.tensors.items()},
+                         dict(self.trim))
+
+
+def _row_index(row_ids: Sequence[str]) -> dict[str, int]:
+    return {r: i for i, r in enumerate(row_ids)}
+
+
+def _scatter_tokens(tokens, rows: dict[str, int], n: int, length: int, column: str, offset: int,
+                    fill, dtype) -> np.ndarray:
+    """Per-token column -> (n, length[, k]) array at [row, position - offset]; tokens beyond `length` dropped."""
+    rid = tokens.column("row_id").to_pylist()
+    pos = tokens.column("position").to_numpy().astype(np.int64) - offset
+    ri = np.fromiter((rows.get(r, -1) for r in rid), dtype=np.int64, count=len(rid))
+    keep = (ri >= 0) & (pos >= 0) & (pos < length)
+    values = column_matrix(tokens.column(column)) if column != "__mask__" else np.ones(len(rid), bool)
+    shape = (n, length) + tuple(values.shape[1:])
+    out = np.full(shape, fill, dtype=dtype)
+    out[ri[keep], pos[keep]] = values[keep]
+    return out
+
+
+def load_tower_data(
+    tower_cfg: TowerConfig,
+    teacher_features: Mapping[str, Path],
+    probe_rows: Mapping[str, "object"],
+    splits: Sequence[str] = ("train",),
+) -> TowerData:
+    """Read the tower's cached teacher features and probe inputs for `splits` into a TowerData.
+
+    Args:
+        tower_cfg: the tower (its HeadSpecs name the teacher of each capability).
+        teacher_features: teacher name -> feature cache entry directory (as `feature_store.current_entry`).
+        probe_rows: dataset name -> pyarrow Table of probe rows (row_id + `text` / `image` / `wav`).
+        splits: which splits to load ("train" for training, "val" for early stopping).
+
+    Raises:
+        ValueError: a capability's teacher has no features, no probe table has the modality's input
+            column, or no row is common to every teacher and the probe rows.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    caps = tower_cfg.capabilities
+    missing = sorted({h.teacher for h in caps.values()} - set(teacher_features))
+    if missing:
+        raise ValueError(f"tower {tower_cfg.name!r}: teacher_features lacks {missing} "
+                         f"(needed by {[c for c, h in caps.items() if h.teacher in missing]})")
+    col = _PROBE_COLUMN[tower_cfg.modality]
+    probe = {}
+    for name, table in probe_rows.items():
+        if col in table.column_names:
+            for rid, value in zip(table.column("row_id").to_pylist(), table.column(col).to_pylist()):
+                probe[rid] = value
+    if not probe:
+        raise ValueError(f"tower {tower_cfg.name!r}: no probe table in {sorted(probe_rows)} has column {col!r}")
+
+    items = {t: read_features(Path(teacher_features[t]), "items", filter_splits=list(splits))
+             for t in sorted({h.teacher for h in caps.values()})}
+    common = set(probe)
+    for t, table in items.items():
+        common &= set(table.column("row_id").to_pylist())
+    row_ids = sorted(common)
+    if not row_ids:
+        raise ValueError(f"tower {tower_cfg.name!r}: no row of splits {list(splits)} is common to the "
+                         f"teachers {sorted(items)} and the probe rows")
+    n, rows = len(row_ids), _row_index(row_ids)
+    tensors: dict[str, torch.Tensor] = {}
+    trim: dict[str, tuple[str, int]] = {}
+
+    def item_matrix(teacher: str, column: str) -> torch.Tensor:
+        table = items[teacher]
+        if column not in table.column_names:
+            raise FeatureCacheError(f"teacher {teacher!r}: column {column!r} not cached; have {table.column_names}")
+        order = _row_index(table.column("row_id").to_pylist())
+        m = column_matrix(table.column(column))
+        return torch.from_numpy(np.ascontiguousarray(m[[order[r] for r in row_ids]], dtype=np.float32))
+
+    def tokens_of(teacher: str):
+        t = read_features(Path(teacher_features[teacher]), "tokens")
+        return t.filter(pc.is_in(t.column("row_id"), value_set=pa.array(row_ids)))
+
+    # -- inputs ---------------------------------------------------------------------------------------
+    if tower_cfg.modality == "text":
+        lm = [h.teacher for h in caps.values() if h.kind == "lm"]
+        source = lm[0] if lm else next((t for t in teacher_features if t not in items), None)
+        if source is None:
+            raise ValueError(f"tower {tower_cfg.name!r}: text inputs come from an 'lm' teacher's cached "
+                             "token ids; add one to teacher_features")
+        tok = tokens_of(source)
+        T = tower_cfg.max_len
+        ids = _scatter_tokens(tok, rows, n, T, "token_id", 0, 0, np.int64)
+        mask = _scatter_tokens(tok, rows, n, T, "__mask__", 0, False, bool)
+        tensors["input_ids"], tensors["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+        trim.update({"input_ids": ("attention_mask", 0), "attention_mask": ("attention_mask", 0)})
+        if not mask[:, 0].all():
+            bad = [row_ids[i] for i in np.nonzero(~mask[:, 0])[0][:3]]
+            raise FeatureCacheError(f"teacher {source!r}: rows {bad} have no token at position 0")
+        for cap, h in caps.items():
+            if h.kind == "lm":
+                tk = tok if h.teacher == source else tokens_of(h.teacher)
+                for c, fill, dt in (("topk_ids", 0, np.int64), ("topk_logits", 0.0, np.float32),
+                                    ("logsumexp", 0.0, np.float32)):
+                    tensors[f"{cap}:{c}"] = torch.from_numpy(_scatter_tokens(tk, rows, n, T, c, 0, fill, dt))
+                tensors[f"{cap}:mask"] = torch.from_numpy(_scatter_tokens(tk, rows, n, T, "__mask__", 0, False, bool)) & tensors["attention_mask"]
+                trim.update({f"{cap}:{c}": ("attention_mask", 0) for c in ("topk_ids", "topk_logits", "logsumexp", "mask")})
+    elif tower_cfg.modality == "vision":
+        tensors["pixels"] = torch.stack([preprocess_image(probe[r], tower_cfg.image_size, r) for r in row_ids])
+    else:
+        mels = [log_mel(torch.from_numpy(decode_wav(probe[r], r)), tower_cfg.n_mels)[: tower_cfg.max_frames]
+                for r in row_ids]
+        f = max(m.shape[0] for m in mels)
+        tensors["mels"] = torch.zeros(n, f, tower_cfg.n_mels)
+        tensors["mel_mask"] = torch.zeros(n, f, dtype=torch.bool)
+        for i, m in enumerate(mels):
+            tensors["mels"][i, : m.shape[0]] = m
+            tensors["mel_mask"][i, : m.shape[0]] = True
+        trim.update({"mels": ("mel_mask", 0), "mel_mask": ("mel_mask", 0)})
+        for cap, h in caps.items():
+            if h.kind != "asr":
+                continue
+            p = len(tower_cfg.asr_prompt_ids)
+            U = tower_cfg.asr_max_len - p + 1
+            tk = tokens_of(h.teacher)
+            tgt = _scatter_tokens(tk, rows, n, U, "token_id", p, 0, np.int64)  # (N, U) transcript ids
+            tmask = _scatter_tokens(tk, rows, n, U, "__mask__", p, False, bool)
+            for c, fill, dt in (("topk_ids", 0, np.int64), ("topk_logits", 0.0, np.float32),
+                                ("logsumexp", 0.0, np.float32)):
+                tensors[f"{cap}:{c}"] = torch.from_numpy(_scatter_tokens(tk, rows, n, U, c, p, fill, dt))
+            tensors[f"{cap}:mask"] = torch.from_numpy(tmask)
+            tensors[f"{cap}:target_ids"] = torch.from_numpy(tgt)
+            prompt = torch.tensor(tower_cfg.asr_prompt_ids, dtype=torch.long).expand(n, p)
+            tensors["dec_ids"] = torch.cat([prompt, torch.from_numpy(tgt[:, :-1])], dim=1)  # (N, P+U-1)
+            tensors["dec_mask"] = torch.cat([torch.ones(n, p, dtype=torch.bool), torch.from_numpy(tmask[:, :-1])], 1)
+            trim.update({f"{cap}:{c}": (f"{cap}:mask", 0) for c in ("topk_ids", "topk_logits", "logsumexp", "mask", "target_ids")})
+            trim.update({"dec_ids": (f"{cap}:mask", p - 1), "dec_mask": (f"{cap}:mask", p - 1)})
+
+    # -- item targets ---------------------------------------------------------------------------------
+    for cap, h in caps.items():
+        if h.kind == "embedding":
+            tensors[f"{cap}:embedding"] = item_matrix(h.teacher, "embedding")
+        elif h.kind == "classes":
+            tensors[f"{cap}:logits"] = item_matrix(h.teacher, "logits")
+        for layer, ht in h.anchor_layers.items():
+            m = item_matrix(h.teacher, f"hidden.{layer}")
+            if m.shape[1] != ht:
+                raise FeatureCacheError(f"teacher {h.teacher!r}: hidden.{layer} is {m.shape[1]}-d, but "
+                                        f"{cap}'s anchor_layers says {ht}")
+            tensors[f"{cap}:hidden.{layer}"] = m
+    return TowerData(row_ids, tensors, trim)
+
+
+def synthetic_tower_data(cfg: TowerConfig, n: int, seed: int = 0, seq_len: int | None = None,
+                         frames: int = 200, top_k: int = 8) -> TowerData:
+    """A learnable stand-in for cached features, with the shapes `load_tower_data` gives (tests, bench).
+
+    Every target is a fixed deterministic function of the inputs, so a student can drive the losses
+    down: the "lm" teacher's top-k at a position depends on the token there, the "asr" one on the
+    previous decoder token, embeddings / logits / hidden states are fixed random maps of pooled inputs.
+    """
+    g = torch.Generator().manual_seed(seed)
+    t: dict[str, torch.Tensor] = {}
+    trim: dict[str, tuple[str, int]] = {}
+
+    def seq_topk(tokens: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        j = torch.arange(top_k)
+        ids = (tokens[..., None] * 7 + j * 13 + 1) % vocab  # (..., k), distinct for k*13 < vocab
+        logits = torch.linspace(6.0, 0.0, top_k).expand_as(ids).clone()
+        tail = math.log(vocab - top_k) - 4.0  # tail mass of the other ids, each at logit -4
+        lse = torch.logaddexp(torch.logsumexp(logits, -1), torch.full(ids.shape[:-1], tail))
+        return ids, logits, lse
+
+    if cfg.modality == "text":
+        T = seq_len or cfg.max_len
+        ids = torch.randint(0, cfg.vocab_size, (n, T), generator=g)
+        lengths = torch.randint(max(2, T // 2), T + 1, (n,), generator=g)
+        mask = torch.arange(T)[None] < lengths[:, None]
+        t["input_ids"], t["attention_mask"] = ids * mask, mask
+        trim.update({"input_ids": ("attention_mask", 0), "attention_mask": ("attention_mask", 0)})
+        pooled = torch.randn(cfg.vocab_size if cfg.vocab_size <= 4096 else 4096, 32, generator=g)[ids % 4096]
+        pooled = (pooled * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (N, 32)
+    elif cfg.modality == "vision":
+        s = cfg.image_size
+        t["pixels"] = torch.randn(n, 3, s, s, generator=g)
+        pooled = F.adaptive_avg_pool2d(t["pixels"], 4).flatten(1)[:, :32]  # (N, 32)
+    else:
+        f = min(frames, cfg.max_frames)
+        t["mels"] = torch.randn(n, f, cfg.n_mels, generator=g)
+        lengths = torch.randint(f // 2, f + 1, (n,), generator=g)
+        t["mel_mask"] = torch.arange(f)[None] < lengths[:, None]
+        trim.update({"mels": ("mel_mask", 0), "mel_mask": ("mel_mask", 0)})
+        pooled = (t["mels"] * t["mel_mask"][..., None]).sum(1) / lengths[:, None]  # (N, n_mels)
+        pooled = pooled @ torch.randn(cfg.n_mels, 32, generator=g) / math.sqrt(cfg.n_mels)  # (N, 32)
+    for cap, h in cfg.capabilities.items():
+        if h.kind == "lm":
+            ids_, lg, lse = seq_topk(t["input_ids"], h.out_dim)
+            t[f"{cap}:topk_ids"], t[f"{cap}:topk_logits"], t[f"{cap}:logsumexp"] = ids_, lg, lse
+            t[f"{cap}:mask"] = t["attention_mask"].clone()
+            trim.update({f"{cap}:{c}": ("attention_mask", 0) for c in ("topk_ids", "topk_logits", "logsumexp", "mask")})
+        elif h.kind == "asr":
+            p = len(cfg.asr_prompt_ids)
+            U = min(12, cfg.asr_max_len - p + 1)
+            tgt = torch.randint(0, 1000, (n, U), generator=g)
+            lengths = torch.randint(2, U + 1, (n,), generator=g)
+            tmask = torch.arange(U)[None] < lengths[:, None]
+            dec = torch.cat([torch.tensor(cfg.asr_prompt_ids).expand(n, p), tgt[:, :-1]], 1)  # (N, P+U-1)
+            ids_, lg, lse = seq_topk(dec[:, p - 1:], h.out_dim)  # the teacher's next-token given the previous
+            t[f"{cap}:topk_ids"], t[f"{cap}:topk_logits"], t[f"{cap}:logsumexp"] = ids_, lg, lse
+            t[f"{cap}:mask"], t[f"{cap}:target_ids"] = tmask, tgt
+            t["dec_ids"] = dec
+            t["dec_mask"] = torch.cat([torch.ones(n, p, dtype=torch.bool), tmask[:, :-1]], 1)
+            trim.update({f"{cap}:{c}": (f"{cap}:mask", 0) for c in ("topk_ids", "topk_logits", "logsumexp", "mask", "target_ids")})
+            trim.update({"dec_ids": (f"{cap}:mask", p - 1), "dec_mask": (f"{cap}:mask", p - 1)})
+        elif h.kind == "embedding":
+            t[f"{cap}:embedding"] = F.normalize(pooled @ torch.randn(32, h.out_dim, generator=g), dim=-1)
+        else:
+            t[f"{cap}:logits"] = 3.0 * pooled @ torch.randn(32, h.out_dim, generator=g) / math.sqrt(32)
+        for layer, ht in h.anchor_layers.items():
+            t[f"{cap}:hidden.{layer}"] = torch.tanh(pooled @ torch.randn(32, ht, generator=g)) * 5.0 + 1.0
+    return TowerData([f"r{i:05d}" for i in range(n)], t, trim)

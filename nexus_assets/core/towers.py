@@ -194,6 +194,9 @@ class TowerConfig:
             if head.kind not in _KINDS_BY_MODALITY[self.modality]:
                 raise ValueError(f"capabilities: {cap!r} has head kind {head.kind!r}, which a "
                                  f"{self.modality} tower cannot have (allowed: {_KINDS_BY_MODALITY[self.modality]})")
+            if head.kind == "asr" and max(self.asr_prompt_ids + [self.asr_eot_id]) >= head.out_dim:
+                raise ValueError(f"asr_prompt_ids: ids {self.asr_prompt_ids} / asr_eot_id {self.asr_eot_id} must be "
+                                 f"< the {cap!r} vocabulary {head.out_dim}")
             if head.kind == "lm" and head.out_dim != self.vocab_size:
                 raise ValueError(f"capabilities: {cap!r} lm out_dim {head.out_dim} != vocab_size {self.vocab_size}")
         if set(self.lora_rank) != set(self.capabilities):

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(flite espeak-ng fortunes fortunes-min man-db groff-base manpages
+APT_PACKAGES=(flite espeak-ng fortunes fortunes-min man-db groff-base manpages mate-backgrounds lomiri-wallpapers-20.04
               gnome-backgrounds ukui-wallpapers chromium chromium-driver)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -192,11 +192,13 @@ def read_features(entry: Path, kind: str = "items", columns: list[str] | None = 
 
 
 def iter_matrix(entry: Path, column: str, kind: str = "items", batch_rows: int = 4096,
-                teacher: str = "?", splits: Sequence[str] | None = None) -> Iterator[np.ndarray]:
+                teacher: str = "?", splits: Sequence[str] | None = None,
+                min_position: int = 0) -> Iterator[np.ndarray]:
     """Stream one feature column as float32 (n, D) blocks, never holding every row in memory.
 
     splits: keep only rows of these probe splits (token rows are matched through their item's row_id),
-    so statistics used for training never see held-out data."""
+    so statistics used for training never see held-out data. min_position drops early token rows: an
+    LM's first position is an attention sink whose huge activations would swamp every other direction."""
     files = sorted(Path(entry).glob(f"{kind}-*.parquet"))
     if not files:
         raise FeatureCacheError(f"teacher {teacher!r}: {entry}: no {kind} chunks")
@@ -205,19 +207,36 @@ def iter_matrix(entry: Path, column: str, kind: str = "items", batch_rows: int =
         items = read_features(entry, "items", columns=["row_id", "split"], filter_splits=splits)
         keep = pa.array(sorted(set(items["row_id"].to_pylist())))
     for f in files:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering would load the whole chunk file
         if column not in pf.schema_arrow.names:
             raise FeatureCacheError(f"teacher {teacher!r}: layer/column {column!r} missing from {f}; "
                                     f"cached columns: {pf.schema_arrow.names}")
-        cols = [column] if keep is None else [column, "row_id"]
+        cols = [column, "row_id"] + (["position"] if min_position else [])
         for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
-            if keep is not None:
-                import pyarrow.compute as pc
+            batch = _filter_rows(batch, keep, min_position)
+            if batch.num_rows:
+                yield column_matrix(batch.column(0))
 
-                batch = batch.filter(pc.is_in(batch.column(1), keep))
-                if batch.num_rows == 0:
-                    continue
-            yield column_matrix(batch.column(0))
+
+def _filter_rows(batch, keep, min_position: int):
+    import pyarrow.compute as pc
+
+    if keep is not None:
+        batch = batch.filter(pc.is_in(batch.column("row_id"), keep))
+    if min_position:
+        batch = batch.filter(pc.greater_equal(batch.column("position"), min_position))
+    return batch
+
+
+def count_rows(entry: Path, kind: str = "items", splits: Sequence[str] | None = None,
+               min_position: int = 0) -> int:
+    """Rows `iter_matrix` would yield with the same filters, reading only ids."""
+    items = read_features(entry, "items", columns=["row_id", "split"], filter_splits=splits)
+    if kind == "items":
+        return items.num_rows
+    cols = ["row_id"] + (["position"] if min_position else [])
+    table = read_features(entry, kind, columns=cols)
+    return _filter_rows(table, items["row_id"], min_position).num_rows
 
 
 def column_matrix(col) -> np.ndarray:

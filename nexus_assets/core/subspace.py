@@ -6,10 +6,13 @@ from pathlib import Path
 from typing import Callable
 
 from .atomic import write_json
-from .feature_store import iter_matrix
+from .feature_store import count_rows, iter_matrix
 from .pca import fit_streaming_pca, save_pca
 
 MAX_COMPONENTS = 256
+# Per-token LM layers skip position 0: it is an attention sink with activations orders of magnitude
+# larger than elsewhere, and would make one direction "explain" 99% of the variance.
+FIRST_TOKEN_SKIP = 1
 
 
 def profile_subspaces(entry: Path, teacher: str, layers: list[str], token_layers: list[str], out_dir: Path,
@@ -24,7 +27,9 @@ def profile_subspaces(entry: Path, teacher: str, layers: list[str], token_layers
     for layer in layers:
         kind = "tokens" if layer in token_layers else "items"
         column = f"hidden.{layer}"
-        batches = iter_matrix(entry, column, kind=kind, batch_rows=batch_rows, teacher=teacher, splits=["train"])
+        skip = FIRST_TOKEN_SKIP if kind == "tokens" else 0
+        batches = iter_matrix(entry, column, kind=kind, batch_rows=batch_rows, teacher=teacher, splits=["train"],
+                              min_position=skip)
         first = next(batches, None)
         if first is None:
             raise ValueError(f"teacher {teacher!r} layer {layer!r}: no train rows cached")
@@ -34,12 +39,15 @@ def profile_subspaces(entry: Path, teacher: str, layers: list[str], token_layers
             yield first
             yield from rest
 
-        # the full spectrum is kept by the fit; store as many components as anchoring could use
-        result = fit_streaming_pca(chain(), min(width, MAX_COMPONENTS), layer=layer, teacher=teacher)
-        k = min(result.n_components, max(1, result.n_rows - 1))
+        # the full spectrum is kept by the fit; store as many components as anchoring could use, and no
+        # more than the rows can support (a rank-n sample has at most n-1 meaningful directions)
+        n_rows = count_rows(entry, kind, splits=["train"], min_position=skip)
+        k = max(1, min(width, MAX_COMPONENTS, n_rows - 1))
+        result = fit_streaming_pca(chain(), k, layer=layer, teacher=teacher)
         path = save_pca(result, out_dir / f"{layer}.safetensors", metadata={"kind": kind})
         dims = {str(t): int(v) for t, v in result.intrinsic_dims().items()}
         layers_out[layer] = {"width": width, "rows": result.n_rows, "kind": kind, "file": path.name,
+                             "min_position": skip,
                              "intrinsic_dims": dims, "components": k,
                              "top10_ratio": [round(float(x), 4) for x in result.explained_variance_ratio[:10]]}
         curves[f"{layer} ({kind})"] = np.asarray(result.explained_variance_ratio)

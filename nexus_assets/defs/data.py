@@ -30,10 +30,10 @@ def probe_dataset(context: dg.AssetExecutionContext) -> dg.Output[dict]:
     out = artifact_dir("probe_dataset", spec.name)
     summary = build_probe_dataset(spec, profile, out, text_table=text_table)
     context.log.info(f"{spec.name}: {summary}")
-    value = {"path": str(out), "content_hash": summary["content_hash"], "modality": spec.modality}
+    value = {"path": str(out), "content_hash": summary["content_sha256"], "modality": spec.modality}
     return dg.Output(
         value,
-        data_version=dg.DataVersion(summary["content_hash"][:16]),
+        data_version=dg.DataVersion(summary["content_sha256"][:16]),
         metadata={"path": dg.MetadataValue.path(str(out)), "profile": profile,
                   **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
                   "summary": dg.MetadataValue.json(summary)},

@@ -42,7 +42,7 @@ def activation_subspace(context: dg.AssetExecutionContext, teacher_features: dic
 
 
 class ImportanceConfig(dg.Config):
-    sample_rows: int = Field(32, description="train rows the live teacher is back-propagated on (keep small)")
+    sample_rows: int = Field(16, description="train rows the live teacher is back-propagated on (keep small)")
     protected_mass: float = Field(0.9, description="share of importance mass the protected set must cover")
 
 

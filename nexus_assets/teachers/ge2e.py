@@ -70,6 +70,37 @@ class GE2ETeacher:
         return TeacherOutputs(items=items)
 
 
+    def importance_spec(self, capability: str, rows: list[dict]):
+        """Objective: each partial embedding's projection on its own (detached) direction: the neurons that
+        carry the speaker identity the student must reproduce. Neurons: the LSTM output's last dim."""
+        from nexus_assets.teachers.base import ImportanceSpec
+
+        mels = [self.partial_mels(preprocess_wav(w, source_sr=SAMPLE_RATE)) for w in rows_to_audio(rows)]
+        batches = [torch.from_numpy(np.concatenate(mels[i:i + 8])).to(self.encoder.device)
+                   for i in range(0, len(mels), 8)]
+
+        def objective(emb):
+            return (emb * torch.nn.functional.normalize(emb.detach(), dim=-1)).sum()
+
+        layers = {n: self.encoder.lstm for n in self.spec.extraction.layers}
+        return ImportanceSpec(_EmbedFromLstmOutput(self.encoder), layers, batches, objective)
+
+
+class _EmbedFromLstmOutput(torch.nn.Module):
+    """resemblyzer embeds from the LSTM's final hidden state h_n, which a hook on the LSTM's output
+    sequence cannot reach; out[:, -1] of the last layer is that same h_n, so this path is differentiable
+    through the hooked output and equal in value."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, mels):  # (P, 160, 40) -> (P, 256)
+        out, _ = self.encoder.lstm(mels)
+        raw = self.encoder.relu(self.encoder.linear(out[:, -1]))
+        return raw / torch.norm(raw, dim=1, keepdim=True).clamp_min(1e-5)
+
+
 def load(spec: TeacherSpec, snapshot_dir: Path, device: str = "cpu") -> GE2ETeacher:
     """Load `<snapshot>/pretrained.pt` only. resemblyzer loads non-strictly (the checkpoint also holds the
     GE2E loss's similarity scale), so the weights are re-checked here: a missing tensor must not stay random."""

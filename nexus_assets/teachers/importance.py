@@ -22,6 +22,7 @@ def profile_importance(spec: TeacherSpec, snapshot_dir: Path, rows: list[dict], 
         per_layer = {}
         for layer in spec.extraction.layers:
             isp = teacher.importance_spec(cap, rows)
+            isp.model.eval()  # dropout would make the scores noisy
             scores = neuron_importance(isp.model, isp.layers[layer], isp.batches, isp.objective)
             table = importance_table(scores, mass)
             path = out_dir / f"{cap}__{layer}.parquet"

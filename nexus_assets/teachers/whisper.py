@@ -354,6 +354,46 @@ class WhisperTeacher:
         return TeacherOutputs(items=items, tokens=tokens)
 
 
+    def importance_spec(self, capability: str, rows: list[dict]):
+        """Objective: summed log-probability of the teacher's own greedy transcript, teacher-forced."""
+        from nexus_assets.teachers.base import ImportanceSpec
+
+        batches = []
+        for i in range(0, len(rows), 4):
+            audio = rows_to_audio(rows[i:i + 4])
+            feats = self.features(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features.to(self.device)
+            with torch.inference_mode():
+                gen = self._greedy(self.model.model.encoder(feats).last_hidden_state)
+            width = max(len(g) for g in gen)
+            seq = torch.tensor([self.prompt + g + [self.end_id] * (width - len(g)) for g in gen], device=self.device)
+            mask = torch.zeros(seq.shape[0], seq.shape[1] - 1, dtype=torch.bool, device=self.device)
+            for j, g in enumerate(gen):
+                mask[j, len(self.prompt) - 1: len(self.prompt) - 1 + len(g)] = True
+            batches.append({"input_features": feats, "decoder_input_ids": seq[:, :-1], "labels_": seq[:, 1:],
+                            "mask_": mask})
+
+        class _Forced(torch.nn.Module):
+            def __init__(self, model):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_features, decoder_input_ids, labels_, mask_):
+                logits = self.model(input_features=input_features, decoder_input_ids=decoder_input_ids).logits
+                logp = torch.log_softmax(logits.float(), -1).gather(-1, labels_[..., None])[..., 0]
+                return (logp * mask_).sum()
+
+        def module(name):
+            side, idx = name.split(".")
+            stack = self.model.model.encoder if side == "encoder" else self.model.model.decoder
+            i = int(idx)
+            if i == 0:
+                return stack.conv2 if side == "encoder" else stack.embed_tokens
+            return stack.layer_norm if i == len(stack.layers) else stack.layers[i - 1]
+
+        layers = {n: module(n) for n in self.spec.extraction.layers}
+        return ImportanceSpec(_Forced(self.model), layers, batches, lambda total: total)
+
+
 def load(spec: TeacherSpec, snapshot_dir: Path, device: str = "cpu") -> WhisperTeacher:
     """Load the converted model from `<snapshot>/hf/` only (fp32, eval); run `convert()` first."""
     hf = Path(snapshot_dir) / HF_DIR

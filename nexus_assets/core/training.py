@@ -590,7 +590,8 @@ def train_tower(
                 opt.load_state_dict(good["opt"])
                 sched.load_state_dict(good["sched"])
                 st["anchor_boost"] *= tc.anchor_escalation
-                st["loss_window"] = []
+                # the window keeps the pre-spike losses: a loss level that stays 4x up keeps rolling
+                # back until max_rollbacks says the run diverged, instead of becoming the new normal
                 say(f"[{cfg.name}] step {st['global_step']} ({phase} {step}): loss {loss_val:.4g} > "
                     f"{tc.spike_factor} x median {med:.4g}: rolled back to the last snapshot, anchoring weight "
                     f"x{st['anchor_boost']:g} (rollback {st['rollbacks']})")
@@ -673,6 +674,7 @@ def train_tower(
         "world_size": dd.world,
         "num_parameters": sum(p.numel() for p in tower.parameters()),
         "param_sha256": params_sha256(tower),
+        "history": st["history"],
         "train_rows": len(data_train),
         "val_rows": 0 if data_val is None else len(data_val),
         "train_config": tc.to_dict(),

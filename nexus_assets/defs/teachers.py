@@ -58,7 +58,8 @@ def teacher_features(
     rows = read_probe_rows(Path(probe_dataset["path"]))
     entry, m = extract_teacher_features(
         spec, Path(teacher_snapshot["path"]), rows, probe_dataset["content_hash"],
-        artifact_dir("teacher_features", spec.name), device=compute.resolved_device(), log=context.log.info,
+        artifact_dir("teacher_features", spec.name), device=compute.resolved_device(),
+        memory_budget_bytes=compute.memory_budget_bytes(), log=context.log.info,
     )
     return dg.Output(
         {"path": str(entry), "cache_key": m["cache_key"], "rows": m["rows"], "teacher": spec.name},
@@ -69,7 +70,7 @@ def teacher_features(
             "feature_mb": round(m["bytes"] / 1e6, 2), "bytes_per_row": round(m["bytes"] / max(m["rows"], 1)),
             "rows_computed_this_run": m["rows_computed_this_run"],
             "rows_per_s": round(m["rows_computed_this_run"] / max(m["seconds_this_run"], 1e-9), 1),
-            "cache_key": m["cache_key"], "device": m["device"],
+            "cache_key": m["cache_key"], "device": m["device"], "layer_streamed": m["layer_streamed"],
         },
     )
 

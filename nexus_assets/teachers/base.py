@@ -80,8 +80,14 @@ def family_module(spec: TeacherSpec):
     return importlib.import_module(FAMILIES[spec.family])
 
 
-def load_teacher(spec: TeacherSpec, snapshot_dir: Path, device: str = "cpu") -> Teacher:
-    teacher = family_module(spec).load(spec, Path(snapshot_dir), device)
+def load_teacher(spec: TeacherSpec, snapshot_dir: Path, device: str = "cpu",
+                 memory_budget_bytes: int | None = None) -> Teacher:
+    """Load a teacher from its snapshot; families that can layer-stream get the memory budget."""
+    import inspect
+
+    load = family_module(spec).load
+    kwargs = {"memory_budget_bytes": memory_budget_bytes} if "memory_budget_bytes" in inspect.signature(load).parameters else {}
+    teacher = load(spec, Path(snapshot_dir), device, **kwargs)
     unknown = [layer for layer in spec.extraction.layers if layer not in teacher.layer_names()]
     if unknown:
         raise TeacherLoadError(

@@ -113,7 +113,8 @@ class CausalLMTeacher:
 def lm_outputs(logits, hidden_states, ids, mask, spec: TeacherSpec) -> TeacherOutputs:
     """Pack one LM forward into feature columns.
 
-    logits (B,T,V); hidden_states tuple of (B,T,H); ids, mask (B,T). Position t's logits predict token t+1.
+    logits (B,T,V); hidden_states tuple of (B,T,H); ids, mask (B,T). Token row t holds ids[t] and the logits
+    AT t, which predict token t+1 (so `next_logprob` is log p(ids[t+1])). Padding must be on the right.
     """
     ex = spec.extraction
     mask_np = mask.cpu().numpy().astype(bool)
@@ -125,13 +126,21 @@ def lm_outputs(logits, hidden_states, ids, mask, spec: TeacherSpec) -> TeacherOu
     lg = logits.float().reshape(-1, logits.shape[-1])[flat]  # (N, V)
     top = torch.topk(lg, k=min(ex.top_k, lg.shape[-1]), dim=-1)
     b_idx, t_idx = torch.nonzero(mask.bool(), as_tuple=True)
+    nxt = torch.full_like(ids, -1)  # the true next token of each position (or -1 past the end)
+    nxt[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], torch.full_like(ids[:, 1:], -1))
+    nxt = nxt.reshape(-1)[flat]
+    lse = torch.logsumexp(lg, dim=-1)
+    target = lg.gather(1, nxt.clamp_min(0)[:, None])[:, 0]
     tokens = {
         "item_index": b_idx.cpu().numpy().astype(np.int32),
         "position": t_idx.cpu().numpy().astype(np.int32),
         "token_id": ids.reshape(-1)[flat].cpu().numpy().astype(np.int32),
         "topk_ids": top.indices.cpu().numpy().astype(np.int32),
         "topk_logits": top.values.cpu().numpy().astype(np.float32),
-        "logsumexp": torch.logsumexp(lg, dim=-1).cpu().numpy().astype(np.float32),
+        "logsumexp": lse.cpu().numpy().astype(np.float32),
+        # teacher log-prob of the TRUE next token: exact perplexity on held-out text without the teacher
+        "next_logprob": torch.where(nxt >= 0, target - lse, 0.0).cpu().numpy().astype(np.float32),
+        "has_next": (nxt >= 0).cpu().numpy(),
     }
     for name in ex.token_layers:
         h = hidden_states[int(name.split(".")[1])].float().reshape(-1, hidden_states[0].shape[-1])[flat]
@@ -139,5 +148,58 @@ def lm_outputs(logits, hidden_states, ids, mask, spec: TeacherSpec) -> TeacherOu
     return TeacherOutputs(items=items, tokens=tokens)
 
 
-def load(spec: TeacherSpec, snapshot_dir: Path, device: str = "cpu") -> CausalLMTeacher:
-    return CausalLMTeacher(spec, model_dir(snapshot_dir), device)
+class StreamedCausalLMTeacher:
+    """Same features as CausalLMTeacher, computed one decoder block at a time from the safetensors shards,
+    for teachers whose weights exceed the memory budget (core/layer_streaming.py). Each forward call runs a
+    whole feature chunk, so every block is read once per chunk rather than once per batch."""
+
+    streamed = True
+
+    def __init__(self, spec: TeacherSpec, folder: Path, memory_budget_bytes: int):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.spec, self.folder, self.budget = spec, folder, memory_budget_bytes
+        try:
+            self.config = AutoConfig.from_pretrained(folder)
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:
+            raise TeacherLoadError(f"teacher {spec.name!r}: cannot read config/tokenizer in {folder}: {e}") from e
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+
+    def layer_names(self) -> list[str]:
+        return [f"layers.{i}" for i in range(self.config.num_hidden_layers + 1)]
+
+    def num_parameters(self) -> int:
+        from nexus_assets.core.layer_streaming import weights_bytes
+
+        return weights_bytes(self.folder) // 4  # fp32 checkpoints; an estimate for other dtypes
+
+    def forward(self, rows: list[dict]) -> TeacherOutputs:
+        from nexus_assets.core.layer_streaming import stream_causal_lm
+
+        ex = self.spec.extraction
+        enc = self.tokenizer([r["text"] for r in rows], return_tensors="pt", padding=True, truncation=True,
+                             max_length=ex.max_length)
+        out = stream_causal_lm(
+            self.folder, enc["input_ids"], enc["attention_mask"],
+            layers=[int(n.split(".")[1]) for n in ex.layers], token_layers=[int(n.split(".")[1]) for n in ex.token_layers],
+            top_k=ex.top_k, memory_cap_bytes=self.budget // 4,
+        )
+        rename = lambda d: {(f"hidden.layers.{k.split('.')[1]}" if k.startswith("hidden.") else k): v for k, v in d.items()}
+        return TeacherOutputs(items=rename(out["items"]), tokens=rename(out["tokens"]))
+
+
+def load(spec: TeacherSpec, snapshot_dir: Path, device: str = "cpu", memory_budget_bytes: int | None = None):
+    """The in-memory teacher, or the layer-streamed one when the weights exceed the budget (or the registry
+    says `stream_layers: always`)."""
+    from nexus_assets.core.layer_streaming import should_stream, weights_bytes
+
+    folder = model_dir(snapshot_dir)
+    mode = spec.extraction.stream_layers
+    if mode != "never" and device == "cpu":
+        budget = memory_budget_bytes or 2**62
+        if should_stream(weights_bytes(folder), budget, mode):
+            return StreamedCausalLMTeacher(spec, folder, budget)
+    return CausalLMTeacher(spec, folder, device)

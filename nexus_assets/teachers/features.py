@@ -12,7 +12,7 @@ from nexus_assets.teachers.snapshot import verify_snapshot
 
 INPUT_COLUMNS = {"text": ["text"], "vision": ["image"], "audio": ["wav"]}
 # Bump when an adapter's output format or maths changes: it is part of every cache key.
-FEATURE_CODE_VERSION = "1"
+FEATURE_CODE_VERSION = "2"
 
 
 def feature_cache_key(spec: TeacherSpec, snapshot_hash: str, data_hash: str) -> str:
@@ -27,6 +27,7 @@ def extract_teacher_features(
     teacher_dir: Path,
     *,
     device: str = "cpu",
+    memory_budget_bytes: int | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[Path, dict]:
     """Verify the snapshot, load the teacher, cache its outputs; resumes a killed run chunk by chunk."""
@@ -34,16 +35,20 @@ def extract_teacher_features(
     snap = verify_snapshot(snapshot_dir)
     key = feature_cache_key(spec, snap["content_hash"], data_hash)
     entry = Path(teacher_dir) / key
-    teacher = load_teacher(spec, snapshot_dir, device)
+    teacher = load_teacher(spec, snapshot_dir, device, memory_budget_bytes)
+    streamed = getattr(teacher, "streamed", False)
     load_s = time.time() - t0
-    log(f"[{spec.name}] loaded in {load_s:.1f} s ({teacher.num_parameters() / 1e6:.1f} M params); cache key {key}")
+    log(f"[{spec.name}] loaded in {load_s:.1f} s ({teacher.num_parameters() / 1e6:.1f} M params"
+        f"{', layer-streamed: weights exceed the memory budget' if streamed else ''}); cache key {key}")
     manifest = cache_features(
         teacher.forward, probe_rows, entry, teacher=spec.name,
-        batch_size=spec.extraction.batch_size, chunk_rows=spec.extraction.chunk_rows,
+        # a streamed teacher reads every block once per call: give it a whole chunk at once
+        batch_size=spec.extraction.chunk_rows if streamed else spec.extraction.batch_size,
+        chunk_rows=spec.extraction.chunk_rows,
         input_columns=INPUT_COLUMNS[spec.modality],
         manifest_extra={"cache_key": key, "snapshot_hash": snap["content_hash"], "data_hash": data_hash,
                         "extraction": spec.extraction.model_dump(), "teacher_params": teacher.num_parameters(),
-                        "load_seconds": round(load_s, 2), "device": device},
+                        "load_seconds": round(load_s, 2), "device": device, "layer_streamed": streamed},
         log=log,
     )
     return entry, manifest

@@ -169,3 +169,40 @@ def test_unknown_layer_is_named(llama_dir, tmp_path):
     build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
     with pytest.raises(Exception, match=r"teacher 'tiny-llama': extraction.layers \['layers.9'\]"):
         load_teacher(spec, tmp_path / "snap")
+
+
+def test_a_teacher_over_the_memory_budget_is_layer_streamed_with_identical_features(llama_dir, tmp_path):
+    spec = spec_for({"kind": "path", "path": str(llama_dir)})
+    build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    rows = probe_rows(6)
+    e_mem, m_mem = _extract(spec, tmp_path / "snap", rows, tmp_path / "mem")
+    e_str, m_str = _extract(spec, tmp_path / "snap", rows, tmp_path / "str", memory_budget_bytes=10_000)
+    assert not m_mem["layer_streamed"] and m_str["layer_streamed"]
+    assert m_mem["cache_key"] == m_str["cache_key"], "streaming must not change the cache key"
+    for kind in ("items", "tokens"):
+        a, b = read_features(e_mem, kind).to_pydict(), read_features(e_str, kind).to_pydict()
+        assert a.keys() == b.keys()
+        for col in a:
+            if col in ("row_id", "split"):
+                assert a[col] == b[col]
+            elif col == "topk_ids":
+                assert np.array_equal(np.array(a[col])[:, 0], np.array(b[col])[:, 0])
+            else:
+                np.testing.assert_allclose(np.array(a[col], dtype=float), np.array(b[col], dtype=float), atol=1e-4,
+                                           err_msg=f"{kind}.{col}")
+
+
+def test_next_token_logprob_is_exact(llama_dir, tmp_path):
+    spec = spec_for({"kind": "path", "path": str(llama_dir)})
+    build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    entry, _ = _extract(spec, tmp_path / "snap", probe_rows(3), tmp_path / "feat")
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    tok = read_features(entry, "tokens").to_pydict()
+    first = [j for j, r in enumerate(tok["row_id"]) if r == "t/0/0"]
+    ids = torch.tensor([[tok["token_id"][j] for j in first]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0], -1)
+    expect = logp[torch.arange(len(first) - 1), ids[0, 1:]].numpy()
+    np.testing.assert_allclose(np.array([tok["next_logprob"][j] for j in first[:-1]]), expect, atol=1e-4)
+    assert [tok["has_next"][j] for j in first] == [True] * (len(first) - 1) + [False]

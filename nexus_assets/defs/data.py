@@ -30,7 +30,8 @@ def probe_dataset(context: dg.AssetExecutionContext) -> dg.Output[dict]:
     out = artifact_dir("probe_dataset", spec.name)
     summary = build_probe_dataset(spec, profile, out, text_table=text_table)
     context.log.info(f"{spec.name}: {summary}")
-    value = {"path": str(out), "content_hash": summary["content_sha256"], "modality": spec.modality}
+    value = {"path": str(out), "content_hash": summary["content_sha256"], "modality": spec.modality,
+             "dataset": spec.name}
     return dg.Output(
         value,
         data_version=dg.DataVersion(summary["content_sha256"][:16]),

@@ -15,3 +15,7 @@ dataset_to_teachers = dg.StaticPartitionMapping(
     {d: [t.name for t in REGISTRY.enabled_teachers() if t.dataset == d] for d in REGISTRY.used_datasets()}
 )
 teacher_to_tower = dg.StaticPartitionMapping({t.name: t.tower for t in REGISTRY.enabled_teachers()})
+dataset_to_towers = dg.StaticPartitionMapping(
+    {d: sorted({t.tower for t in REGISTRY.enabled_teachers() if t.dataset == d}) for d in REGISTRY.used_datasets()
+     if any(t.dataset == d for t in REGISTRY.enabled_teachers())}
+)

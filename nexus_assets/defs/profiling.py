@@ -90,7 +90,7 @@ class ArchitectureConfig(dg.Config):
     width_variance: float = Field(0.99, description="cumulative variance whose intrinsic dimension sets the width")
     depth: int = Field(4, description="student tower blocks")
     min_width: int = Field(128)
-    max_width: int = Field(384, description="upper clamp: the embedded default must train on 2 CPU cores")
+    max_width: int = Field(256, description="upper clamp: the embedded default must train on 2 CPU cores")
 
 
 @dg.asset(

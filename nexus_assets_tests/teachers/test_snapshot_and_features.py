@@ -206,3 +206,20 @@ def test_next_token_logprob_is_exact(llama_dir, tmp_path):
     expect = logp[torch.arange(len(first) - 1), ids[0, 1:]].numpy()
     np.testing.assert_allclose(np.array([tok["next_logprob"][j] for j in first[:-1]]), expect, atol=1e-4)
     assert [tok["has_next"][j] for j in first] == [True] * (len(first) - 1) + [False]
+
+
+def test_unchanged_source_reuses_the_snapshot_and_a_changed_one_rebuilds_it(llama_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_dir, src)
+    spec = spec_for({"kind": "path", "path": str(src)})
+    m1 = build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    stamp = (tmp_path / "snap" / "manifest.json").stat().st_mtime_ns
+    m2 = build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    assert m2["content_hash"] == m1["content_hash"]
+    assert (tmp_path / "snap" / "manifest.json").stat().st_mtime_ns == stamp, "reused, not rewritten"
+    cfg = src / "config.json"
+    cfg.write_text(cfg.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
+    m3 = build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    assert m3["content_hash"] != m1["content_hash"]

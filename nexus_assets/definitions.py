@@ -1,10 +1,10 @@
 """The NEXUS code location: assembles the asset families in defs/."""
 import dagster as dg
 
-from nexus_assets.defs import data, distillation, profiling, teachers
+from nexus_assets.defs import data, distillation, profiling, registry_entries, teachers
 from nexus_assets.defs.resources import default_resources
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([data, teachers, profiling, distillation]),
+    assets=dg.load_assets_from_modules([registry_entries, data, teachers, profiling, distillation]),
     resources=default_resources(),
 )

@@ -2,6 +2,7 @@
 import dagster as dg
 from pydantic import Field
 
+from .automation import RECOMPUTE_WHEN_STALE
 from .partitions import REGISTRY, dataset_to_towers, teacher_to_tower, tower_partitions
 from .resources import NexusCompute
 
@@ -31,6 +32,7 @@ class TowerTrainingConfig(dg.Config):
         "probe_dataset": dg.AssetIn(partition_mapping=dataset_to_towers),
     },
     code_version="1",
+    automation_condition=RECOMPUTE_WHEN_STALE,
     group_name="distillation",
     kinds={"pytorch", "safetensors"},
     pool="gpu",
@@ -85,6 +87,7 @@ def tower_adapter(context: dg.AssetExecutionContext, config: TowerTrainingConfig
 @dg.asset(
     ins={"tower_adapter": dg.AssetIn()},
     code_version="1",
+    automation_condition=RECOMPUTE_WHEN_STALE,
     group_name="distillation",
     kinds={"safetensors"},
 )

@@ -2,6 +2,7 @@
 import dagster as dg
 from pydantic import Field
 
+from .automation import RECOMPUTE_WHEN_STALE
 from .partitions import REGISTRY, dataset_to_teachers, teacher_partitions, teacher_to_tower, tower_partitions
 from .resources import NexusCompute
 
@@ -17,6 +18,7 @@ def _png_md(path) -> dg.MetadataValue:
     partitions_def=teacher_partitions,
     ins={"teacher_features": dg.AssetIn()},
     code_version="1",
+    automation_condition=RECOMPUTE_WHEN_STALE,
     group_name="profiling",
     kinds={"safetensors"},
 )
@@ -48,14 +50,16 @@ class ImportanceConfig(dg.Config):
 
 @dg.asset(
     partitions_def=teacher_partitions,
-    ins={"teacher_snapshot": dg.AssetIn(), "probe_dataset": dg.AssetIn(partition_mapping=dataset_to_teachers)},
+    ins={"teacher_config": dg.AssetIn(), "teacher_snapshot": dg.AssetIn(),
+         "probe_dataset": dg.AssetIn(partition_mapping=dataset_to_teachers)},
     code_version="1",
+    automation_condition=RECOMPUTE_WHEN_STALE,
     group_name="profiling",
     kinds={"parquet", "pytorch"},
     pool="gpu",
 )
 def neuron_importance(context: dg.AssetExecutionContext, config: ImportanceConfig, compute: NexusCompute,
-                      teacher_snapshot: dict, probe_dataset: dict) -> dg.Output[dict]:
+                      teacher_config: dict, teacher_snapshot: dict, probe_dataset: dict) -> dg.Output[dict]:
     """NIWT importance of each cached layer's neurons per capability, and the protected set."""
     from pathlib import Path
 
@@ -64,12 +68,13 @@ def neuron_importance(context: dg.AssetExecutionContext, config: ImportanceConfi
     from nexus_assets.core.atomic import sha256_json
     from nexus_assets.core.paths import artifact_dir
     from nexus_assets.core.probe_data import read_probe_rows
+    from nexus_assets.core.registry import TeacherSpec
     from nexus_assets.teachers.features import INPUT_COLUMNS
     from nexus_assets.teachers.importance import profile_importance
 
     if not 0 < config.protected_mass <= 1:
         raise ValueError(f"neuron_importance config: protected_mass must be in (0, 1], got {config.protected_mass}")
-    spec = REGISTRY.teacher(context.partition_key)
+    spec = TeacherSpec.model_validate(teacher_config)
     rows = read_probe_rows(Path(probe_dataset["path"]))
     rows = rows.filter(pc.equal(rows["split"], "train")).slice(0, config.sample_rows)
     rows = rows.select(["row_id", *INPUT_COLUMNS[spec.modality]]).to_pylist()
@@ -97,6 +102,7 @@ class ArchitectureConfig(dg.Config):
     partitions_def=tower_partitions,
     ins={"activation_subspace": dg.AssetIn(partition_mapping=teacher_to_tower)},
     code_version="1",
+    automation_condition=RECOMPUTE_WHEN_STALE,
     group_name="profiling",
     kinds={"json"},
 )

@@ -2,18 +2,21 @@
 
 import dagster as dg
 
-from .partitions import REGISTRY, dataset_to_teachers, teacher_partitions
+from .automation import RECOMPUTE_WHEN_STALE
+from .partitions import dataset_to_teachers, teacher_partitions
 from .resources import NexusCompute
 
 
-@dg.asset(partitions_def=teacher_partitions, code_version="1", group_name="teachers", kinds={"safetensors"})
-def teacher_snapshot(context: dg.AssetExecutionContext) -> dg.Output[dict]:
+@dg.asset(partitions_def=teacher_partitions, ins={"teacher_config": dg.AssetIn()}, code_version="1",
+          group_name="teachers", kinds={"safetensors"}, automation_condition=RECOMPUTE_WHEN_STALE)
+def teacher_snapshot(context: dg.AssetExecutionContext, teacher_config: dict) -> dg.Output[dict]:
     """The teacher's weights, file by file, hashed and catalogued; its data version is the content hash,
     so downstream goes stale only when the weights really change."""
     from nexus_assets.core.paths import artifact_dir
+    from nexus_assets.core.registry import TeacherSpec
     from nexus_assets.teachers.snapshot import CATALOG, build_snapshot
 
-    spec = REGISTRY.teacher(context.partition_key)
+    spec = TeacherSpec.model_validate(teacher_config)
     out = artifact_dir("teacher_snapshot", spec.name)
     manifest = build_snapshot(spec, out, log=context.log.info)
     return dg.Output(
@@ -36,6 +39,7 @@ def teacher_snapshot(context: dg.AssetExecutionContext) -> dg.Output[dict]:
 @dg.asset(
     partitions_def=teacher_partitions,
     ins={
+        "teacher_config": dg.AssetIn(),
         "teacher_snapshot": dg.AssetIn(),
         "probe_dataset": dg.AssetIn(partition_mapping=dataset_to_teachers),
     },
@@ -43,18 +47,21 @@ def teacher_snapshot(context: dg.AssetExecutionContext) -> dg.Output[dict]:
     group_name="teachers",
     kinds={"parquet", "pytorch"},
     pool="gpu",
+    automation_condition=RECOMPUTE_WHEN_STALE,
 )
 def teacher_features(
-    context: dg.AssetExecutionContext, compute: NexusCompute, teacher_snapshot: dict, probe_dataset: dict
+    context: dg.AssetExecutionContext, compute: NexusCompute, teacher_config: dict, teacher_snapshot: dict,
+    probe_dataset: dict,
 ) -> dg.Output[dict]:
     """The frozen teacher run once over its probe data; students train on this, never on a live teacher."""
     from pathlib import Path
 
     from nexus_assets.core.paths import artifact_dir
     from nexus_assets.core.probe_data import read_probe_rows
+    from nexus_assets.core.registry import TeacherSpec
     from nexus_assets.teachers.features import extract_teacher_features
 
-    spec = REGISTRY.teacher(context.partition_key)
+    spec = TeacherSpec.model_validate(teacher_config)
     compute.setup_torch()
     rows = read_probe_rows(Path(probe_dataset["path"]))
     entry, m = extract_teacher_features(
@@ -81,7 +88,7 @@ def teacher_features(
     code_version="1",
     group_name="teachers",
     kinds={"duckdb"},
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=RECOMPUTE_WHEN_STALE,
 )
 def feature_catalog(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """A DuckDB file with one view per teacher and feature table, so cached features answer SQL."""

@@ -14,7 +14,7 @@ def test_definitions_list_every_asset_and_the_registry_partitions():
 
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert {"teacher_snapshot", "probe_dataset", "teacher_features", "feature_catalog", "activation_subspace",
+    assert {"teacher_config", "teacher_snapshot", "probe_dataset", "tower_adapter", "student_router", "teacher_features", "feature_catalog", "activation_subspace",
             "neuron_importance", "student_architecture"} <= keys
     import dagster as dg
     for key in ("teacher_snapshot", "teacher_features", "activation_subspace", "neuron_importance"):
@@ -43,17 +43,19 @@ def test_materialize_one_real_teacher_partition(tmp_path, monkeypatch):
 
     monkeypatch.setenv("NEXUS_PROFILE", "tiny")
     from nexus_assets.core.feature_store import read_features
-    from nexus_assets.defs import data, teachers
+    from nexus_assets.defs import data, registry_entries, teachers
     from nexus_assets.defs.resources import default_resources
 
-    assets = [data.probe_dataset, teachers.teacher_snapshot, teachers.teacher_features]
+    assets = [registry_entries.teacher_config, data.probe_dataset, teachers.teacher_snapshot,
+              teachers.teacher_features]
     (tmp_path / "dh").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dh")) as instance:
         resources = default_resources()
         r1 = dg.materialize(assets, selection=["probe_dataset"], partition_key="text-probe", instance=instance,
                             resources=resources)
         assert r1.success
-        r2 = dg.materialize(assets, selection=["teacher_snapshot", "teacher_features"], partition_key="minilm-l6",
+        r2 = dg.materialize(assets, selection=["teacher_config", "teacher_snapshot", "teacher_features"],
+                            partition_key="minilm-l6",
                             instance=instance, resources=resources)
         assert r2.success
         out = r2.output_for_node("teacher_features")

@@ -1,10 +1,12 @@
 """The NEXUS code location: assembles the asset families in defs/."""
 import dagster as dg
 
-from nexus_assets.defs import data, distillation, profiling, registry_entries, teachers
+from nexus_assets.defs import data, distillation, profiling, registry_entries, schedules, teachers
 from nexus_assets.defs.resources import default_resources
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([registry_entries, data, teachers, profiling, distillation]),
+    schedules=[schedules.nightly_redistillation],
+    sensors=[schedules.automation_sensor],
     resources=default_resources(),
 )

@@ -72,3 +72,20 @@ def test_materialize_one_real_teacher_partition(tmp_path, monkeypatch):
 
 def out_snapshot_hash(result) -> str:
     return result.output_for_node("teacher_snapshot")["content_hash"][:16]
+
+
+def test_nightly_schedule_runs_by_default_and_refreshes_only_the_cheap_roots():
+    import datetime
+
+    import dagster as dg
+
+    from nexus_assets.defs.schedules import automation_sensor, nightly_redistillation
+
+    assert nightly_redistillation.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert automation_sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    ctx = dg.build_schedule_context(scheduled_execution_time=datetime.datetime(2026, 11, 26, 2, 0))
+    requests = nightly_redistillation.evaluate_tick(ctx).run_requests
+    targets = sorted((r.asset_selection[0].to_user_string(), r.partition_key) for r in requests)
+    assert targets == sorted([("teacher_config", t) for t in DEFAULT_TEACHERS]
+                             + [("probe_dataset", d) for d in ("image-probe", "speech-probe", "text-probe")])
+    assert len({r.run_key for r in requests}) == len(requests)

@@ -83,7 +83,10 @@ def test_nightly_schedule_runs_by_default_and_refreshes_only_the_cheap_roots():
 
     assert nightly_redistillation.default_status == dg.DefaultScheduleStatus.RUNNING
     assert automation_sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    ctx = dg.build_schedule_context(scheduled_execution_time=datetime.datetime(2026, 11, 26, 2, 0))
+    from nexus_assets.definitions import defs
+
+    ctx = dg.build_schedule_context(scheduled_execution_time=datetime.datetime(2026, 11, 26, 2, 0),
+                                    repository_def=defs.get_repository_def())
     requests = nightly_redistillation.evaluate_tick(ctx).run_requests
     targets = sorted((r.asset_selection[0].to_user_string(), r.partition_key) for r in requests)
     assert targets == sorted([("teacher_config", t) for t in DEFAULT_TEACHERS]

@@ -6,7 +6,7 @@ from nexus_assets.defs.resources import default_resources
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([registry_entries, data, teachers, profiling, distillation]),
-    schedules=[schedules.nightly_redistillation],
+    schedules=schedules.nightly_schedules,
     sensors=[schedules.automation_sensor],
     resources=default_resources(),
 )

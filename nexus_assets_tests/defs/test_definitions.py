@@ -74,21 +74,24 @@ def out_snapshot_hash(result) -> str:
     return result.output_for_node("teacher_snapshot")["content_hash"][:16]
 
 
-def test_nightly_schedule_runs_by_default_and_refreshes_only_the_cheap_roots():
+def test_nightly_schedules_run_by_default_and_refresh_only_the_cheap_roots():
     import datetime
 
     import dagster as dg
 
-    from nexus_assets.defs.schedules import automation_sensor, nightly_redistillation
-
-    assert nightly_redistillation.default_status == dg.DefaultScheduleStatus.RUNNING
-    assert automation_sensor.default_status == dg.DefaultSensorStatus.RUNNING
     from nexus_assets.definitions import defs
+    from nexus_assets.defs.schedules import automation_sensor, nightly_schedules
 
-    ctx = dg.build_schedule_context(scheduled_execution_time=datetime.datetime(2026, 11, 26, 2, 0),
-                                    repository_def=defs.get_repository_def())
-    requests = nightly_redistillation.evaluate_tick(ctx).run_requests
-    targets = sorted((r.asset_selection[0].to_user_string(), r.partition_key) for r in requests)
-    assert targets == sorted([("teacher_config", t) for t in DEFAULT_TEACHERS]
-                             + [("probe_dataset", d) for d in ("image-probe", "speech-probe", "text-probe")])
-    assert len({r.run_key for r in requests}) == len(requests)
+    assert automation_sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    targets = []
+    for schedule in nightly_schedules:
+        assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+        ctx = dg.build_schedule_context(scheduled_execution_time=datetime.datetime(2026, 11, 26, 2, 0),
+                                        repository_def=defs.get_repository_def())
+        requests = schedule.evaluate_tick(ctx).run_requests
+        assert len({r.run_key for r in requests}) == len(requests)
+        job = defs.resolve_job_def(schedule.job_name)
+        assets = sorted(k.to_user_string() for k in job.asset_layer.selected_asset_keys)
+        targets += [(a, r.partition_key) for r in requests for a in assets]
+    assert sorted(targets) == sorted([("teacher_config", t) for t in DEFAULT_TEACHERS]
+                                     + [("probe_dataset", d) for d in ("image-probe", "speech-probe", "text-probe")])

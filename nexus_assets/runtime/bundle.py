@@ -1,0 +1,417 @@
+"""The teacher-free runtime: load a bundle (or one tower folder) and run capabilities on plain inputs.
+
+Imports torch, numpy, tokenizers, safetensors, peft (through towers) and nexus_assets.core.towers /
+router / quantize / atomic only: never Dagster, teachers/, training code or a teacher package
+(nexus_assets_tests/runtime/test_teacher_free.py makes those unimportable and runs every capability).
+
+Bundle layout (written by nexus_assets.core.bundle.build_bundle):
+
+    manifest.json          versions, sha256 + size of every file, towers, quantization, contracts,
+                           retention before / after quantization, verified
+    router/                router.json (+ router.safetensors)
+    towers/<tower>/        config.json, backbone.safetensors, heads.safetensors, <adapter>/ per capability,
+                           tokenizer/tokenizer.json (text: SmolLM2's, audio: Whisper's), classes.json (vision)
+
+`Bundle.load` reads the manifest and router only. A tower is loaded the first time one of its
+capabilities is called, after the sha256 of each of its files is checked against the manifest, so a
+text call never reads (or pays for) the vision tower, and a corrupted file is named before it is used.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from nexus_assets.core.atomic import sha256_file
+from nexus_assets.core.quantize import dynamic_int8, file_scheme, load_state, to_nf4_linear
+from nexus_assets.core.router import Router, RoutingError
+from nexus_assets.core.towers import (FORMAT_VERSION, StudentTower, TowerConfig, decode_wav, load_tower, log_mel,
+                                      preprocess_image)
+
+__all__ = ["Bundle", "TowerRuntime", "BundleError", "RoutingError", "load_tower_dir", "MANIFEST",
+           "CAPABILITY_METHODS", "input_modality"]
+
+MANIFEST = "manifest.json"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+AUDIO_SUFFIXES = {".wav", ".wave"}
+CAPABILITY_METHODS = {
+    "text.generate": "text_generate", "text.embed": "text_embed", "vision.classify": "vision_classify",
+    "audio.speaker_embed": "audio_speaker_embed", "audio.transcribe": "audio_transcribe",
+}
+
+
+class BundleError(RuntimeError):
+    """A bundle or tower folder is missing, incomplete or corrupted; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------
+
+
+def input_modality(x: Any) -> str:
+    """Modality of a plain input: a path with an image / WAV suffix, an HxWx3 uint8 array (image), a 1-D
+    float array (16 kHz waveform), encoded PNG/JPEG or WAV bytes, else text."""
+    if isinstance(x, np.ndarray):
+        if x.ndim == 3 and x.shape[-1] == 3:
+            return "vision"
+        if x.ndim == 1:
+            return "audio"
+        raise RoutingError(f"cannot tell the modality of an array of shape {x.shape}: pass HxWx3 uint8 (image) "
+                           "or (N,) float32 at 16 kHz (audio)")
+    if isinstance(x, (os.PathLike, str)):
+        suffix = Path(str(x)).suffix.lower() if len(str(x)) < 4096 else ""
+        if suffix in IMAGE_SUFFIXES:
+            return "vision"
+        if suffix in AUDIO_SUFFIXES:
+            return "audio"
+        return "text"
+    if isinstance(x, (list, tuple)) and all(isinstance(t, str) for t in x):
+        return "text"
+    if isinstance(x, bytes):  # encoded file contents: sniff the magic number
+        if x[:4] == b"RIFF":
+            return "audio"
+        if x[:8] == b"\x89PNG\r\n\x1a\n" or x[:3] == b"\xff\xd8\xff" or x[:2] == b"BM" or x[:4] == b"GIF8":
+            return "vision"
+        raise RoutingError("cannot tell the modality of these bytes: pass WAV (RIFF) or PNG/JPEG contents")
+    raise RoutingError(f"unsupported input type {type(x).__name__}")
+
+
+def _read_file(path: str | os.PathLike, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise BundleError(f"{what} file {str(path)!r} cannot be read: {e.strerror or e}") from e
+
+
+def _image_tensor(image: Any, size: int) -> torch.Tensor:
+    """path / HxWx3 uint8 array / encoded bytes -> (3, size, size), the exact transform of training."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise RoutingError(f"image array must be HxWx3 uint8, got shape {image.shape} dtype {image.dtype}")
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(image, "RGB").save(buf, format="PNG")  # lossless: same pixels, same decoder path
+        return preprocess_image(buf.getvalue(), size, "<array>")
+    if isinstance(image, bytes):
+        return preprocess_image(image, size, "<bytes>")
+    data = _read_file(image, "image")
+    try:
+        return preprocess_image(data, size, str(image))
+    except ValueError as e:
+        raise BundleError(f"image file {str(image)!r} is not a readable image: {e}") from e
+
+
+def _waveform(wav: Any) -> np.ndarray:
+    """path / WAV bytes / (N,) float array at 16 kHz -> (N,) float32."""
+    if isinstance(wav, np.ndarray):
+        if wav.ndim != 1:
+            raise RoutingError(f"waveform array must be 1-D (N,) at 16 kHz, got shape {wav.shape}")
+        return wav.astype(np.float32, copy=False)
+    if isinstance(wav, bytes):
+        return decode_wav(wav, "<bytes>")
+    data = _read_file(wav, "audio")
+    try:
+        return decode_wav(data, str(wav))
+    except ValueError as e:
+        raise BundleError(f"audio file {str(wav)!r} is not a readable WAV: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------------
+# One tower
+# ----------------------------------------------------------------------------------------------------
+
+
+def _load_student(directory: Path) -> StudentTower:
+    """`towers.load_tower` for fp32 folders; for quantized ones the same steps with dequantized weights."""
+    cfg_file = directory / "config.json"
+    if not cfg_file.exists():
+        raise BundleError(f"{cfg_file}: missing (not a tower folder written by save_tower)")
+    backbone, heads = directory / "backbone.safetensors", directory / "heads.safetensors"
+    for f in (backbone, heads):
+        if not f.exists():
+            raise BundleError(f"{f}: missing file")
+    if file_scheme(backbone) == "none" and file_scheme(heads) == "none":
+        return load_tower(directory)
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{cfg_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION!r}")
+    tower = StudentTower(TowerConfig.from_dict(meta["tower"]))
+    tower.backbone.load_state_dict(load_state(backbone), strict=True)
+    missing, unexpected = tower.load_state_dict(load_state(heads), strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise BundleError(f"{heads}: missing {missing}, unexpected {unexpected}")
+    for cap, name in meta.get("adapters", {}).items():
+        tower.load_adapter(cap, directory / name)
+    tower.capability = None
+    return tower.eval()
+
+
+class TowerRuntime:
+    """One loaded tower plus what its inputs and outputs need (tokenizer, class names).
+
+    Every method takes plain Python / numpy inputs and returns numpy arrays or strings.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, int8_compute: str = "dequantize", device: str = "cpu"):
+        if int8_compute not in ("dequantize", "dynamic"):
+            raise ValueError(f"int8_compute: {int8_compute!r} is not 'dequantize' or 'dynamic'")
+        self.directory = Path(directory)
+        self.scheme = file_scheme(self.directory / "backbone.safetensors") \
+            if (self.directory / "backbone.safetensors").exists() else "none"
+        tower = _load_student(self.directory)
+        if device.startswith("cuda") and self.scheme == "nf4":
+            tower = to_nf4_linear(tower, device)
+        elif int8_compute == "dynamic" and device == "cpu":
+            tower = dynamic_int8(tower)
+        self.tower = tower.to(device).eval()
+        self.device = device
+        self.cfg: TowerConfig = tower.cfg
+        self.name = self.cfg.name
+        self.tokenizer = None
+        tok = self.directory / "tokenizer" / "tokenizer.json"
+        if self.cfg.modality in ("text", "audio"):
+            if not tok.exists():
+                raise BundleError(f"{tok}: missing (the {self.name} tower needs its tokenizer)")
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(tok))
+        self.classes: list[str] | None = None
+        if self.cfg.modality == "vision":
+            cls = self.directory / "classes.json"
+            if not cls.exists():
+                raise BundleError(f"{cls}: missing (the vision tower needs its class names)")
+            self.classes = list(json.loads(cls.read_text()))
+
+    @property
+    def capabilities(self) -> list[str]:
+        return sorted(self.cfg.capabilities)
+
+    def _need(self, capability: str) -> None:
+        if capability not in self.cfg.capabilities:
+            raise RoutingError(f"capability {capability!r} is not served by the {self.cfg.modality} tower "
+                               f"{self.name!r}; it serves {self.capabilities}")
+
+    def _to(self, inputs: dict) -> dict:
+        return {k: v.to(self.device) for k, v in inputs.items()}
+
+    # -- text ------------------------------------------------------------------------------------------
+
+    def text_token_ids(self, text: str) -> list[int]:
+        """SmolLM2 ids of `text` (the tokenizer's own special-token rules), cut to the tower's max_len."""
+        if not isinstance(text, str):
+            raise RoutingError(f"text input must be a str, got {type(text).__name__}")
+        ids = self.tokenizer.encode(text).ids[: self.cfg.max_len]
+        if not ids:
+            raise ValueError("text input is empty after tokenization")
+        return ids
+
+    @torch.no_grad()
+    def text_logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits at every position: (T,) ids -> (T, V) float32; row t predicts token t+1."""
+        self._need(f"{self.name}.generate")
+        ids = torch.as_tensor(list(token_ids)[: self.cfg.max_len], dtype=torch.long)[None]  # (1, T)
+        out = self.tower(self._to({"input_ids": ids}), f"{self.name}.generate")["out"]  # (1, T, V)
+        return out[0].float().cpu().numpy()
+
+    @torch.no_grad()
+    def text_generate(self, prompt: str, max_new_tokens: int = 32) -> str:
+        """Greedy continuation of `prompt` (its last max_len tokens are the context)."""
+        ids = torch.as_tensor(self.text_token_ids(prompt), dtype=torch.long)[None]
+        self._need(f"{self.name}.generate")
+        new = self.tower.generate(self._to({"input_ids": ids}), f"{self.name}.generate", max_new_tokens)[0]
+        return self.tokenizer.decode(new, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def text_embed(self, texts: str | Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Unit-norm sentence embeddings: str -> (1, D), list of n -> (n, D) float32."""
+        self._need(f"{self.name}.embed")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = []
+        for i in range(0, len(texts), batch_size):
+            rows = [self.text_token_ids(t) for t in texts[i:i + batch_size]]
+            t = max(len(r) for r in rows)
+            ids = torch.zeros(len(rows), t, dtype=torch.long)  # (B, T) right padded
+            mask = torch.zeros(len(rows), t, dtype=torch.bool)
+            for j, r in enumerate(rows):
+                ids[j, : len(r)], mask[j, : len(r)] = torch.as_tensor(r), True
+            emb = self.tower(self._to({"input_ids": ids, "attention_mask": mask}), f"{self.name}.embed")["out"]
+            out.append(emb.float().cpu().numpy())
+        return np.concatenate(out, 0)
+
+    # -- vision ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def vision_logits(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
+        """Class logits: n images (paths, HxWx3 uint8 arrays or encoded bytes) -> (n, C) float32."""
+        cap = f"{self.name}.classify"
+        self._need(cap)
+        out = []
+        for i in range(0, len(images), batch_size):
+            px = torch.stack([_image_tensor(im, self.cfg.image_size) for im in images[i:i + batch_size]])
+            out.append(self.tower(self._to({"pixels": px}), cap)["out"].float().cpu().numpy())  # (B, C)
+        return np.concatenate(out, 0)
+
+    def vision_classify(self, image: Any, top_k: int = 5) -> list[tuple[str, float]]:
+        """The top_k (class name, probability) of one image, most likely first."""
+        logits = torch.from_numpy(self.vision_logits([image])[0])
+        p = torch.softmax(logits, -1)
+        top = torch.topk(p, k=min(top_k, p.numel()))
+        return [(self.classes[i], float(v)) for v, i in zip(top.values.tolist(), top.indices.tolist())]
+
+    # -- audio -----------------------------------------------------------------------------------------
+
+    def _mels(self, wav: Any) -> dict:
+        x = torch.from_numpy(_waveform(wav))
+        mels = log_mel(x, self.cfg.n_mels)[: self.cfg.max_frames][None]  # (1, F, n_mels)
+        return {"mels": mels, "mel_mask": torch.ones(mels.shape[:2], dtype=torch.bool)}
+
+    @torch.no_grad()
+    def audio_speaker_embed(self, wav: Any) -> np.ndarray:
+        """Unit-norm voice embedding of one utterance: (D,) float32 (first max_frames / 100 seconds)."""
+        cap = f"{self.name}.speaker_embed"
+        self._need(cap)
+        return self.tower(self._to(self._mels(wav)), cap)["out"][0].float().cpu().numpy()
+
+    @torch.no_grad()
+    def audio_transcribe(self, wav: Any) -> str:
+        """Greedy transcript of one utterance (Whisper ids decoded by the bundled tokenizer)."""
+        cap = f"{self.name}.transcribe"
+        self._need(cap)
+        ids = self.tower.generate(self._to(self._mels(wav)), cap, max_new_tokens=self.cfg.asr_max_len)[0]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def load_tower_dir(directory: str | os.PathLike, **kwargs) -> TowerRuntime:
+    """One tower folder (save_tower output + tokenizer/classes), before any bundle exists: what
+    validation runs on the fp32 tower. No manifest, so no hash check."""
+    return TowerRuntime(directory, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The bundle
+# ----------------------------------------------------------------------------------------------------
+
+
+class Bundle:
+    """A verified, lazily loaded set of towers + router. Build with `Bundle.load(path)`."""
+
+    def __init__(self, path: Path, manifest: dict, router: Router, *, int8_compute: str = "dequantize",
+                 device: str = "cpu"):
+        self.path, self.manifest, self.router = path, manifest, router
+        self._kw = {"int8_compute": int8_compute, "device": device}
+        self._towers: dict[str, TowerRuntime] = {}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, int8_compute: str = "dequantize", device: str = "cpu") -> "Bundle":
+        path = Path(path)
+        mf = path / MANIFEST
+        if not mf.exists():
+            raise BundleError(f"{mf}: missing (not a NEXUS bundle folder)")
+        try:
+            manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{mf}: not valid JSON: {e}") from e
+        for key in ("files", "towers", "router"):
+            if key not in manifest:
+                raise BundleError(f"{mf}: no {key!r} entry")
+        b = cls(path, manifest, None, int8_compute=int8_compute, device=device)  # type: ignore[arg-type]
+        b._verify(manifest["router"]["path"])
+        b.router = Router.load(path / manifest["router"]["path"])
+        return b
+
+    # -- integrity -------------------------------------------------------------------------------------
+
+    def _verify(self, prefix: str) -> list[str]:
+        """Check the sha256 of every manifest file under `prefix/`; refuse unlisted files there too."""
+        prefix = prefix.rstrip("/") + "/"
+        listed = {rel: f for rel, f in self.manifest["files"].items() if rel.startswith(prefix)}
+        if not listed:
+            raise BundleError(f"{self.path / MANIFEST}: lists no file under {prefix}")
+        for rel, f in sorted(listed.items()):
+            p = self.path / rel
+            if not p.is_file():
+                raise BundleError(f"{p}: missing file (listed in {MANIFEST})")
+            got = sha256_file(p)
+            if got != f["sha256"]:
+                raise BundleError(f"{p}: sha256 mismatch (manifest {f['sha256'][:16]}..., file {got[:16]}...): "
+                                  "the file was changed or corrupted after the bundle was built")
+        on_disk = {str(p.relative_to(self.path)) for p in (self.path / prefix).rglob("*") if p.is_file()}
+        extra = sorted(on_disk - set(listed))
+        if extra:
+            raise BundleError(f"{self.path / prefix}: files not listed in {MANIFEST}: {extra}")
+        return sorted(listed)
+
+    def verify_all(self) -> dict[str, str]:
+        """Check every file now (the CLI's `info --verify`): {prefix: 'ok'} or raises BundleError."""
+        out = {self.manifest["router"]["path"]: "ok"}
+        self._verify(self.manifest["router"]["path"])
+        for name, t in self.manifest["towers"].items():
+            self._verify(t["path"])
+            out[t["path"]] = "ok"
+        return out
+
+    # -- towers ----------------------------------------------------------------------------------------
+
+    @property
+    def loaded_towers(self) -> list[str]:
+        return sorted(self._towers)
+
+    def capabilities(self) -> list[str]:
+        return self.router.capabilities()
+
+    def tower(self, name: str) -> TowerRuntime:
+        """The tower `name`, verified and loaded on first use."""
+        if name not in self._towers:
+            entry = self.manifest["towers"].get(name)
+            if entry is None:
+                raise RoutingError(f"the bundle has no tower {name!r}; it has {sorted(self.manifest['towers'])}")
+            self._verify(entry["path"])
+            self._towers[name] = TowerRuntime(self.path / entry["path"], **self._kw)
+        return self._towers[name]
+
+    def _for(self, capability: str, x: Any) -> TowerRuntime:
+        route = self.router.route(input_modality(x), capability, text=x if isinstance(x, str) else None)
+        return self.tower(route.tower)
+
+    # -- capabilities ----------------------------------------------------------------------------------
+
+    def text_generate(self, prompt: str, max_new_tokens: int = 32) -> str:
+        return self._for("text.generate", prompt).text_generate(prompt, max_new_tokens)
+
+    def text_embed(self, texts: str | list[str]) -> np.ndarray:
+        """(n, 384) for the default tower: one row per text."""
+        return self._for("text.embed", texts).text_embed(texts)
+
+    def vision_classify(self, image: Any, top_k: int = 5) -> list[tuple[str, float]]:
+        return self._for("vision.classify", image).vision_classify(image, top_k)
+
+    def audio_speaker_embed(self, wav: Any) -> np.ndarray:
+        """(256,) for the default tower."""
+        return self._for("audio.speaker_embed", wav).audio_speaker_embed(wav)
+
+    def audio_transcribe(self, wav: Any) -> str:
+        return self._for("audio.transcribe", wav).audio_transcribe(wav)
+
+    def run(self, capability: str, x: Any, **kwargs):
+        """Route (capability or "auto", input modality) through the Router, then call the capability.
+        Unknown capability or an input of another modality -> RoutingError."""
+        route = self.router.route(input_modality(x), capability, text=x if isinstance(x, str) else None)
+        method = CAPABILITY_METHODS.get(route.capability)
+        if method is None:
+            raise RoutingError(f"capability {route.capability!r} has no runtime method; "
+                               f"known: {sorted(CAPABILITY_METHODS)}")
+        return getattr(self.tower(route.tower), method)(x, **kwargs)
+
+    def info(self) -> dict:
+        m = self.manifest
+        return {"path": str(self.path), "verified": m.get("verified"), "quantization": m.get("quantization"),
+                "towers": m["towers"], "retention": m.get("retention", {}), "created": m.get("created"),
+                "versions": m.get("versions", {})}

@@ -117,3 +117,17 @@ def test_bootstrap_ci_paired_ratio():
     assert lo <= s.mean() <= hi
     lo, hi = M.bootstrap_ci((t, t), M.ratio_of_sums, n=50, seed=0)  # identical pairs: no spread
     assert lo == hi == 1.0
+
+
+def test_eer_sort_sweep_equals_brute_force_threshold_sweep():
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.normal(size=300), 1)  # many ties
+    same = rng.random(300) < 0.3
+    scores[same] += 0.8
+    best = None
+    for thr in np.concatenate([np.unique(scores), [np.inf]]):
+        far = ((scores >= thr) & ~same).sum() / (~same).sum()
+        frr = ((scores < thr) & same).sum() / same.sum()
+        if best is None or abs(far - frr) < best[0]:
+            best = (abs(far - frr), (far + frr) / 2)
+    assert M.eer(scores, same) == pytest.approx(best[1])

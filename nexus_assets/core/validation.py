@@ -263,7 +263,7 @@ def validate_tower(
         raise ValueError(f"tower {tower!r}: no probe table in {sorted(probe_tables)} has column "
                          f"{_PROBE_COLUMN[rt.cfg.modality]!r}")
     report: dict[str, Any] = {"tower": tower, "student": str(getattr(rt, "directory", student)), "loaded_from": kind,
-                              "quantization": rt.scheme, "n_bootstrap": n_bootstrap, "seed": seed,
+                              "quantization": rt.scheme, "contracts_file": contracts.file, "n_bootstrap": n_bootstrap, "seed": seed,
                               "max_rows": max_rows, "capabilities": {}}
     for cap in capabilities:
         c = contracts.contract(cap)

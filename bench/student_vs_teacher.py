@@ -1,0 +1,184 @@
+"""Student (fp32, int8) vs teacher, per capability, measured in one run on one machine.
+
+For each default capability: parameters, bytes on disk, and latency at batch 1 and 32 of
+  * the student tower, fp32 (from a bundle's towers, tower folders, or a default-config tower with
+    random weights: latency and size do not depend on the weights),
+  * the same tower int8 on disk, loaded two ways: dequantized to fp32 (the runtime default) and with
+    torch dynamic int8 matmuls (`int8_compute="dynamic"`),
+  * its teacher, loaded by its adapter in nexus_assets/teachers (a benchmark may load teachers; the
+    runtime never does), from a snapshot under NEXUS_HOME/teacher_snapshot (built if missing).
+Ratios are printed next to the retention recorded in a bundle manifest when --bundle is given.
+
+Run:
+    .venv/bin/python bench/student_vs_teacher.py                       # default towers, random weights
+    .venv/bin/python bench/student_vs_teacher.py --bundle data/artifacts/quantized_bundle/default
+    .venv/bin/python bench/student_vs_teacher.py --no-teachers --reps 3 # student side only (fast)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CAPS = {"text.generate": "text", "text.embed": "text", "vision.classify": "vision",
+        "audio.speaker_embed": "audio", "audio.transcribe": "audio"}
+
+
+def _time(fn, reps: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1000
+
+
+def _inputs(cfg, cap: str, b: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    if cfg.modality == "text":
+        return {"input_ids": torch.randint(0, cfg.vocab_size, (b, cfg.max_len), generator=g)}
+    if cfg.modality == "vision":
+        return {"pixels": torch.randn(b, 3, cfg.image_size, cfg.image_size, generator=g)}
+    f = min(300, cfg.max_frames)  # 3 s of audio
+    x = {"mels": torch.randn(b, f, cfg.n_mels, generator=g), "mel_mask": torch.ones(b, f, dtype=torch.bool)}
+    if cap.endswith("transcribe"):
+        dec = torch.tensor(cfg.asr_prompt_ids + [100] * 16).expand(b, -1)
+        x.update(dec_ids=dec, dec_mask=torch.ones_like(dec, dtype=torch.bool))
+    return x
+
+
+def _tower_dirs(args, tmp: Path) -> dict[str, Path]:
+    if args.bundle:
+        m = json.loads((Path(args.bundle) / "manifest.json").read_text())
+        return {t: Path(args.bundle) / v["path"] for t, v in m["towers"].items()}
+    from nexus_assets.core.towers import StudentTower, default_tower_config, save_tower
+
+    out = {}
+    for t in ("text", "vision", "audio"):
+        cfg = default_tower_config(t)
+        tower = StudentTower(cfg)
+        for cap in cfg.capabilities:
+            tower.add_adapter(cap)
+        out[t] = save_tower(tower, tmp / "fp32" / t)
+    return out
+
+
+def _student_rows(dirs: dict[str, Path], tmp: Path, reps: int) -> dict:
+    from nexus_assets.core.quantize import dynamic_int8, file_scheme, quantize_file
+    from nexus_assets.runtime.bundle import _load_student
+
+    rows = {}
+    for t, d in dirs.items():
+        fp32_dir, int8_dir = tmp / "s_fp32" / t, tmp / "s_int8" / t
+        shutil.copytree(d, fp32_dir, ignore=shutil.ignore_patterns("tokenizer", "classes.json"))
+        shutil.copytree(d, int8_dir, ignore=shutil.ignore_patterns("tokenizer", "classes.json"))
+        for f in ("backbone.safetensors", "heads.safetensors"):
+            if file_scheme(d / f) != "none":  # a bundle's tower: rebuild fp32 from the dequantized weights
+                from safetensors.torch import save_file
+
+                from nexus_assets.core.quantize import load_state
+                save_file(load_state(d / f), str(fp32_dir / f))
+            quantize_file(fp32_dir / f, int8_dir / f, "int8")
+        size = lambda p: sum(x.stat().st_size for x in p.rglob("*") if x.is_file())  # noqa: E731
+        fp32, deq = _load_student(fp32_dir), _load_student(int8_dir)
+        dyn = dynamic_int8(deq)
+        for cap in fp32.cfg.capabilities:
+            r = {"params": sum(p.numel() for p in fp32.parameters()), "bytes_fp32": size(fp32_dir),
+                 "bytes_int8": size(int8_dir)}
+            for b in (1, 32):
+                x = _inputs(fp32.cfg, cap, b)
+                for name, m in (("fp32", fp32), ("int8_deq", deq), ("int8_dyn", dyn)):
+                    with torch.no_grad():
+                        r[f"ms_{name}_b{b}"] = _time(lambda: m(x, cap), reps)
+            with torch.no_grad():
+                x = _inputs(fp32.cfg, cap, 4)
+                ref = fp32(x, cap)["out"]
+                r["int8_deq_rel_err"] = float((deq(x, cap)["out"] - ref).norm() / ref.norm())
+                r["int8_dyn_rel_err"] = float((dyn(x, cap)["out"] - ref).norm() / ref.norm())
+            rows[cap] = r
+    return rows
+
+
+def _teacher_rows(reps: int) -> dict:
+    from nexus_assets.core.paths import artifacts_root
+    from nexus_assets.core.registry import load_registry
+    from nexus_assets.teachers.base import load_teacher
+    from nexus_assets.teachers.snapshot import build_snapshot
+    from nexus_assets_tests.runtime.tiny import png_bytes, wav_bytes
+
+    reg = load_registry()
+    text = "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest at night."
+    row = {"text": {"text": text}, "vision": {"image": png_bytes(0, 224)}, "audio": {"wav": wav_bytes(3.0)}}
+    out = {}
+    for spec in reg.enabled_teachers():
+        snap = artifacts_root() / "teacher_snapshot" / spec.name
+        try:
+            if not (snap / "manifest.json").exists():
+                build_snapshot(spec, snap, log=lambda *_: None)
+            teacher = load_teacher(spec, snap, "cpu")
+        except Exception as e:  # a missing teacher package: say so, keep benchmarking the rest
+            print(f"  teacher {spec.name}: not loaded ({type(e).__name__}: {e})")
+            continue
+        weight_bytes = sum(p.stat().st_size for p in snap.rglob("*") if p.is_file() and p.suffix in
+                           {".safetensors", ".bin", ".pth", ".pt", ".gguf"})
+        r = {"teacher": spec.name, "params": teacher.num_parameters(), "bytes": weight_bytes}
+        for b in (1, 32):
+            rows = [dict(row[spec.modality], row_id=f"r{i}") for i in range(b)]
+            r[f"ms_b{b}"] = _time(lambda: teacher.forward(rows), max(1, reps // (4 if b == 32 else 1)))
+        for cap in spec.capabilities:
+            out[cap] = r
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", help="bundle folder: benchmark its towers and print its retention")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-teachers", action="store_true")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        students = _student_rows(_tower_dirs(args, tmp), tmp, args.reps)
+    teachers = {} if args.no_teachers else _teacher_rows(args.reps)
+    retention = {}
+    if args.bundle:
+        m = json.loads((Path(args.bundle) / "manifest.json").read_text())
+        for cap, r in m.get("retention", {}).items():
+            s = ((r.get("after_quantization") or {}).get("splits") or {}).get(r["gate_split"]) or {}
+            retention[cap] = s.get("retention")
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; latency = median ms of the forward pass "
+          "(generate/transcribe: one teacher-forced pass, not a full decode)")
+    hdr = (f"{'capability':<20} {'params':>11} {'MB fp32':>8} {'MB int8':>8} {'b1 fp32':>8} {'b1 deq':>7} "
+           f"{'b1 dyn':>7} {'b32 fp32':>9} {'b32 dyn':>8} {'err deq':>8} {'err dyn':>8} | {'teacher':<18} "
+           f"{'params':>11} {'MB':>7} {'b1':>8} {'b32':>9} | {'params x':>8} {'b32 x':>7} {'retention':>9}")
+    print(hdr)
+    for cap in CAPS:
+        s, t = students.get(cap), teachers.get(cap, {})
+        if s is None:
+            continue
+        ratio_p = t["params"] / s["params"] if t else None
+        ratio_l = t["ms_b32"] / s["ms_int8_dyn_b32"] if t else None
+        f = lambda v, w, nd=1: f"{v:>{w}.{nd}f}" if isinstance(v, float) else f"{'-':>{w}}"  # noqa: E731
+        print(f"{cap:<20} {s['params']:>11,} {s['bytes_fp32'] / 1e6:>8.1f} {s['bytes_int8'] / 1e6:>8.1f} "
+              f"{s['ms_fp32_b1']:>8.2f} {s['ms_int8_deq_b1']:>7.2f} {s['ms_int8_dyn_b1']:>7.2f} "
+              f"{s['ms_fp32_b32']:>9.1f} {s['ms_int8_dyn_b32']:>8.1f} {s['int8_deq_rel_err']:>8.4f} "
+              f"{s['int8_dyn_rel_err']:>8.4f} | {t.get('teacher', '-'):<18} {t.get('params', 0):>11,} "
+              f"{t.get('bytes', 0) / 1e6:>7.1f} {f(t.get('ms_b1'), 8)} {f(t.get('ms_b32'), 9)} | "
+              f"{f(ratio_p, 8)} {f(ratio_l, 7)} {f(retention.get(cap), 9, 3)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"students": students, "teachers": teachers, "retention": retention},
+                                              indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,8 @@ which case the manifest says verified=false.
 """
 
 import dagster as dg
+
+from .automation import RECOMPUTE_WHEN_STALE
 from pydantic import Field
 
 from .validation import by_key, validation_report
@@ -31,6 +33,7 @@ class BundleConfig(dg.Config):
         "probe_dataset": dg.AssetIn(),
     },
     code_version="1",
+    automation_condition=RECOMPUTE_WHEN_STALE,
     group_name="bundle",
     kinds={"safetensors", "json"},
 )

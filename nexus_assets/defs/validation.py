@@ -7,6 +7,8 @@ re-checks the reports itself, because it may be materialized in a later run.
 """
 
 import dagster as dg
+
+from .automation import RECOMPUTE_WHEN_STALE
 from pydantic import Field
 
 from .partitions import REGISTRY, teacher_to_tower, tower_partitions
@@ -47,6 +49,7 @@ def _png_md(path) -> dg.MetadataValue:
         "probe_dataset": dg.AssetIn(partition_mapping=dataset_to_tower),
     },
     code_version="1",
+    automation_condition=RECOMPUTE_WHEN_STALE,
     group_name="validation",
     kinds={"json", "pytorch"},
 )

@@ -13,7 +13,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   echo "[setup] apt-get install ${missing[*]}"
   $SUDO apt-get update -qq || true
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if ! DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+    # not fatal: tests that need a missing tool skip and say which; the pipeline names what is absent
+    echo "[setup] WARNING: could not install ${missing[*]} (no root/sudo or no apt): speech, wallpapers or the UI test will be limited" >&2
+  fi
 fi
 
 PY=${PYTHON:-python3.11}

@@ -10,6 +10,7 @@ new entry and stale features are never reused.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -125,6 +126,32 @@ def cache_features(
     rows: the probe table (row_id, split, + the input columns). Returns the manifest.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    with _entry_lock(folder, teacher, log):
+        return _cache_features_locked(forward, rows, folder, teacher=teacher, batch_size=batch_size,
+                                      chunk_rows=chunk_rows, input_columns=input_columns,
+                                      manifest_extra=manifest_extra, log=log)
+
+
+@contextlib.contextmanager
+def _entry_lock(folder: Path, teacher: str, log):
+    """One writer per cache entry: a second run of the same partition waits, then finds the chunks done.
+    (Without it, two writers could interleave rename and marker and leave a marker over the other's file.)"""
+    import fcntl
+
+    with open(folder / "writer.lock", "w") as fh:  # a lock, not a temp file: it stays, empty
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"[{teacher}] another run is caching {folder.name}; waiting for it")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _cache_features_locked(forward, rows, folder, *, teacher, batch_size, chunk_rows, input_columns,
+                           manifest_extra, log) -> dict:
     n = rows.num_rows
     plans = [ChunkPlan(i, s, min(s + chunk_rows, n)) for i, s in enumerate(range(0, n, chunk_rows))]
     done = [p.index for p in plans if chunk_is_complete(folder, p.index)]

@@ -76,7 +76,7 @@ def quantized_bundle(context: dg.AssetExecutionContext, config: BundleConfig, va
     return dg.Output(
         {"path": str(out), "verified": manifest["verified"], "manifest_sha256": manifest_sha},
         data_version=dg.DataVersion(manifest_sha[:16]),
-        metadata={"path": dg.MetadataValue.path(str(out)), "verified": manifest["verified"],
+        metadata={"artifact_path": dg.MetadataValue.path(str(out)), "verified": manifest["verified"],
                   "quantization": manifest["quantization"]["scheme"],
                   "bytes": sum(t["bytes"] for t in manifest["towers"].values()),
                   "bytes_fp32": sum(t["bytes_fp32"] for t in manifest["towers"].values()),

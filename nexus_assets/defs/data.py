@@ -35,7 +35,7 @@ def probe_dataset(context: dg.AssetExecutionContext) -> dg.Output[dict]:
     return dg.Output(
         value,
         data_version=dg.DataVersion(summary["content_sha256"][:16]),
-        metadata={"path": dg.MetadataValue.path(str(out)), "profile": profile,
+        metadata={"artifact_path": dg.MetadataValue.path(str(out)), "profile": profile,
                   **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
                   "summary": dg.MetadataValue.json(summary)},
     )

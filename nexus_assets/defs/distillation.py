@@ -71,7 +71,7 @@ def tower_adapter(context: dg.AssetExecutionContext, config: TowerTrainingConfig
          "summary": {k: v for k, v in summary.items() if k != "history"}},
         data_version=dg.DataVersion(summary["params_sha256"][:16]),
         metadata={
-            "path": dg.MetadataValue.path(summary["tower_dir"]),
+            "artifact_path": dg.MetadataValue.path(summary["tower_dir"]),
             "teachers": dg.MetadataValue.json(summary["teachers"]),
             "parameters": summary.get("num_parameters", 0),
             "final_val_losses": dg.MetadataValue.json(summary.get("final_val", {})),
@@ -102,4 +102,4 @@ def student_router(context: dg.AssetExecutionContext, tower_adapter: dict) -> dg
     info = build_router({t: v["path"] for t, v in towers.items()}, out)
     context.log.info(f"router: {info}")
     return dg.Output({"path": str(out), **info}, data_version=dg.DataVersion(sha256_json(info)[:16]),
-                     metadata={"path": dg.MetadataValue.path(str(out)), "routes": dg.MetadataValue.json(info)})
+                     metadata={"artifact_path": dg.MetadataValue.path(str(out)), "routes": dg.MetadataValue.json(info)})

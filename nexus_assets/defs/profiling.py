@@ -38,7 +38,7 @@ def activation_subspace(context: dg.AssetExecutionContext, teacher_features: dic
     return dg.Output(
         {"path": str(out), "teacher": spec.name, "layers": s["layers"]},
         data_version=dg.DataVersion(sha256_json([teacher_features["cache_key"], s["layers"]])[:16]),
-        metadata={"path": dg.MetadataValue.path(str(out)), "intrinsic_dims": dg.MetadataValue.json(dims),
+        metadata={"artifact_path": dg.MetadataValue.path(str(out)), "intrinsic_dims": dg.MetadataValue.json(dims),
                   "explained_variance": _png_md(out / s["plot"])},
     )
 
@@ -85,7 +85,7 @@ def neuron_importance(context: dg.AssetExecutionContext, config: ImportanceConfi
         {"path": str(out), "teacher": spec.name, "capabilities": s["capabilities"]},
         data_version=dg.DataVersion(sha256_json([teacher_snapshot["content_hash"], probe_dataset["content_hash"],
                                                  config.model_dump()])[:16]),
-        metadata={"path": dg.MetadataValue.path(str(out)), "sample_rows": len(rows),
+        metadata={"artifact_path": dg.MetadataValue.path(str(out)), "sample_rows": len(rows),
                   "protected": dg.MetadataValue.json(s["capabilities"])},
     )
 
@@ -131,7 +131,7 @@ def student_architecture(context: dg.AssetExecutionContext, config: Architecture
     return dg.Output(
         arch,
         data_version=dg.DataVersion(sha256_json(arch)[:16]),
-        metadata={"path": dg.MetadataValue.path(str(out)), "hidden_width": arch["hidden_width"],
+        metadata={"artifact_path": dg.MetadataValue.path(str(out)), "hidden_width": arch["hidden_width"],
                   "lora_rank": arch["lora_rank"], "max_rank": arch["max_rank"], "depth": arch["depth"],
                   "reasoning": dg.MetadataValue.md("\n".join(f"- {r}" for r in arch["reasoning"]))},
     )

@@ -24,7 +24,7 @@ def teacher_snapshot(context: dg.AssetExecutionContext, teacher_config: dict) ->
          "teacher": spec.name},
         data_version=dg.DataVersion(manifest["content_hash"][:16]),
         metadata={
-            "path": dg.MetadataValue.path(str(out)),
+            "artifact_path": dg.MetadataValue.path(str(out)),
             "catalog": dg.MetadataValue.path(str(out / CATALOG)),
             "content_hash": manifest["content_hash"],
             "files": len(manifest["files"]),
@@ -73,7 +73,7 @@ def teacher_features(
         {"path": str(entry), "cache_key": m["cache_key"], "rows": m["rows"], "teacher": spec.name},
         data_version=dg.DataVersion(m["cache_key"]),
         metadata={
-            "path": dg.MetadataValue.path(str(entry)),
+            "artifact_path": dg.MetadataValue.path(str(entry)),
             "rows": m["rows"], "token_rows": m["token_rows"], "chunks": m["chunks"],
             "feature_mb": round(m["bytes"] / 1e6, 2), "bytes_per_row": round(m["bytes"] / max(m["rows"], 1)),
             "rows_computed_this_run": m["rows_computed_this_run"],
@@ -97,5 +97,5 @@ def feature_catalog(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
 
     path, views = build_feature_views(artifacts_root() / "teacher_features", artifacts_root() / "features.duckdb")
     context.log.info(f"{len(views)} views in {path}")
-    return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(path)),
+    return dg.MaterializeResult(metadata={"artifact_path": dg.MetadataValue.path(str(path)),
                                           "views": dg.MetadataValue.json(views)})

@@ -92,7 +92,7 @@ def validation_report(context: dg.AssetExecutionContext, config: ValidationConfi
     return dg.Output(
         value,
         data_version=dg.DataVersion(version),
-        metadata={"path": dg.MetadataValue.path(str(out)), "passed": report["passed"],
+        metadata={"artifact_path": dg.MetadataValue.path(str(out)), "passed": report["passed"],
                   "table": dg.MetadataValue.md(report_markdown(report)),
                   "plot": _png_md(Path(out) / "retention.png"),
                   "failing": dg.MetadataValue.json([f["capability"] for f in report["failures"]]),

@@ -95,13 +95,20 @@ def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_ent
     log(f"[{tower}] width {cfg.width}, depth {cfg.depth}, ranks {cfg.lora_rank}; {len(train)} train / {len(val)} val "
         f"rows; anchoring {sorted(f'{t}:{l}:{m[1].shape[0]}d' for (t, l), m in pca.items())}")
     tc = cpu_train_config(tower, device=device, **overrides)
-    summary = train_tower(cfg, train, val, tc, out_dir, pca=pca, importance=importance, log=log)
-    tower_dir = Path(out_dir) / "tower"
-    extra = copy_runtime_files(tower, tower_dir, snapshot_dirs)
     inputs = {"features": {t: str(p) for t, p in sorted(feature_entries.items())},
               "architecture": sha256_json(architecture), "overrides": dict(overrides),
               "anchor_variance": anchor_variance}
-    summary.update(out_dir=str(out_dir), tower_dir=str(tower_dir), teachers=sorted(feature_entries),
+    # one work dir per (inputs, tower config, train config): a killed run resumes from its checkpoints,
+    # while changed inputs or settings start fresh instead of resuming someone else's optimizer state
+    run_key = sha256_json([inputs, cfg.to_dict(), tc.to_dict()])[:12]
+    work = Path(out_dir) / "runs" / run_key
+    summary = train_tower(cfg, train, val, tc, work, pca=pca, importance=importance, log=log)
+    tower_dir = work / "tower"
+    extra = copy_runtime_files(tower, tower_dir, snapshot_dirs)
+    for old in (Path(out_dir) / "runs").iterdir():  # superseded runs: stale by construction
+        if old.name != run_key and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    summary.update(out_dir=str(work), run_key=run_key, tower_dir=str(tower_dir), teachers=sorted(feature_entries),
                    runtime_files=extra, inputs=inputs, params_sha256=summary["param_sha256"],
                    final_val={c: v.get("val") for c, v in summary["final_losses"].items()},
                    final_train={c: v.get("train") for c, v in summary["final_losses"].items()})

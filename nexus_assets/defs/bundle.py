@@ -11,7 +11,8 @@ import dagster as dg
 from .automation import RECOMPUTE_WHEN_STALE
 from pydantic import Field
 
-from .validation import by_key, validation_report
+from .metadata import by_key
+from .validation import validation_report
 
 
 class BundleConfig(dg.Config):

@@ -3,13 +3,10 @@ import dagster as dg
 from pydantic import Field
 
 from .automation import RECOMPUTE_WHEN_STALE
+from .metadata import by_key, png_markdown
 from .partitions import REGISTRY, dataset_to_towers, teacher_to_tower, tower_partitions
 from .resources import NexusCompute
 
-
-def _by_partition(value: dict, key: str = "teacher") -> dict:
-    """Inputs mapped from several upstream partitions arrive as {partition: value}; one as the bare value."""
-    return value if all(isinstance(v, dict) for v in value.values()) and key not in value else {value[key]: value}
 
 
 class TowerTrainingConfig(dg.Config):
@@ -52,11 +49,11 @@ def tower_adapter(context: dg.AssetExecutionContext, config: TowerTrainingConfig
     summary = train_tower_from_artifacts(
         tower,
         architecture=student_architecture,
-        feature_entries={t: Path(v["path"]) for t, v in _by_partition(teacher_features).items()},
-        subspace_dirs={t: Path(v["path"]) for t, v in _by_partition(activation_subspace).items()},
-        importance_dirs={t: Path(v["path"]) for t, v in _by_partition(neuron_importance).items()},
-        snapshot_dirs={t: Path(v["path"]) for t, v in _by_partition(teacher_snapshot).items()},
-        probe_dirs={d: Path(v["path"]) for d, v in _by_partition(probe_dataset, "dataset").items()},
+        feature_entries={t: Path(v["path"]) for t, v in by_key(teacher_features, "teacher").items()},
+        subspace_dirs={t: Path(v["path"]) for t, v in by_key(activation_subspace, "teacher").items()},
+        importance_dirs={t: Path(v["path"]) for t, v in by_key(neuron_importance, "teacher").items()},
+        snapshot_dirs={t: Path(v["path"]) for t, v in by_key(teacher_snapshot, "teacher").items()},
+        probe_dirs={d: Path(v["path"]) for d, v in by_key(probe_dataset, "dataset").items()},
         overrides={k: v for k, v in config.model_dump().items() if k != "anchor_variance" and v},
         anchor_variance=config.anchor_variance,
         out_dir=artifact_dir("tower_adapter", tower),
@@ -64,8 +61,6 @@ def tower_adapter(context: dg.AssetExecutionContext, config: TowerTrainingConfig
         log=context.log.info,
     )
     curve = Path(summary["out_dir"]) / "training_curve.png"
-    from .profiling import _png_md
-
     return dg.Output(
         {"path": summary["tower_dir"], "tower": tower, "capabilities": summary["capabilities"],
          "summary": {k: v for k, v in summary.items() if k != "history"}},
@@ -79,7 +74,7 @@ def tower_adapter(context: dg.AssetExecutionContext, config: TowerTrainingConfig
             "rollbacks": summary.get("rollbacks", 0), "nan_skips": summary.get("nan_skips", 0),
             "seconds": summary.get("seconds", 0.0),
             "inputs_hash": sha256_json(summary["inputs"])[:16],
-            "training_curve": _png_md(curve) if curve.exists() else dg.MetadataValue.text("no curve"),
+            "training_curve": png_markdown(curve) if curve.exists() else dg.MetadataValue.text("no curve"),
         },
     )
 
@@ -97,7 +92,7 @@ def student_router(context: dg.AssetExecutionContext, tower_adapter: dict) -> dg
     from nexus_assets.core.distill import build_router
     from nexus_assets.core.paths import artifact_dir
 
-    towers = _by_partition(tower_adapter, "tower")
+    towers = by_key(tower_adapter, "tower")
     out = artifact_dir("student_router", "all")
     info = build_router({t: v["path"] for t, v in towers.items()}, out)
     context.log.info(f"router: {info}")

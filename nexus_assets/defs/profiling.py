@@ -3,15 +3,10 @@ import dagster as dg
 from pydantic import Field
 
 from .automation import RECOMPUTE_WHEN_STALE
+from .metadata import png_markdown
 from .partitions import REGISTRY, dataset_to_teachers, teacher_partitions, teacher_to_tower, tower_partitions
 from .resources import NexusCompute
 
-
-def _png_md(path) -> dg.MetadataValue:
-    import base64
-
-    data = base64.b64encode(open(path, "rb").read()).decode()
-    return dg.MetadataValue.md(f"![plot](data:image/png;base64,{data})")
 
 
 @dg.asset(
@@ -39,7 +34,7 @@ def activation_subspace(context: dg.AssetExecutionContext, teacher_features: dic
         {"path": str(out), "teacher": spec.name, "layers": s["layers"]},
         data_version=dg.DataVersion(sha256_json([teacher_features["cache_key"], s["layers"]])[:16]),
         metadata={"artifact_path": dg.MetadataValue.path(str(out)), "intrinsic_dims": dg.MetadataValue.json(dims),
-                  "explained_variance": _png_md(out / s["plot"])},
+                  "explained_variance": png_markdown(out / s["plot"])},
     )
 
 

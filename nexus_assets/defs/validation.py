@@ -9,6 +9,7 @@ re-checks the reports itself, because it may be materialized in a later run.
 import dagster as dg
 
 from .automation import RECOMPUTE_WHEN_STALE
+from .metadata import by_key, png_markdown
 from pydantic import Field
 
 from .partitions import REGISTRY, teacher_to_tower, tower_partitions
@@ -28,17 +29,6 @@ class ValidationConfig(dg.Config):
     contracts_file: str = Field("", description="contracts YAML; '' = data/retention_contracts.yaml")
 
 
-def by_key(value: dict, key: str) -> dict:
-    """An input mapped from several upstream partitions arrives as {partition: value}, from one as the
-    value itself; normalise to {value[key]: value} / {partition: value}."""
-    return {value[key]: value} if key in value else value
-
-
-def _png_md(path) -> dg.MetadataValue:
-    import base64
-
-    data = base64.b64encode(open(path, "rb").read()).decode()
-    return dg.MetadataValue.md(f"![retention](data:image/png;base64,{data})")
 
 
 @dg.asset(
@@ -94,7 +84,7 @@ def validation_report(context: dg.AssetExecutionContext, config: ValidationConfi
         data_version=dg.DataVersion(version),
         metadata={"artifact_path": dg.MetadataValue.path(str(out)), "passed": report["passed"],
                   "table": dg.MetadataValue.md(report_markdown(report)),
-                  "plot": _png_md(Path(out) / "retention.png"),
+                  "plot": png_markdown(Path(out) / "retention.png"),
                   "failing": dg.MetadataValue.json([f["capability"] for f in report["failures"]]),
                   "seconds": report["seconds"], **retention},
     )

@@ -29,6 +29,7 @@ its own, so specialising one capability cannot move another (the adapters are di
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import io
 import json
@@ -403,7 +404,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class _Backbone(nn.Module):
+class _Backbone(nn.Module, abc.ABC):
     """Stem + positions + blocks. forward(inputs) -> (per-block hidden list of (B, L, W), mask (B, L) bool)."""
 
     causal = False
@@ -414,8 +415,9 @@ class _Backbone(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.ln_f = nn.LayerNorm(cfg.width)
 
+    @abc.abstractmethod
     def stem(self, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
+        """Modality-specific input -> (tokens (B, L, W), padding mask (B, L) or None)."""
 
     def forward(self, inputs: Mapping[str, torch.Tensor]):
         x, mask = self.stem(inputs)  # (B, L, W), (B, L) or None

@@ -483,7 +483,9 @@ def train_tower(
         opt_state, sched_state = saved.get("optimizer"), saved.get("scheduler")
         _set_rng_state(saved["rng"])
         resumed_from = st["global_step"]
-        say(f"[{cfg.name}] resuming from {ckpt.name}: phase {phases[st['phase_idx']]} step {st['phase_step']}")
+        where = (f"phase {phases[st['phase_idx']]} step {st['phase_step']}" if st["phase_idx"] < len(phases)
+                 else "every phase already complete")  # a finished run materialized again
+        say(f"[{cfg.name}] resuming from {ckpt.name}: {where}")
 
     writer = None
     if dd.is_main:

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--partition", nargs="*", help="partition keys to restrict to")
     ap.add_argument("--only-stale", action="store_true",
                     help="materialize only missing or stale partitions (what the automation sensor would do)")
+    ap.add_argument("--refresh-roots", action="store_true",
+                    help="with --only-stale: re-read the roots (registry entries, probe data) first, as the "
+                         "nightly schedules do; their content hashes decide what else is stale")
     args = ap.parse_args(argv)
 
     import dagster as dg
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         for p in partitions:
             if args.partition and p is not None and p not in args.partition:
                 continue
-            if args.only_stale and not needs_update(defs, instance, key, p):
+            refresh = args.refresh_roots and key in ROOTS
+            if args.only_stale and not refresh and not needs_update(defs, instance, key, p):
                 continue
             t0 = time.time()
             label = f"{key}[{p}]" if p else key
@@ -87,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     print_retention(artifacts_root())
     # a retention contract that blocks the bundle is a result, not a crash: exit 0 and say so above
     return 1 if any(t[2] == "FAILED" for t in timings) else 0
+
+
+ROOTS = ("teacher_config", "probe_dataset")  # cheap, content-hashed: re-reading them changes nothing unless edited
 
 
 def needs_update(defs, instance, key: str, partition: str | None) -> bool:

@@ -151,7 +151,8 @@ def print_retention(root: Path) -> None:
         print("\nContracts that block the bundle:\n  " + "\n  ".join(blocking))
     if manifest.exists():
         m = json.loads(manifest.read_text())
-        print(f"\nBundle: {manifest.parent} (verified={m.get('verified')}); try: "
+        origin = "built earlier; the contracts above block a new one" if blocking else "current"
+        print(f"\nBundle on disk ({origin}): {manifest.parent} (verified={m.get('verified')}); try: "
               f".venv/bin/nexus info --bundle {manifest.parent}")
     else:
         print("\nNo bundle was built (a failed contract blocks it; quantized_bundle's config "

@@ -37,7 +37,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -829,17 +829,21 @@ def save_tower(tower: StudentTower, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def load_tower(directory: str | os.PathLike) -> StudentTower:
-    """Rebuild a tower written by `save_tower` (torch + peft + safetensors only), in eval mode."""
+def load_tower(directory: str | os.PathLike, read_state: Callable[[Path], dict] | None = None) -> StudentTower:
+    """Rebuild a tower written by `save_tower` (torch + peft + safetensors only), in eval mode.
+
+    read_state: how a weights file becomes a state dict (default: safetensors `load_file`); the runtime
+    passes its dequantizing reader for int8 / nf4 bundles, so both paths share these steps."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    read_state = read_state or (lambda path: load_file(str(path)))
     meta = json.loads((directory / "config.json").read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{directory}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION!r}")
     tower = StudentTower(TowerConfig.from_dict(meta["tower"]))
-    tower.backbone.load_state_dict(load_file(str(directory / "backbone.safetensors")), strict=True)
-    missing, unexpected = tower.load_state_dict(load_file(str(directory / "heads.safetensors")), strict=False)
+    tower.backbone.load_state_dict(read_state(directory / "backbone.safetensors"), strict=True)
+    missing, unexpected = tower.load_state_dict(read_state(directory / "heads.safetensors"), strict=False)
     missing = [k for k in missing if not k.startswith("backbone.")]
     if missing or unexpected:
         raise ValueError(f"{directory}/heads.safetensors: missing {missing}, unexpected {unexpected}")

@@ -30,7 +30,7 @@ import torch
 from nexus_assets.core.atomic import sha256_file
 from nexus_assets.core.quantize import dynamic_int8, file_scheme, load_state, to_nf4_linear
 from nexus_assets.core.router import Router, RoutingError
-from nexus_assets.core.towers import (FORMAT_VERSION, StudentTower, TowerConfig, decode_wav, load_tower, log_mel,
+from nexus_assets.core.towers import (StudentTower, TowerConfig, decode_wav, load_tower, log_mel,
                                       preprocess_image)
 
 __all__ = ["Bundle", "TowerRuntime", "BundleError", "RoutingError", "load_tower_dir", "MANIFEST",
@@ -139,19 +139,10 @@ def _load_student(directory: Path) -> StudentTower:
             raise BundleError(f"{f}: missing file")
     if file_scheme(backbone) == "none" and file_scheme(heads) == "none":
         return load_tower(directory)
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{cfg_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION!r}")
-    tower = StudentTower(TowerConfig.from_dict(meta["tower"]))
-    tower.backbone.load_state_dict(load_state(backbone), strict=True)
-    missing, unexpected = tower.load_state_dict(load_state(heads), strict=False)
-    missing = [k for k in missing if not k.startswith("backbone.")]
-    if missing or unexpected:
-        raise BundleError(f"{heads}: missing {missing}, unexpected {unexpected}")
-    for cap, name in meta.get("adapters", {}).items():
-        tower.load_adapter(cap, directory / name)
-    tower.capability = None
-    return tower.eval()
+    try:
+        return load_tower(directory, read_state=load_state)  # int8 / nf4 files: dequantized on read
+    except ValueError as e:
+        raise BundleError(str(e)) from e
 
 
 class TowerRuntime:

@@ -47,6 +47,17 @@ def model_dir(snapshot_dir: Path) -> Path:
     return hf if (hf / "config.json").exists() else snapshot_dir
 
 
+def _pad_right(tokenizer) -> None:
+    """Right padding (lm_outputs and the streamed path assume it); EOS pads when no pad token exists."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+
+
+def _tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+
+
 class CausalLMTeacher:
     def __init__(self, spec: TeacherSpec, folder: Path, device: str):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,9 +68,7 @@ class CausalLMTeacher:
             self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
         except Exception as e:
             raise TeacherLoadError(f"teacher {spec.name!r}: cannot load weights from {folder}: {e}") from e
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "right"
+        _pad_right(self.tokenizer)
 
     def layer_names(self) -> list[str]:
         return [f"layers.{i}" for i in range(self.model.config.num_hidden_layers + 1)]
@@ -68,9 +77,7 @@ class CausalLMTeacher:
         return sum(p.numel() for p in self.model.parameters())
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(
-            texts, return_tensors="pt", padding=True, truncation=True, max_length=self.spec.extraction.max_length
-        )
+        return _tokenize(self.tokenizer, texts, self.spec.extraction.max_length)
 
     @torch.inference_mode()
     def forward(self, rows: list[dict]) -> TeacherOutputs:
@@ -164,9 +171,7 @@ class StreamedCausalLMTeacher:
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
         except Exception as e:
             raise TeacherLoadError(f"teacher {spec.name!r}: cannot read config/tokenizer in {folder}: {e}") from e
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "right"
+        _pad_right(self.tokenizer)
 
     def layer_names(self) -> list[str]:
         return [f"layers.{i}" for i in range(self.config.num_hidden_layers + 1)]
@@ -180,8 +185,7 @@ class StreamedCausalLMTeacher:
         from nexus_assets.core.layer_streaming import stream_causal_lm
 
         ex = self.spec.extraction
-        enc = self.tokenizer([r["text"] for r in rows], return_tensors="pt", padding=True, truncation=True,
-                             max_length=ex.max_length)
+        enc = _tokenize(self.tokenizer, [r["text"] for r in rows], ex.max_length)
         out = stream_causal_lm(
             self.folder, enc["input_ids"], enc["attention_mask"],
             layers=[int(n.split(".")[1]) for n in ex.layers], token_layers=[int(n.split(".")[1]) for n in ex.token_layers],

@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from nexus_assets.core.feature_store import cache_features
-    from nexus_assets.core.probe_data import build_probe_dataset, read_probe_rows
+    from nexus_assets.probes.probe_data import build_probe_dataset, read_probe_rows
     from nexus_assets.core.registry import load_registry
     from nexus_assets.teachers.base import load_teacher
     from nexus_assets.teachers.features import INPUT_COLUMNS

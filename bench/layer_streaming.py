@@ -59,7 +59,7 @@ def worker(mode: str, model_dir: Path, inputs: Path, micro_batch: int, top_k: in
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.masking_utils import create_causal_mask  # noqa: F401  (import cost is not the model's)
 
-    from nexus_assets.core.layer_streaming import stream_causal_lm, weights_bytes
+    from nexus_assets.teachers.causal_lm.layer_streaming import stream_causal_lm, weights_bytes
 
     torch.set_num_threads(os.cpu_count() or 1)
     config = AutoConfig.from_pretrained(model_dir)

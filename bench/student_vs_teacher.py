@@ -59,7 +59,8 @@ def _tower_dirs(args, tmp: Path) -> dict[str, Path]:
     if args.bundle:
         m = json.loads((Path(args.bundle) / "manifest.json").read_text())
         return {t: Path(args.bundle) / v["path"] for t, v in m["towers"].items()}
-    from nexus_assets.core.towers import StudentTower, default_tower_config, save_tower
+    from nexus_assets.student.tower import StudentTower, save_tower
+    from nexus_assets.student.config import default_tower_config
 
     out = {}
     for t in ("text", "vision", "audio"):
@@ -72,7 +73,7 @@ def _tower_dirs(args, tmp: Path) -> dict[str, Path]:
 
 
 def _student_rows(dirs: dict[str, Path], tmp: Path, reps: int) -> dict:
-    from nexus_assets.core.quantize import dynamic_int8, file_scheme, quantize_file
+    from nexus_assets.student.quantize import dynamic_int8, file_scheme, quantize_file
     from nexus_assets.runtime.bundle import _load_student
 
     rows = {}
@@ -84,7 +85,7 @@ def _student_rows(dirs: dict[str, Path], tmp: Path, reps: int) -> dict:
             if file_scheme(d / f) != "none":  # a bundle's tower: rebuild fp32 from the dequantized weights
                 from safetensors.torch import save_file
 
-                from nexus_assets.core.quantize import load_state
+                from nexus_assets.student.quantize import load_state
                 save_file(load_state(d / f), str(fp32_dir / f))
             quantize_file(fp32_dir / f, int8_dir / f, "int8")
         size = lambda p: sum(x.stat().st_size for x in p.rglob("*") if x.is_file())  # noqa: E731

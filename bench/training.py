@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from nexus_assets.core.tower_data import synthetic_tower_data  # noqa: E402
-from nexus_assets.core.towers import default_tower_config  # noqa: E402
-from nexus_assets.core.training import TrainHooks, cpu_train_config, train_tower  # noqa: E402
+from nexus_assets.training.tower_data import synthetic_tower_data  # noqa: E402
+from nexus_assets.student.config import default_tower_config  # noqa: E402
+from nexus_assets.training.train_loop import TrainHooks, cpu_train_config, train_tower  # noqa: E402
 
 
 def bench_tower(name: str, steps: int) -> dict:

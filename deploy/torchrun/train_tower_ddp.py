@@ -22,10 +22,10 @@ def main() -> None:
     with open_dagster_pipes() as pipes:
         ctx = PipesContext.get()
         extras = ctx.extras
-        from nexus_assets.core.probe_data import read_probe_rows
-        from nexus_assets.core.tower_data import load_tower_data
-        from nexus_assets.core.towers import TowerConfig
-        from nexus_assets.core.training import TrainConfig, train_tower
+        from nexus_assets.probes.probe_data import read_probe_rows
+        from nexus_assets.training.tower_data import load_tower_data
+        from nexus_assets.student.config import TowerConfig
+        from nexus_assets.training.train_loop import TrainConfig, train_tower
 
         cfg = TowerConfig.from_dict(json.loads(Path(extras["tower_config"]).read_text()))
         feats = {t: Path(p) for t, p in extras["teacher_features"].items()}  # teacher -> cache entry

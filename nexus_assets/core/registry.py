@@ -107,7 +107,7 @@ class DatasetSize(_Strict):
 class DatasetSpec(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     modality: Modality
-    sources: list[str] = Field(min_length=1, description="source names, see nexus_assets/core/probe_data.py")
+    sources: list[str] = Field(min_length=1, description="source names, see nexus_assets/probes/probe_data.py")
     heldout_sources: list[str] = Field(
         default_factory=list, description="whole sources kept out of training: the out-of-domain test"
     )

@@ -44,10 +44,10 @@ def quantized_bundle(context: dg.AssetExecutionContext, config: BundleConfig, va
     """Quantized towers + adapters + router + tokenizers + manifest.json (hashes, versions, retention)."""
     from pathlib import Path
 
-    from nexus_assets.core.bundle import build_bundle
+    from nexus_assets.release.bundle import build_bundle
     from nexus_assets.core.contracts import load_contracts
     from nexus_assets.core.paths import artifact_dir
-    from nexus_assets.core.probe_data import read_probe_rows
+    from nexus_assets.probes.probe_data import read_probe_rows
 
     contracts = load_contracts(config.contracts_file or None)
     reports = {t: v["report"] for t, v in by_key(validation_report, "tower").items()}

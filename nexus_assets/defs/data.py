@@ -17,7 +17,7 @@ from .partitions import REGISTRY, dataset_partitions
 def probe_dataset(context: dg.AssetExecutionContext) -> dg.Output[dict]:
     """Probe rows with a train / val / heldout / ood split column (ood = whole sources never trained on)."""
     from nexus_assets.core.paths import artifact_dir
-    from nexus_assets.core.probe_data import build_probe_dataset, read_probe_rows
+    from nexus_assets.probes.probe_data import build_probe_dataset, read_probe_rows
     from nexus_assets.core.registry import active_profile
 
     spec = REGISTRY.dataset(context.partition_key)

@@ -41,7 +41,7 @@ def tower_adapter(context: dg.AssetExecutionContext, config: TowerTrainingConfig
     from pathlib import Path
 
     from nexus_assets.core.atomic import sha256_json
-    from nexus_assets.core.distill import train_tower_from_artifacts
+    from nexus_assets.training.distill import train_tower_from_artifacts
     from nexus_assets.core.paths import artifact_dir
 
     tower = context.partition_key
@@ -89,7 +89,7 @@ def tower_adapter(context: dg.AssetExecutionContext, config: TowerTrainingConfig
 def student_router(context: dg.AssetExecutionContext, tower_adapter: dict) -> dg.Output[dict]:
     """Maps (modality, capability or auto) to a tower and adapter; the text `auto` classifier is learned."""
     from nexus_assets.core.atomic import sha256_json
-    from nexus_assets.core.distill import build_router
+    from nexus_assets.training.distill import build_router
     from nexus_assets.core.paths import artifact_dir
 
     towers = by_key(tower_adapter, "tower")

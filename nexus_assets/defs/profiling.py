@@ -62,7 +62,7 @@ def neuron_importance(context: dg.AssetExecutionContext, config: ImportanceConfi
 
     from nexus_assets.core.atomic import sha256_json
     from nexus_assets.core.paths import artifact_dir
-    from nexus_assets.core.probe_data import read_probe_rows
+    from nexus_assets.probes.probe_data import read_probe_rows
     from nexus_assets.core.registry import TeacherSpec
     from nexus_assets.teachers.features import INPUT_COLUMNS
     from nexus_assets.teachers.importance import profile_importance

@@ -57,7 +57,7 @@ def teacher_features(
     from pathlib import Path
 
     from nexus_assets.core.paths import artifact_dir
-    from nexus_assets.core.probe_data import read_probe_rows
+    from nexus_assets.probes.probe_data import read_probe_rows
     from nexus_assets.core.registry import TeacherSpec
     from nexus_assets.teachers.features import extract_teacher_features
 

@@ -51,8 +51,8 @@ def validation_report(context: dg.AssetExecutionContext, config: ValidationConfi
     from nexus_assets.core.atomic import sha256_json
     from nexus_assets.core.contracts import load_contracts
     from nexus_assets.core.paths import artifact_dir
-    from nexus_assets.core.probe_data import read_probe_rows
-    from nexus_assets.core.validation import report_markdown, validate_tower
+    from nexus_assets.probes.probe_data import read_probe_rows
+    from nexus_assets.release.validation import report_markdown, validate_tower
 
     tower = context.partition_key
     contracts = load_contracts(config.contracts_file or None)
@@ -99,7 +99,7 @@ def retention_contracts(context: dg.AssetCheckExecutionContext, validation_repor
     from pathlib import Path
 
     from nexus_assets.core.contracts import load_contracts
-    from nexus_assets.core.validation import report_markdown
+    from nexus_assets.release.validation import report_markdown
 
     from nexus_assets.core.contracts import evaluate
 

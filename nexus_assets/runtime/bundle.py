@@ -1,10 +1,10 @@
 """The teacher-free runtime: load a bundle (or one tower folder) and run capabilities on plain inputs.
 
-Imports torch, numpy, tokenizers, safetensors, peft (through towers) and nexus_assets.core.towers /
+Imports torch, numpy, tokenizers, safetensors, peft (through towers) and nexus_assets.student /
 router / quantize / atomic only: never Dagster, teachers/, training code or a teacher package
 (nexus_assets_tests/runtime/test_teacher_free.py makes those unimportable and runs every capability).
 
-Bundle layout (written by nexus_assets.core.bundle.build_bundle):
+Bundle layout (written by nexus_assets.release.bundle.build_bundle):
 
     manifest.json          versions, sha256 + size of every file, towers, quantization, contracts,
                            retention before / after quantization, verified
@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from nexus_assets.core.atomic import sha256_file
-from nexus_assets.core.quantize import dynamic_int8, file_scheme, load_state, to_nf4_linear
-from nexus_assets.core.router import Router, RoutingError
-from nexus_assets.core.towers import (StudentTower, TowerConfig, decode_wav, load_tower, log_mel,
-                                      preprocess_image)
+from nexus_assets.student.quantize import dynamic_int8, file_scheme, load_state, to_nf4_linear
+from nexus_assets.student.router import Router, RoutingError
+from nexus_assets.student.tower import StudentTower, load_tower
+from nexus_assets.student.config import TowerConfig
+from nexus_assets.student.transforms import decode_wav, log_mel, preprocess_image
 
 __all__ = ["Bundle", "TowerRuntime", "BundleError", "RoutingError", "load_tower_dir", "MANIFEST",
            "CAPABILITY_METHODS", "input_modality"]

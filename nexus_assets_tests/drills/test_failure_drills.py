@@ -187,9 +187,9 @@ def test_kill9_mid_feature_caching_then_resume(llama, tmp_path):
 
 
 def _train_setup():
-    from nexus_assets.core.tower_data import synthetic_tower_data
-    from nexus_assets.core.training import TrainConfig
-    from nexus_assets_tests.core.test_towers import tiny_config
+    from nexus_assets.training.tower_data import synthetic_tower_data
+    from nexus_assets.training.train_loop import TrainConfig
+    from nexus_assets_tests.student.test_towers import tiny_config
 
     cfg = tiny_config("text")
     tc = TrainConfig(phase_a_steps=12, phase_b_steps=4, batch_size=8, eval_every=4, checkpoint_every=4,
@@ -199,7 +199,7 @@ def _train_setup():
 
 def train_worker(out_dir: str, delay_s: float) -> None:
     """train_tower on the tiny text tower, each step slowed by `delay_s` (a kill target)."""
-    from nexus_assets.core.training import TrainHooks, train_tower
+    from nexus_assets.training.train_loop import TrainHooks, train_tower
 
     cfg, train, val, tc = _train_setup()
     s = train_tower(cfg, train, val, tc, out_dir, log=lambda m: print(m, flush=True),
@@ -210,7 +210,7 @@ def train_worker(out_dir: str, delay_s: float) -> None:
 def test_kill9_mid_training_then_resume_is_bit_for_bit(tmp_path):
     import torch
 
-    from nexus_assets.core.training import CHECKPOINT_DIR, train_tower
+    from nexus_assets.training.train_loop import CHECKPOINT_DIR, train_tower
 
     cfg, train, val, tc = _train_setup()
     ref = train_tower(cfg, train, val, tc, tmp_path / "ref", log=lambda m: None)

@@ -14,9 +14,9 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bundle_dir(world, tmp_path_factory):
     """An int8 bundle of the tiny towers, built with override (random towers fail every contract)."""
-    from nexus_assets.core.bundle import build_bundle
+    from nexus_assets.release.bundle import build_bundle
     from nexus_assets.core.contracts import load_contracts
-    from nexus_assets.core.validation import validate_tower
+    from nexus_assets.release.validation import validate_tower
 
     c = load_contracts()
     out = tmp_path_factory.mktemp("bundle") / "bundle"

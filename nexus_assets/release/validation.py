@@ -22,8 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from . import metrics as M
-from .contracts import RetentionContracts, evaluate
+from nexus_assets.core import metrics as M
+from nexus_assets.core.contracts import RetentionContracts, evaluate
 
 __all__ = ["validate_tower", "write_report", "report_markdown", "item_group", "REPORT_FILES"]
 
@@ -89,7 +89,7 @@ def _lm(rt, cap, entry: Path, ids: list[str], n_boot: int, seed: int) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from .feature_store import read_features
+    from nexus_assets.core.feature_store import read_features
 
     tok = read_features(entry, "tokens", columns=["row_id", "position", "token_id", "topk_ids", "next_logprob",
                                                   "has_next"])
@@ -182,7 +182,7 @@ def _speaker(rt, entry: Path, ids: list[str], probe: dict, n_boot: int, seed: in
 
 
 def _asr(rt, entry: Path, ids: list[str], probe: dict, n_boot: int, seed: int) -> dict:
-    from .feature_store import read_features
+    from nexus_assets.core.feature_store import read_features
 
     t = read_features(entry, "items", columns=["row_id", "transcript"]).to_pylist()
     t_text = {r["row_id"]: r["transcript"] for r in t}
@@ -205,7 +205,7 @@ def _asr(rt, entry: Path, ids: list[str], probe: dict, n_boot: int, seed: int) -
 
 
 def _item_matrix(entry: Path, column: str, ids: list[str]) -> np.ndarray:
-    from .feature_store import FeatureCacheError, column_matrix, read_features
+    from nexus_assets.core.feature_store import FeatureCacheError, column_matrix, read_features
 
     t = read_features(entry, "items", columns=["row_id", column])
     order = {r: i for i, r in enumerate(t.column("row_id").to_pylist())}
@@ -216,7 +216,7 @@ def _item_matrix(entry: Path, column: str, ids: list[str]) -> np.ndarray:
 
 
 def _cached_rows(entry: Path, split: str) -> set[str]:
-    from .feature_store import read_features
+    from nexus_assets.core.feature_store import read_features
 
     return set(read_features(entry, "items", columns=["row_id", "split"], filter_splits=[split]).column("row_id").to_pylist())
 
@@ -370,7 +370,7 @@ def _plot(report: dict, path: Path) -> None:
 
 def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
     """report.json + report.md + retention.png into `out_dir`, swapped in as one directory."""
-    from .atomic import atomic_dir
+    from nexus_assets.core.atomic import atomic_dir
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:

@@ -5,14 +5,14 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from nexus_assets.core.probe_data import (
+from nexus_assets.probes.probe_data import (
     build_probe_dataset,
     read_probe_rows,
     sentences_from_text,
     split_of,
     table_content_hash,
 )
-from nexus_assets.core.probe_sources import (
+from nexus_assets.probes.probe_sources import (
     paragraphs_to_passages,
     read_wallpapers,
     speakable_sentences,
@@ -251,7 +251,7 @@ def test_unknown_source_error_lists_known_ones(tmp_path):
 def test_registered_source_and_variant_groups_share_a_split(tmp_path, monkeypatch):
     from PIL import Image
 
-    from nexus_assets.core.probe_sources import IMAGE_SOURCES
+    from nexus_assets.probes.probe_sources import IMAGE_SOURCES
 
     for i in range(12):
         for variant, colour in (("l", 230), ("d", 20)):

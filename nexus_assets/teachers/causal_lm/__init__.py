@@ -177,12 +177,12 @@ class StreamedCausalLMTeacher:
         return [f"layers.{i}" for i in range(self.config.num_hidden_layers + 1)]
 
     def num_parameters(self) -> int:
-        from nexus_assets.core.layer_streaming import weights_bytes
+        from nexus_assets.teachers.causal_lm.layer_streaming import weights_bytes
 
         return weights_bytes(self.folder) // 4  # fp32 checkpoints; an estimate for other dtypes
 
     def forward(self, rows: list[dict]) -> TeacherOutputs:
-        from nexus_assets.core.layer_streaming import stream_causal_lm
+        from nexus_assets.teachers.causal_lm.layer_streaming import stream_causal_lm
 
         ex = self.spec.extraction
         enc = _tokenize(self.tokenizer, [r["text"] for r in rows], ex.max_length)
@@ -198,7 +198,7 @@ class StreamedCausalLMTeacher:
 def load(spec: TeacherSpec, snapshot_dir: Path, device: str = "cpu", memory_budget_bytes: int | None = None):
     """The in-memory teacher, or the layer-streamed one when the weights exceed the budget (or the registry
     says `stream_layers: always`)."""
-    from nexus_assets.core.layer_streaming import should_stream, weights_bytes
+    from nexus_assets.teachers.causal_lm.layer_streaming import should_stream, weights_bytes
 
     folder = model_dir(snapshot_dir)
     mode = spec.extraction.stream_layers

@@ -20,9 +20,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-from .atomic import atomic_dir, sha256_file
-from .contracts import ContractError, RetentionContracts, evaluate
-from .quantize import SCHEMES, default_scheme, quantize_file
+from nexus_assets.core.atomic import atomic_dir, sha256_file
+from nexus_assets.core.contracts import ContractError, RetentionContracts, evaluate
+from nexus_assets.student.quantize import SCHEMES, default_scheme, quantize_file
 
 __all__ = ["build_bundle", "gate_reports", "failures_message", "BUNDLE_FORMAT", "package_versions"]
 

@@ -9,7 +9,7 @@ passage) so that val/heldout measure generalisation rather than memory. Whole so
 
 Run by hand (writes data/artifacts/probe/<name>/rows.parquet):
 
-    python -m nexus_assets.core.probe_data text-probe --profile tiny
+    python -m nexus_assets.probes.probe_data text-probe --profile tiny
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path, write_json
+from nexus_assets.core.atomic import atomic_path, write_json
 from .probe_sources import (
     TARGET_SR,
     IMAGE_SOURCES,
@@ -40,7 +40,7 @@ from .probe_sources import (
     speakable_sentences,
     synthesize,
 )
-from .registry import DatasetSize, DatasetSpec
+from nexus_assets.core.registry import DatasetSize, DatasetSpec
 
 ROWS_FILE = "rows.parquet"
 SUMMARY_FILE = "summary.json"
@@ -428,8 +428,8 @@ def read_probe_rows(out_dir: Path) -> pa.Table:
 def main(argv: list[str] | None = None) -> None:
     import json
 
-    from .paths import artifact_dir
-    from .registry import active_profile, load_registry
+    from nexus_assets.core.paths import artifact_dir
+    from nexus_assets.core.registry import active_profile, load_registry
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dataset")

@@ -136,7 +136,7 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, scheme: str) -
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .atomic import atomic_path
+    from nexus_assets.core.atomic import atomic_path
 
     with safe_open(str(src), "pt") as f:
         meta = dict(f.metadata() or {})

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from nexus_assets.core.layer_streaming import should_stream, stream_causal_lm, weights_bytes
+from nexus_assets.teachers.causal_lm.layer_streaming import should_stream, stream_causal_lm, weights_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -183,7 +183,7 @@ _PEAK_SCRIPT = textwrap.dedent(
     import json, sys, torch
     from pathlib import Path
     from transformers import AutoConfig, AutoModelForCausalLM
-    from nexus_assets.core.layer_streaming import stream_causal_lm
+    from nexus_assets.teachers.causal_lm.layer_streaming import stream_causal_lm
 
     def kib(field):
         for line in open("/proc/self/status"):

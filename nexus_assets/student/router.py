@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .towers import TowerConfig, adapter_name
+from .config import TowerConfig, adapter_name
 
 __all__ = ["Router", "Route", "RoutingError", "HashedNgramClassifier", "default_auto_examples"]
 
@@ -177,7 +177,7 @@ class Router:
     def save(self, directory: str | os.PathLike) -> Path:
         from safetensors.torch import save_file
 
-        from .atomic import atomic_dir
+        from nexus_assets.core.atomic import atomic_dir
 
         meta = {"format_version": FORMAT_VERSION,
                 "routes": [r.__dict__ for r in self.routes.values()],

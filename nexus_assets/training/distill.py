@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Mapping
 
-from .atomic import atomic_path, sha256_json, write_json
+from nexus_assets.core.atomic import atomic_path, sha256_json, write_json
 
 # files the runtime needs beside each tower (tokenizers, class names), taken from the teacher snapshots
 _TOKENIZER_FILES = {"text": ("smollm2-135m", "hf", ("tokenizer.json", "tokenizer_config.json")),
@@ -17,7 +17,7 @@ _TOKENIZER_FILES = {"text": ("smollm2-135m", "hf", ("tokenizer.json", "tokenizer
 
 def tower_config_from_architecture(tower: str, architecture: Mapping):
     """The tower's default heads with width, depth and LoRA rank taken from `student_architecture`."""
-    from .towers import default_tower_config
+    from nexus_assets.student.config import default_tower_config
 
     cfg = default_tower_config(tower)
     width = int(architecture["hidden_width"])
@@ -33,7 +33,7 @@ def anchoring_inputs(cfg, subspace_dirs: Mapping[str, Path], importance_dirs: Ma
     import numpy as np
     import pyarrow.parquet as pq
 
-    from .pca import load_pca
+    from nexus_assets.core.pca import load_pca
 
     pca, importance = {}, {}
     for cap, head in cfg.capabilities.items():
@@ -83,9 +83,9 @@ def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_ent
                                snapshot_dirs: Mapping[str, Path], probe_dirs: Mapping[str, Path],
                                overrides: Mapping, anchor_variance: float, out_dir: Path, device: str = "cpu",
                                log: Callable[[str], None] = print) -> dict:
-    from .probe_data import read_probe_rows
+    from nexus_assets.probes.probe_data import read_probe_rows
     from .tower_data import load_tower_data
-    from .training import cpu_train_config, train_tower
+    from .train_loop import cpu_train_config, train_tower
 
     cfg = tower_config_from_architecture(tower, architecture)
     probe = {d: read_probe_rows(p) for d, p in probe_dirs.items()}
@@ -117,8 +117,8 @@ def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_ent
 
 def build_router(tower_dirs: Mapping[str, str], out_dir: Path) -> dict:
     """Router over the trained towers, with the text `auto` classifier fitted on its default examples."""
-    from .router import Router
-    from .towers import TowerConfig
+    from nexus_assets.student.router import Router
+    from nexus_assets.student.config import TowerConfig
 
     cfgs = [TowerConfig.from_dict(json.loads((Path(d) / "config.json").read_text())["tower"])
             for _, d in sorted(tower_dirs.items())]

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from nexus_assets.core.distill import train_tower_from_artifacts
+from nexus_assets.training.distill import train_tower_from_artifacts
 from nexus_assets.core.feature_store import write_chunk
 
 

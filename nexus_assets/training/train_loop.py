@@ -48,11 +48,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_path, write_json
+from nexus_assets.core.atomic import atomic_path, write_json
 from .losses import (anchoring_loss, cosine_embedding_loss, gram_loss, lwf_loss, sequence_kd_loss,
                      topk_kd_loss, weighted_sum)
 from .tower_data import INPUT_KEYS, TowerData
-from .towers import StudentTower, TowerConfig, save_tower
+from nexus_assets.student.tower import StudentTower, save_tower
+from nexus_assets.student.config import TowerConfig
 
 __all__ = ["TrainConfig", "TrainHooks", "train_tower", "cpu_train_config", "TrainingDiverged"]
 
@@ -729,7 +730,7 @@ def _evaluate(tower: StudentTower, caps: list[str], data: TowerData, tc: TrainCo
 
 def _curve(history: dict, path: Path, title: str) -> None:
     """Train loss per accepted step and validation loss held between evaluations, one PNG."""
-    from .plots import training_curve_png
+    from nexus_assets.core.plots import training_curve_png
 
     train = history["train_loss"]
     series = {"train_loss": train}

@@ -13,9 +13,9 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch
-    from nexus_assets.core.tower_data import synthetic_tower_data
-    from nexus_assets.core.training import TrainConfig, train_tower
-    from nexus_assets_tests.core.test_towers import tiny_config
+    from nexus_assets.training.tower_data import synthetic_tower_data
+    from nexus_assets.training.train_loop import TrainConfig, train_tower
+    from nexus_assets_tests.student.test_towers import tiny_config
 
     out = sys.argv[1]
     torch.set_num_threads(1)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from nexus_assets.core.router import (_EMBED, _GENERATE, HashedNgramClassifier, Route, Router, RoutingError,
+from nexus_assets.student.router import (_EMBED, _GENERATE, HashedNgramClassifier, Route, Router, RoutingError,
                                       default_auto_examples)
-from nexus_assets.core.towers import default_tower_config
+from nexus_assets.student.config import default_tower_config
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_auto_text_examples(router):
 def test_auto_text_classifier_generalises_to_unseen_topics():
     """Train on templates x half the topics, test on the other half of the topics."""
     examples = default_auto_examples()
-    from nexus_assets.core.router import _TOPICS
+    from nexus_assets.student.router import _TOPICS
 
     held = set(_TOPICS[::2])
     train = [(t, c) for t, c in examples if not any(h in t.lower() for h in held)]

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from nexus_assets.core.feature_store import write_chunk
-from nexus_assets.core.tower_data import load_tower_data, synthetic_tower_data
-from nexus_assets.core.training import TrainConfig, TrainHooks, TrainingDiverged, train_tower
-from nexus_assets_tests.core.test_towers import tiny_config
+from nexus_assets.training.tower_data import load_tower_data, synthetic_tower_data
+from nexus_assets.training.train_loop import TrainConfig, TrainHooks, TrainingDiverged, train_tower
+from nexus_assets_tests.student.test_towers import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,13 +72,13 @@ def test_outputs_written(tmp_path):
 
 def test_phase_b_trains_only_adapter_and_head(tmp_path):
     """Phase (b) freezes the backbone: backbone weights equal after phase (a) and after phase (b)."""
-    from nexus_assets.core.towers import load_tower
+    from nexus_assets.student.tower import load_tower
 
     cfg = tiny_config("text")
     train_tower(cfg, _data("text"), None, _tc(phase_b_steps=0), tmp_path / "a", log=_quiet)
     train_tower(cfg, _data("text"), None, _tc(phase_b_steps=6), tmp_path / "ab", log=_quiet)
     a, ab = load_tower(tmp_path / "a" / "tower"), load_tower(tmp_path / "ab" / "tower")
-    from nexus_assets.core.towers import _clean_backbone_state
+    from nexus_assets.student.tower import _clean_backbone_state
 
     for k, v in _clean_backbone_state(a).items():
         torch.testing.assert_close(_clean_backbone_state(ab)[k], v, rtol=0, atol=0)
@@ -252,7 +252,7 @@ def test_load_tower_data_audio(tmp_path):
     assert b["audio.transcribe:target_ids"][1].tolist() == [9, 8, 1102]
     assert b["audio.transcribe:mask"].tolist() == [[True, True, False], [True, True, True]]
     # the tower consumes the batch: logits for exactly the target positions
-    from nexus_assets.core.towers import StudentTower
+    from nexus_assets.student.tower import StudentTower
 
     out = StudentTower(cfg)({k: b[k] for k in ("mels", "mel_mask", "dec_ids", "dec_mask")}, "audio.transcribe")["out"]
     assert out.shape == (2, 3, 1200)
@@ -274,14 +274,14 @@ def test_training_imports_no_teacher(tmp_path):
                     raise ImportError(f"blocked import of {{name}}")
                 return None
         sys.meta_path.insert(0, Block())
-        from nexus_assets.core.training import TrainConfig, train_tower
-        from nexus_assets.core.tower_data import synthetic_tower_data
-        from nexus_assets.core.router import Router
-        from nexus_assets_tests.core.test_towers import tiny_config
+        from nexus_assets.training.train_loop import TrainConfig, train_tower
+        from nexus_assets.training.tower_data import synthetic_tower_data
+        from nexus_assets.student.router import Router
+        from nexus_assets_tests.student.test_towers import tiny_config
         cfg = tiny_config("text")
         s = train_tower(cfg, synthetic_tower_data(cfg, 16), None,
                         TrainConfig(phase_a_steps=3, phase_b_steps=2, batch_size=4), sys.argv[1], log=lambda m: None)
-        from nexus_assets.core.towers import load_tower
+        from nexus_assets.student.tower import load_tower
         load_tower(sys.argv[1] + "/tower")
         leaked = [m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED)]
         assert not leaked, leaked

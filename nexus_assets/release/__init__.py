@@ -1,0 +1,1 @@
+"""Release: validation through the runtime and bundle building (above runtime/)."""

@@ -1,0 +1,340 @@
+"""Student towers: one small backbone per modality, one head and one LoRA adapter per capability.
+
+Model code only (torch, peft, safetensors; PIL and the stdlib `wave` lazily for input decoding): the
+teacher-free runtime imports this module, so it must never import training code, Dagster, pyarrow or
+any teacher package. The input transforms (`preprocess_image`, `decode_wav`, `log_mel`) live here for
+the same reason: training and the runtime must feed the tower exactly the same tensors.
+
+Shape of a tower::
+
+    inputs ── stem ── + positions ── Block x depth ──┬── head[cap] ── out
+                                                     └── anchor_proj[cap, layer] ── (B, Ht) per teacher layer
+
+* text:   token embedding (SmolLM2 ids, vocab 49152) + learned positions, causal pre-norm transformer.
+* vision: 4 stride-2 convs (RGB, image_size/16 squared patches) + learned positions, bidirectional
+          pre-norm transformer. Inputs are downsampled from the probe's 224 px to `image_size` (112 by
+          default) because the CPU budget is a few minutes per tower.
+* audio:  2 stride-2 conv1d over 80-bin log-mel frames (10 ms hop, so one token per 40 ms), learned
+          positions, bidirectional transformer encoder; the "asr" head adds a small autoregressive
+          decoder cross-attending to it.
+
+Every backbone block names its Linear layers `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`; those are
+the LoRA targets (`LORA_TARGET_REGEX`), so the stems, heads and the ASR decoder never get adapters.
+Adapter names are the capability with dots replaced (`text.generate` -> `text_generate`), since peft
+and `nn.ModuleDict` keys cannot hold dots.
+
+Why one backbone + per-capability adapters: phase (a) of training fits the shared backbone to every
+teacher of the tower at once; phase (b) freezes it and gives each capability a low-rank correction of
+its own, so specialising one capability cannot move another (the adapters are disjoint parameters).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .config import FORMAT_VERSION, LORA_TARGET_REGEX, HeadSpec, TowerConfig, _anchor_key, adapter_name
+from .modules import _BACKBONES, ASRDecoder, LMHead, PooledHead, _pool
+
+__all__ = ["StudentTower", "save_tower", "load_tower", "HeadSpec", "TowerConfig", "adapter_name"]
+
+
+class StudentTower(nn.Module):
+    """One modality's student: backbone, a head per capability, LoRA adapters, anchor projections.
+
+    `forward(inputs, capability)` returns dict(
+        out: the head output — "lm" (B, T, V) logits, "embedding" (B, D) unit vectors,
+             "classes" (B, C) logits, "asr" (B, U, V) logits at the transcript positions (see below),
+        hidden: (B, W) masked mean of the last backbone block,
+        anchors: {teacher layer: (B, Ht)} the projected pooled student states anchored to that layer).
+
+    Inputs by modality: text {input_ids (B, T), attention_mask (B, T)}; vision {pixels (B, 3, S, S)};
+    audio {mels (B, F, n_mels), mel_mask (B, F)} and, for "asr", {dec_ids (B, P + U - 1), dec_mask}:
+    the prompt then the transcript tokens but the last; `out` holds the logits of the last U positions,
+    whose j-th predicts transcript token j (teacher forcing).
+    """
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.init == "carved":
+            from .carved import build_carved_backbone
+
+            self.backbone: nn.Module = build_carved_backbone(cfg)
+        else:
+            self.backbone = _BACKBONES[cfg.modality](cfg)
+        make_head = getattr(self.backbone, "make_head", None)  # carved backbones may bring their own heads
+        layer_widths = getattr(self.backbone, "layer_widths", {})  # teacher layers a carved backbone kept
+        heads = {}
+        anchor_proj = {}
+        for cap, spec in cfg.capabilities.items():
+            own = make_head(cap, spec) if make_head is not None else None
+            if own is not None:
+                heads[adapter_name(cap)] = own
+            elif spec.kind == "lm":
+                heads[adapter_name(cap)] = LMHead(cfg.width, spec.out_dim, cfg.tie_lm_head)
+            elif spec.kind == "asr":
+                heads[adapter_name(cap)] = ASRDecoder(cfg, spec.out_dim)
+            else:
+                heads[adapter_name(cap)] = PooledHead(cfg.width, spec.out_dim, spec.kind == "embedding")
+            for layer, ht in spec.anchor_layers.items():
+                # a teacher layer the carved student kept is anchored directly (no projection when
+                # the widths agree); any other layer through a learned projection of a relative-depth block
+                w = layer_widths.get(layer, cfg.width)
+                anchor_proj[_anchor_key(cap, layer)] = nn.Identity() if layer in layer_widths and w == ht \
+                    else nn.Linear(w, ht)
+        self.heads = nn.ModuleDict(heads)
+        self.anchor_proj = nn.ModuleDict(anchor_proj)
+        self.adapters: list[str] = []  # capabilities that have a LoRA adapter, in the order added
+        self.capability: str | None = None
+
+    # -- adapters ------------------------------------------------------------------------------------
+
+    def base_backbone(self) -> nn.Module:
+        """The backbone module itself (inside the PeftModel once adapters exist)."""
+        return self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+
+    def lora_config(self, capability: str):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.cfg.lora_rank[capability], lora_alpha=self.cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules=getattr(self.base_backbone(), "lora_target_regex", LORA_TARGET_REGEX),
+                          init_lora_weights=True)
+
+    def add_adapter(self, capability: str) -> None:
+        """Add a fresh LoRA adapter (B = 0, so the output is unchanged) for `capability` and activate it."""
+        self._check_cap(capability)
+        if capability in self.adapters:
+            raise ValueError(f"capability {capability!r} already has an adapter")
+        name = adapter_name(capability)
+        if not self.adapters:
+            from peft import get_peft_model
+
+            self.backbone = get_peft_model(self.backbone, self.lora_config(capability), adapter_name=name)
+        else:
+            self.backbone.add_adapter(name, self.lora_config(capability))
+        self.adapters.append(capability)
+        self.set_capability(capability)
+
+    def load_adapter(self, capability: str, path: str | os.PathLike) -> None:
+        """Load a stock-peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
+        self._check_cap(capability)
+        name = adapter_name(capability)
+        if not self.adapters:
+            from peft import PeftModel
+
+            self.backbone = PeftModel.from_pretrained(self.backbone, str(path), adapter_name=name)
+        else:
+            self.backbone.load_adapter(str(path), adapter_name=name)
+        self.adapters.append(capability)
+
+    def set_capability(self, capability: str) -> None:
+        """Activate `capability`'s adapter, or run the bare backbone if it has none."""
+        self._check_cap(capability)
+        if self.adapters:
+            lora = self.backbone.base_model
+            if capability in self.adapters:
+                lora.enable_adapter_layers()
+                self.backbone.set_adapter(adapter_name(capability))
+            else:
+                lora.disable_adapter_layers()
+        self.capability = capability
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """Run the bare backbone inside the block (used to record phase-(a) outputs for LwF)."""
+        if not self.adapters:
+            yield
+            return
+        lora = self.backbone.base_model
+        active = self.capability in self.adapters
+        lora.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            if active:
+                lora.enable_adapter_layers()
+
+    def lora_parameters(self, capability: str) -> list[nn.Parameter]:
+        key = f".{adapter_name(capability)}."
+        return [p for n, p in self.backbone.named_parameters() if "lora_" in n and key in n + "."]
+
+    def head_parameters(self, capability: str) -> list[nn.Parameter]:
+        """Head + anchor projections of one capability (the LM head's tied embedding is backbone's)."""
+        params = list(self.heads[adapter_name(capability)].parameters())
+        for layer in self.cfg.capabilities[capability].anchor_layers:
+            params += list(self.anchor_proj[_anchor_key(capability, layer)].parameters())
+        return params
+
+    def _check_cap(self, capability: str) -> None:
+        if capability not in self.cfg.capabilities:
+            raise ValueError(f"tower {self.cfg.name!r} has no capability {capability!r}; "
+                             f"it has {sorted(self.cfg.capabilities)}")
+
+    # -- forward -------------------------------------------------------------------------------------
+
+    def encode(self, inputs: Mapping[str, torch.Tensor]):
+        """Backbone pass with the currently active adapter: (per-block hiddens [(B, L, W)], mask (B, L))."""
+        return self.backbone(inputs)
+
+    def head_forward(self, capability: str, enc, inputs: Mapping[str, torch.Tensor]) -> dict:
+        """Run one capability's head on an `encode` result (so several heads share one backbone pass)."""
+        spec = self.cfg.capabilities[capability]
+        hiddens, mask = enc
+        last = hiddens[-1]  # (B, L, W)
+        head = self.heads[adapter_name(capability)]
+        dec_hidden = None
+        if spec.kind == "lm":
+            base = self.base_backbone()
+            emb = base.lm_weight() if hasattr(base, "lm_weight") else base.tok_emb.weight
+            out = head(last, emb)  # (B, T, V)
+        elif spec.kind == "asr":
+            p = len(self.cfg.asr_prompt_ids)
+            logits, dec_hidden = head(inputs["dec_ids"], inputs.get("dec_mask"), last, mask)
+            out = logits[:, p - 1:]  # (B, U, V): position j predicts transcript token j
+        else:
+            out = head(last, mask)
+        anchors = {}
+        layers = list(spec.anchor_layers)
+        enc_layers = [l for l in layers if not (spec.kind == "asr" and l.startswith("decoder"))]
+        depth = len(hiddens)
+        kept = getattr(self.base_backbone(), "layer_states", None) or {}  # carved: {teacher layer: (B, Ht)}
+        for k, layer in enumerate(enc_layers):
+            if layer in kept:
+                anchors[layer] = self.anchor_proj[_anchor_key(capability, layer)](kept[layer])
+                continue
+            block = max(round((k + 1) * depth / len(enc_layers)) - 1, 0)
+            anchors[layer] = self.anchor_proj[_anchor_key(capability, layer)](_pool(hiddens[block], mask))
+        for layer in layers:
+            if layer not in anchors:
+                dm = inputs.get("dec_mask")
+                dm = torch.ones(dec_hidden.shape[:2], dtype=torch.bool) if dm is None else dm.bool()
+                anchors[layer] = self.anchor_proj[_anchor_key(capability, layer)](_pool(dec_hidden, dm))
+        return {"out": out, "hidden": _pool(last, mask), "anchors": anchors}
+
+    def forward(self, inputs: Mapping[str, torch.Tensor], capability: str | None = None) -> dict:
+        capability = capability or self.capability
+        if capability is None:
+            raise ValueError("forward: no capability given and none set (call set_capability first)")
+        if capability != self.capability:
+            self.set_capability(capability)
+        return self.head_forward(capability, self.encode(inputs), inputs)
+
+    @torch.no_grad()
+    def generate(self, inputs: Mapping[str, torch.Tensor], capability: str, max_new_tokens: int = 64) -> list[list[int]]:
+        """Greedy decoding. "asr": transcript ids (without prompt, up to but excluding EOT) per item from
+        the audio inputs. "lm": continuation ids of `input_ids` (B, T) (all rows must have the same length).
+        """
+        spec = self.cfg.capabilities.get(capability)
+        if spec is None or spec.kind not in ("asr", "lm"):
+            raise ValueError(f"generate: {capability!r} is not an 'asr' or 'lm' capability of tower {self.cfg.name!r}")
+        self.set_capability(capability)
+        if spec.kind == "lm" and hasattr(self.base_backbone(), "generate_ids"):
+            return self.base_backbone().generate_ids(inputs["input_ids"], max_new_tokens)
+        if spec.kind == "asr" and hasattr(self.heads[adapter_name(capability)], "generate_ids"):
+            hiddens, mask = self.encode(inputs)
+            return self.heads[adapter_name(capability)].generate_ids(hiddens[-1], mask, max_new_tokens)
+        if spec.kind == "lm":
+            ids = inputs["input_ids"]
+            for _ in range(max_new_tokens):
+                ids = ids[:, -self.cfg.max_len:]
+                logits = self.head_forward(capability, self.encode({"input_ids": ids}), {})["out"]
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            return ids[:, -max_new_tokens:].tolist()
+        hiddens, mask = self.encode(inputs)
+        mem = hiddens[-1]
+        b = mem.shape[0]
+        ids = torch.tensor([self.cfg.asr_prompt_ids] * b, dtype=torch.long)
+        done = torch.zeros(b, dtype=torch.bool)
+        steps = min(max_new_tokens, self.cfg.asr_max_len - ids.shape[1])
+        for _ in range(steps):
+            logits, _ = self.heads[adapter_name(capability)](ids, None, mem, mask)
+            nxt = logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.cfg.asr_eot_id), nxt)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            done |= nxt == self.cfg.asr_eot_id
+            if bool(done.all()):
+                break
+        out = []
+        for row in ids[:, len(self.cfg.asr_prompt_ids):].tolist():
+            out.append(row[: row.index(self.cfg.asr_eot_id)] if self.cfg.asr_eot_id in row else row)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Save / load
+# ----------------------------------------------------------------------------------------------------
+
+
+def _clean_backbone_state(tower: StudentTower) -> dict[str, torch.Tensor]:
+    """Backbone weights without LoRA tensors and with peft's `.base_layer.` wrapper removed."""
+    out = {}
+    for k, v in tower.base_backbone().state_dict().items():
+        if "lora_" in k:
+            continue
+        out[k.replace(".base_layer.", ".")] = v.detach().contiguous().clone()
+    return out
+
+
+def save_tower(tower: StudentTower, directory: str | os.PathLike) -> Path:
+    """Write the tower atomically: backbone.safetensors, heads.safetensors, config.json and one stock
+    peft adapter folder per capability (`<dir>/<adapter name>/adapter_model.safetensors`).
+
+    Everything goes into a temporary sibling directory that replaces `directory` only when complete.
+    """
+    from safetensors.torch import save_file
+
+    from nexus_assets.core.atomic import atomic_dir
+
+    directory = Path(directory)
+    heads = {k: v.detach().contiguous().clone() for k, v in tower.state_dict().items()
+             if k.startswith(("heads.", "anchor_proj."))}
+    meta = {"format_version": FORMAT_VERSION, "tower": tower.cfg.name}
+    state = _clean_backbone_state(tower)
+    base = tower.base_backbone()
+    with atomic_dir(directory) as tmp:
+        if hasattr(base, "export_stock"):  # carved: the backbone is also a stock transformers model in hf/
+            (tmp / "hf").mkdir()
+            stored = base.export_stock(state, tmp / "hf")  # the keys of `state` it wrote there
+            state = {k: v for k, v in state.items() if k not in stored}
+        save_file(state, str(tmp / "backbone.safetensors"), metadata=meta)
+        save_file(heads, str(tmp / "heads.safetensors"), metadata=meta)
+        if tower.adapters:
+            tower.backbone.save_pretrained(str(tmp), selected_adapters=[adapter_name(c) for c in tower.adapters])
+        (tmp / "config.json").write_text(json.dumps(
+            {"format_version": FORMAT_VERSION, "tower": tower.cfg.to_dict(),
+             "adapters": {c: adapter_name(c) for c in tower.adapters},
+             "num_parameters": sum(p.numel() for p in tower.parameters())}, indent=2))
+    return directory
+
+
+def load_tower(directory: str | os.PathLike, read_state: Callable[[Path], dict] | None = None) -> StudentTower:
+    """Rebuild a tower written by `save_tower` (torch + peft + safetensors only), in eval mode.
+
+    read_state: how a weights file becomes a state dict (default: safetensors `load_file`); the runtime
+    passes its dequantizing reader for int8 / nf4 bundles, so both paths share these steps."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    read_state = read_state or (lambda path: load_file(str(path)))
+    meta = json.loads((directory / "config.json").read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{directory}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION!r}")
+    tower = StudentTower(TowerConfig.from_dict(meta["tower"]))
+    state = read_state(directory / "backbone.safetensors")
+    if hasattr(tower.backbone, "import_stock"):
+        state.update(tower.backbone.import_stock(directory / "hf", read_state))
+    tower.backbone.load_state_dict(state, strict=True)
+    missing, unexpected = tower.load_state_dict(read_state(directory / "heads.safetensors"), strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise ValueError(f"{directory}/heads.safetensors: missing {missing}, unexpected {unexpected}")
+    for cap, name in meta.get("adapters", {}).items():
+        tower.load_adapter(cap, directory / name)
+    tower.capability = None
+    return tower.eval()

@@ -1,0 +1,148 @@
+"""The text backbone carved from a Llama-family teacher (SmolLM2): a stock `LlamaForCausalLM` with fewer
+decoder blocks, narrower MLPs and a trimmed vocabulary, initialised from the teacher's weights.
+
+Vocabulary: the tower reads and writes the TEACHER's token ids (so the teacher's tokenizer, cached
+features and metrics are unchanged); inside, `old_to_new` maps them to the kept vocabulary
+(`carve["vocab"]`, new id = index) and every dropped id to one extra fallback slot (new id = len(vocab)).
+The "lm" head therefore predicts len(vocab) + 1 classes; `to_teacher_vocab` spreads the fallback's
+probability evenly over the dropped ids, giving a proper distribution over the teacher's vocabulary for
+perplexity and accuracy. Generation never emits the fallback.
+
+Runtime-safe: torch + transformers only.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import HeadSpec, TowerConfig
+
+
+def vocab_maps(vocab: list[int], teacher_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(old_to_new (teacher_vocab,), new_to_old (len(vocab) + 1,)); dropped ids -> fallback len(vocab),
+    whose own entry in new_to_old is -1 (it is no teacher token)."""
+    kept = torch.as_tensor(vocab, dtype=torch.long)
+    if kept.numel() == 0 or int(kept.min()) < 0 or int(kept.max()) >= teacher_vocab:
+        raise ValueError(f"carve.vocab: ids must lie in [0, {teacher_vocab}), got {kept.numel()} ids")
+    if kept.unique().numel() != kept.numel():
+        raise ValueError("carve.vocab: ids must be distinct")
+    old_to_new = torch.full((teacher_vocab,), len(vocab), dtype=torch.long)
+    old_to_new[kept] = torch.arange(len(vocab))
+    new_to_old = torch.cat([kept, torch.tensor([-1])])
+    return old_to_new, new_to_old
+
+
+class _TiedLMHead(nn.Module):
+    """Logits over the kept vocabulary + fallback: the final norm is already applied by the backbone."""
+
+    def forward(self, h: torch.Tensor, emb_weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, emb_weight)  # (B, T, V' + 1)
+
+
+class CarvedLlamaBackbone(nn.Module):
+    """forward({input_ids (B, T) teacher ids, attention_mask (B, T)}) -> (hiddens [(B, T, H)] per kept
+    block (the last after the final norm), mask (B, T)); see `student.carved` for the contract."""
+
+    lora_target_regex = r".*lm\.model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        plan = cfg.carve
+        hf = dict(plan["hf_config"])
+        vocab = list(plan["vocab"])
+        hf["vocab_size"] = len(vocab) + 1
+        hf["tie_word_embeddings"] = True
+        self.hf_config = LlamaConfig(**hf)
+        self.lm = LlamaForCausalLM(self.hf_config)
+        old_to_new, new_to_old = vocab_maps(vocab, int(plan["teacher_vocab"]))
+        self.register_buffer("old_to_new", old_to_new, persistent=False)
+        self.register_buffer("new_to_old", new_to_old, persistent=False)
+        self.n_dropped = int(plan["teacher_vocab"]) - len(vocab)
+        self.eos_new = [int(old_to_new[e]) for e in plan.get("eos_ids", []) if int(old_to_new[e]) < len(vocab)]
+        # teacher layer "layers.i" (its hidden_states[i]) -> index into this backbone's hidden_states
+        self.anchor_map: dict[str, int] = dict(plan.get("anchor_map", {}))
+        self.layer_widths = {name: self.hf_config.hidden_size for name in self.anchor_map}
+        self.layer_states: dict[str, torch.Tensor] = {}
+        self.max_len = cfg.max_len
+
+    # -- contract ------------------------------------------------------------------------------------
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]):
+        ids = self.old_to_new[inputs["input_ids"]]  # (B, T) new ids
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        out = self.lm.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+        hs = out.hidden_states  # (n_layers + 1) x (B, T, H); the last is after the final norm
+        m = mask.to(hs[-1].dtype)[..., None]
+        self.layer_states = {name: (hs[i] * m).sum(1) / m.sum(1).clamp_min(1.0) for name, i in self.anchor_map.items()}
+        return list(hs[1:]), mask
+
+    def make_head(self, capability: str, spec: HeadSpec):
+        return _TiedLMHead() if spec.kind == "lm" else None
+
+    def lm_weight(self) -> torch.Tensor:
+        return self.lm.model.embed_tokens.weight  # (V' + 1, H), tied output matrix
+
+    # -- teacher vocabulary ----------------------------------------------------------------------------
+
+    def to_teacher_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., V' + 1) logits -> (..., V_teacher) log-probabilities; dropped ids share the fallback's mass."""
+        if self.n_dropped == 0:  # nothing was dropped: the fallback slot stands for no token
+            return torch.log_softmax(logits[..., :-1].float(), -1)[..., self.old_to_new]
+        logp = torch.log_softmax(logits.float(), -1)
+        spread = logp[..., -1:] - math.log(max(self.n_dropped, 1))
+        out = spread.expand(*logp.shape[:-1], self.old_to_new.shape[0]).clone()
+        out[..., self.new_to_old[:-1]] = logp[..., :-1]
+        return out
+
+    @torch.no_grad()
+    def generate_ids(self, input_ids: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+        """transformers' `generate` (greedy, KV cache, EOS, no 4-gram repeats) on the teacher ids of a
+        prompt (B, T); returns the new teacher ids per row, EOS excluded."""
+        ids = self.old_to_new[input_ids[:, -self.max_len:]]
+        budget = max(1, min(max_new_tokens, self.hf_config.max_position_embeddings - ids.shape[1]))
+        out = self.lm.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False,
+            eos_token_id=self.eos_new or None, pad_token_id=self.eos_new[0] if self.eos_new else 0,
+            no_repeat_ngram_size=4, repetition_penalty=1.1,
+            bad_words_ids=[[self.hf_config.vocab_size - 1]])  # never the fallback slot
+        rows = []
+        for row in out[:, ids.shape[1]:].tolist():
+            keep = []
+            for t in row:
+                if t in self.eos_new:
+                    break
+                keep.append(int(self.new_to_old[t]))
+            rows.append(keep)
+        return rows
+
+    # -- stock export --------------------------------------------------------------------------------
+
+    def export_stock(self, state: Mapping[str, torch.Tensor], folder: Path) -> set[str]:
+        """Write the backbone as a stock LlamaForCausalLM folder (config.json + model.safetensors) that
+        `AutoModelForCausalLM.from_pretrained` loads; its ids are the kept vocabulary (vocab.json maps them)."""
+        from safetensors.torch import save_file
+
+        keys = {k for k in state if k.startswith("lm.") and k != "lm.lm_head.weight"}
+        save_file({k[len("lm."):]: state[k] for k in sorted(keys)}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+        cfg = self.hf_config.to_dict()
+        cfg["architectures"] = ["LlamaForCausalLM"]
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+        (folder / "vocab.json").write_text(json.dumps({"teacher_ids": self.new_to_old[:-1].tolist(),
+                                                       "fallback": len(self.new_to_old) - 1}))
+        return keys | {"lm.lm_head.weight"}
+
+    def import_stock(self, folder: Path, read_state: Callable[[Path], dict]) -> dict:
+        sd = read_state(Path(folder) / "model.safetensors")
+        out = {f"lm.{k}": v for k, v in sd.items()}
+        out["lm.lm_head.weight"] = out["lm.model.embed_tokens.weight"]
+        return out

@@ -1,0 +1,270 @@
+"""Carve a text student from a Llama-family teacher snapshot (SmolLM2): which decoder blocks, MLP neurons
+and tokens to keep, measured on the cached probe tokens, and the teacher weights sliced accordingly.
+
+* blocks: ShortGPT's block influence BI_l = 1 - mean cos(h_in, h_out) over real tokens (a block that
+  barely turns the residual stream is the cheapest to drop); the kept blocks keep their order.
+* MLP neurons: NIWT-style first-order Taylor score |a * dL/da| on each block's down_proj input, with
+  L = the log-likelihood of the TRUE next tokens (`core.importance.taylor_scores` idea, per neuron).
+* tokens: the fewest ids covering `vocab_mass` of the train tokens, united with every id in the
+  teacher's cached top-k (what the teacher considers likely next), plus the special tokens.
+* size: blocks x MLP width chosen to fit `param_fraction` of the teacher's parameters.
+
+Reads the teacher's safetensors with transformers' stock Llama classes: no teacher package is imported.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TextCarveTarget:
+    """How small the carved text tower must be.
+
+    Attributes:
+        param_fraction: the student's parameters / the teacher's, in (0, 1].
+        mlp_keep: share of each kept block's MLP neurons kept, in (0, 1]; the block count then fills the
+            budget (Minitron: width pruning retains more than depth pruning at equal size).
+        vocab_mass: share of the train tokens the kept vocabulary must cover, in (0, 1].
+        sample_rows: probe sequences used for block influence and neuron scores.
+        min_blocks: refuse a budget that leaves fewer blocks.
+    """
+
+    param_fraction: float = 0.22
+    mlp_keep: float = 0.5
+    vocab_mass: float = 0.999
+    sample_rows: int = 48
+    min_blocks: int = 2
+
+    def __post_init__(self):
+        for f in ("param_fraction", "mlp_keep", "vocab_mass"):
+            v = getattr(self, f)
+            if not (isinstance(v, (int, float)) and 0 < v <= 1):
+                raise ValueError(f"text carve {f}: must be in (0, 1], got {v!r}")
+        if self.sample_rows < 1 or self.min_blocks < 1:
+            raise ValueError("text carve sample_rows and min_blocks: must be >= 1")
+
+
+def block_influence(hidden_states: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """ShortGPT block influence. hidden_states: (L + 1) x (B, T, H) (input of block 0 .. output of block
+    L-1, *before* the final norm); mask (B, T) bool. Returns (L,): 1 - mean cosine(h_l, h_{l+1})."""
+    m = mask.bool()
+    out = []
+    for a, b in zip(hidden_states[:-1], hidden_states[1:]):
+        cos = torch.nn.functional.cosine_similarity(a[m].double(), b[m].double(), dim=-1)  # (N,)
+        out.append(1.0 - cos.mean())
+    return torch.stack(out).float()
+
+
+def vocab_by_coverage(counts: np.ndarray, mass: float, always: list[int]) -> list[int]:
+    """Fewest ids whose counts cover `mass` of the total (ties by id), plus `always`; sorted ids."""
+    total = counts.sum()
+    if total <= 0:
+        raise ValueError("text carve: no token counted (empty train split?)")
+    order = np.lexsort((np.arange(len(counts)), -counts))
+    cum = np.cumsum(counts[order]) / total
+    n = int(np.searchsorted(cum, mass - 1e-12) + 1)
+    return sorted(set(order[:n].tolist()) | set(always))
+
+
+def layer_budget(teacher_cfg: dict, vocab_size: int, target: TextCarveTarget, teacher_params: int) -> tuple[int, int]:
+    """(blocks, mlp width) fitting param_fraction * teacher_params with the kept vocabulary (tied)."""
+    h, heads, kv = teacher_cfg["hidden_size"], teacher_cfg["num_attention_heads"], teacher_cfg["num_key_value_heads"]
+    d = teacher_cfg.get("head_dim") or h // heads
+    inter = max(1, int(round(teacher_cfg["intermediate_size"] * target.mlp_keep)))
+    per_block = h * heads * d * 2 + h * kv * d * 2 + 3 * h * inter + 2 * h
+    fixed = (vocab_size + 1) * h + h
+    if target.param_fraction >= 1.0:  # no depth cut asked for (the fallback row alone must not drop a block)
+        return teacher_cfg["num_hidden_layers"], inter
+    budget = target.param_fraction * teacher_params
+    blocks = int((budget - fixed) // per_block)
+    if blocks < target.min_blocks:
+        raise ValueError(f"tower 'text': param_fraction {target.param_fraction} leaves {max(blocks, 0)} blocks "
+                         f"(< min_blocks {target.min_blocks}) after a {vocab_size}-token vocabulary; raise "
+                         "param_fraction or lower vocab_mass / mlp_keep")
+    return min(blocks, teacher_cfg["num_hidden_layers"]), inter
+
+
+def _load_teacher(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def _sample_batches(token_rows: dict[str, list[int]], n: int, max_len: int, bs: int = 8):
+    ids = [v[:max_len] for _, v in sorted(token_rows.items())[:n] if len(v) >= 2]
+    for i in range(0, len(ids), bs):
+        chunk = ids[i:i + bs]
+        t = max(len(x) for x in chunk)
+        x = torch.zeros(len(chunk), t, dtype=torch.long)
+        m = torch.zeros(len(chunk), t, dtype=torch.bool)
+        for j, row in enumerate(chunk):
+            x[j, : len(row)], m[j, : len(row)] = torch.tensor(row), True
+        yield x, m
+
+
+def score_teacher(model, batches) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(block influence (L,), per-block MLP neuron Taylor scores [(I,)]) over the probe batches."""
+    layers = model.model.layers
+    acts: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        def hook(mod, args, i=i):
+            a = args[0]
+            a.retain_grad()
+            acts[i] = a
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(hook))
+    bi_sum = torch.zeros(len(layers))
+    taylor = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
+    n_batches = 0
+    try:
+        for ids, mask in batches:
+            model.zero_grad(set_to_none=True)
+            out = model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+            # (hidden_states[-1] is after the final norm; cosine is scale-invariant per token, and RMSNorm's
+            # learned gain is the only distortion, accepted for the last block)
+            bi_sum += block_influence([h.detach() for h in out.hidden_states], mask)
+            logp = torch.log_softmax(out.logits[:, :-1].float(), -1)
+            tgt = ids[:, 1:]
+            valid = (mask[:, 1:] & mask[:, :-1]).float()
+            ll = (logp.gather(-1, tgt[..., None])[..., 0] * valid).sum()
+            ll.backward()
+            for i, a in acts.items():
+                s = (a.detach() * a.grad).abs() * mask[..., None]  # (B, T, I)
+                taylor[i] += s.sum((0, 1)).double()
+            n_batches += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if n_batches == 0:
+        raise ValueError("text carve: no probe sequence with >= 2 tokens to score")
+    return bi_sum / n_batches, [t.float() for t in taylor]
+
+
+def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_ids: np.ndarray,
+                    target: TextCarveTarget, max_len: int, log: Callable[[str], None] = print) -> dict:
+    """The carve plan (JSON-able) of the text tower and its report.
+
+    Args:
+        model_dir: the teacher snapshot's stock Llama folder (config.json + safetensors).
+        token_rows: train row_id -> teacher token ids (cached), for block / neuron scores and coverage.
+        topk_ids: every id of the teacher's cached top-k on the train split (any shape).
+    """
+    model = _load_teacher(model_dir)
+    tcfg = model.config.to_dict()
+    teacher_vocab = int(model.config.vocab_size)
+    teacher_params = sum(p.numel() for p in model.parameters())
+    counts = np.zeros(teacher_vocab, dtype=np.float64)
+    for ids in token_rows.values():
+        np.add.at(counts, np.asarray(ids, dtype=np.int64), 1.0)
+    specials = sorted({int(i) for i in (tcfg.get("bos_token_id"), tcfg.get("eos_token_id"),
+                                          tcfg.get("pad_token_id")) if isinstance(i, int)})
+    cover = vocab_by_coverage(counts, target.vocab_mass, specials)
+    vocab = sorted(set(cover) | set(np.unique(np.asarray(topk_ids, dtype=np.int64)).tolist()))
+    blocks, inter = layer_budget(tcfg, len(vocab), target, teacher_params)
+    log(f"[text carve] vocabulary {len(vocab)}/{teacher_vocab} ({len(cover)} cover {target.vocab_mass:.3%} of "
+        f"the train tokens, + the teacher's top-k); budget: {blocks} blocks, MLP {inter}")
+    bi, taylor = score_teacher(model, _sample_batches(token_rows, target.sample_rows, max_len))
+    n_layers = len(bi)
+    kept_blocks = sorted(torch.argsort(bi, descending=True)[:blocks].tolist())
+    kept_neurons = {}
+    mass = {}
+    for b in kept_blocks:
+        order = torch.argsort(taylor[b], descending=True)[:inter]
+        kept_neurons[str(b)] = sorted(order.tolist())
+        mass[str(b)] = float(taylor[b][order].sum() / taylor[b].sum().clamp_min(1e-30))
+    # teacher layer "layers.i" = its hidden_states[i] = output of block i-1; the student's hidden_states[j]
+    # is the output of its (j-1)-th kept block. Anchor a teacher layer only where that block was kept.
+    anchor_map = {}
+    for i in range(1, n_layers + 1):
+        if i == n_layers:
+            anchor_map[f"layers.{i}"] = len(kept_blocks)
+        elif (i - 1) in kept_blocks:
+            anchor_map[f"layers.{i}"] = kept_blocks.index(i - 1) + 1
+    hf = {k: tcfg[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+                                "rope_theta", "max_position_embeddings", "hidden_act", "attention_bias",
+                                "mlp_bias", "head_dim", "rope_scaling", "rope_parameters") if k in tcfg}
+    hf.update(num_hidden_layers=len(kept_blocks), intermediate_size=inter)
+    eos = tcfg.get("eos_token_id")
+    eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int) and e in set(vocab)]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):  # the carved shape, to count its parameters exactly
+        shape = LlamaForCausalLM(LlamaConfig(**{**hf, "vocab_size": len(vocab) + 1, "tie_word_embeddings": True}))
+    student_params = sum(p.numel() for p in shape.parameters())
+    report = {
+        "teacher_params": int(teacher_params), "student_params": int(student_params),
+        "param_fraction": student_params / teacher_params,
+        "blocks_kept": kept_blocks, "blocks_dropped": [b for b in range(n_layers) if b not in kept_blocks],
+        "block_influence": [round(float(x), 5) for x in bi],
+        "mlp_neurons_kept": f"{inter}/{tcfg['intermediate_size']} per block",
+        "mlp_importance_mass_kept": {k: round(v, 4) for k, v in mass.items()},
+        "vocab_kept": len(vocab), "vocab_teacher": teacher_vocab,
+        "train_token_coverage": float(counts[vocab].sum() / max(counts.sum(), 1.0)),
+        "heads": f"all {tcfg['num_attention_heads']} query / {tcfg['num_key_value_heads']} kv heads kept",
+    }
+    log(f"[text carve] keep blocks {kept_blocks} of {n_layers}; {student_params / 1e6:.1f}M of "
+        f"{teacher_params / 1e6:.1f}M params ({report['param_fraction']:.2f})")
+    return {"family": "llama", "teacher_vocab": teacher_vocab, "vocab": vocab, "hf_config": hf,
+            "blocks": kept_blocks, "mlp_neurons": kept_neurons, "anchor_map": anchor_map, "eos_ids": eos_ids,
+            "target": asdict(target), "report": report}
+
+
+def carved_text_state(plan: dict, model_dir: Path) -> dict[str, torch.Tensor]:
+    """StudentTower state-dict entries ("backbone.lm.…") sliced from the teacher's weights by `plan`."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"text carve: no *.safetensors in {model_dir}")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    vocab = torch.as_tensor(plan["vocab"], dtype=torch.long)
+    emb = sd["model.embed_tokens.weight"]
+    # the fallback slot starts as the mean of the dropped rows: "any other token"
+    dropped = torch.ones(emb.shape[0], dtype=torch.bool)
+    dropped[vocab] = False
+    fallback = emb[dropped].mean(0, keepdim=True) if dropped.any() else emb.mean(0, keepdim=True)
+    out = {"backbone.lm.model.embed_tokens.weight": torch.cat([emb[vocab], fallback]).contiguous(),
+           "backbone.lm.model.norm.weight": sd["model.norm.weight"]}
+    out["backbone.lm.lm_head.weight"] = out["backbone.lm.model.embed_tokens.weight"]
+    for j, b in enumerate(plan["blocks"]):
+        src, dst = f"model.layers.{b}.", f"backbone.lm.model.layers.{j}."
+        keep = torch.as_tensor(plan["mlp_neurons"][str(b)], dtype=torch.long)
+        for k, v in sd.items():
+            if not k.startswith(src):
+                continue
+            name = k[len(src):]
+            if name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+                v = v[keep]
+            elif name == "mlp.down_proj.weight":
+                v = v[:, keep]
+            elif name.startswith("mlp.") and name.endswith("bias") and "down" not in name:
+                v = v[keep]
+            out[dst + name] = v.contiguous()
+    return out
+
+
+def token_rows_from_cache(entry: Path, splits=("train",)) -> tuple[dict[str, list[int]], np.ndarray]:
+    """(row_id -> ordered teacher token ids, all cached top-k ids) of the LM teacher's feature cache."""
+    from nexus_assets.core.feature_store import column_matrix, read_features
+
+    items = read_features(Path(entry), "items", columns=["row_id"], filter_splits=list(splits))
+    keep = set(items.column("row_id").to_pylist())
+    tok = read_features(Path(entry), "tokens", columns=["row_id", "position", "token_id", "topk_ids"])
+    rid = tok.column("row_id").to_pylist()
+    pos = tok.column("position").to_numpy()
+    tid = tok.column("token_id").to_numpy()
+    sel = np.fromiter((r in keep for r in rid), dtype=bool, count=len(rid))
+    rows: dict[str, list[tuple[int, int]]] = {}
+    for r, p, t in zip(np.asarray(rid, dtype=object)[sel], pos[sel], tid[sel]):
+        rows.setdefault(r, []).append((int(p), int(t)))
+    topk = column_matrix(tok.column("topk_ids"))[sel]
+    return {r: [t for _, t in sorted(v)] for r, v in rows.items()}, topk

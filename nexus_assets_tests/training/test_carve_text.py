@@ -1,0 +1,119 @@
+"""Carving a text student from a Llama teacher: known answers on a tiny Llama built from a config."""
+import numpy as np
+import pytest
+import torch
+
+from nexus_assets.student.config import HeadSpec, TowerConfig
+from nexus_assets.student.tower import StudentTower, load_tower, save_tower
+from nexus_assets.training.carve_text import (TextCarveTarget, block_influence, carved_text_state, layer_budget,
+                                              plan_text_carve, vocab_by_coverage)
+
+V = 96
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.ndim > 1 else None
+    d = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(d)
+    return model, d
+
+
+def _rows(n=12, t=10, seed=0):
+    g = np.random.default_rng(seed)
+    return {f"r{i:02d}": g.integers(3, 60, size=t).tolist() for i in range(n)}
+
+
+def _tower(plan, max_len=16):
+    hf = plan["hf_config"]
+    nv = len(plan["vocab"]) + 1
+    return TowerConfig(name="text", modality="text", width=hf["hidden_size"], depth=hf["num_hidden_layers"],
+                       n_heads=hf["num_attention_heads"], vocab_size=nv, max_len=max_len,
+                       capabilities={"text.generate": HeadSpec("lm", nv, "t", {"layers.2": 32})},
+                       lora_rank={"text.generate": 4}, init="carved", carve=plan)
+
+
+def test_block_influence_known_answer():
+    h0 = torch.tensor([[[1.0, 0.0]]])
+    h1 = torch.tensor([[[1.0, 0.0]]])  # unchanged -> 0
+    h2 = torch.tensor([[[0.0, 1.0]]])  # orthogonal -> 1
+    bi = block_influence([h0, h1, h2], torch.ones(1, 1, dtype=torch.bool))
+    torch.testing.assert_close(bi, torch.tensor([0.0, 1.0]))
+
+
+def test_vocab_by_coverage_picks_fewest_ids():
+    counts = np.array([0, 50, 30, 15, 5], dtype=float)
+    assert vocab_by_coverage(counts, 0.8, always=[0]) == [0, 1, 2]
+    assert vocab_by_coverage(counts, 0.95, always=[]) == [1, 2, 3]
+    assert vocab_by_coverage(counts, 1.0, always=[]) == [1, 2, 3, 4]
+
+
+def test_budget_refuses_too_small_a_target():
+    cfg = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+           "num_hidden_layers": 4}
+    with pytest.raises(ValueError, match="tower 'text': param_fraction"):
+        layer_budget(cfg, 90, TextCarveTarget(param_fraction=0.01), teacher_params=20000)
+    with pytest.raises(ValueError, match="mlp_keep"):
+        TextCarveTarget(mlp_keep=0.0)
+
+
+def test_full_carve_reproduces_the_teacher(tiny_llama):
+    """Every block, every neuron, every token kept: the carved tower's logits are the teacher's."""
+    model, d = tiny_llama
+    rows = _rows()
+    plan = plan_text_carve(d, token_rows=rows, topk_ids=np.arange(V), target=TextCarveTarget(1.0, 1.0, 1.0),
+                           max_len=16, log=lambda s: None)
+    assert plan["blocks"] == [0, 1, 2, 3] and len(plan["vocab"]) == V
+    tower = StudentTower(_tower(plan))
+    missing, unexpected = tower.load_state_dict(carved_text_state(plan, d), strict=False)
+    assert not unexpected and not [k for k in missing if k.startswith("backbone.")]
+    ids = torch.tensor([rows["r00"]])
+    with torch.no_grad():
+        out = tower({"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool)}, "text.generate")
+        ref = torch.log_softmax(model(input_ids=ids).logits, -1)
+        got = tower.base_backbone().to_teacher_vocab(out["out"])
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    # the kept teacher layer is anchored directly (no projection)
+    assert isinstance(tower.anchor_proj["text_generate__layers_2"], torch.nn.Identity)
+
+
+def test_carve_to_budget_drops_low_influence_blocks_and_trims_vocab(tiny_llama, tmp_path):
+    model, d = tiny_llama
+    rows = _rows()
+    seen = sorted({t for r in rows.values() for t in r})
+    plan = plan_text_carve(d, token_rows=rows, topk_ids=np.array([3, 4]), target=TextCarveTarget(0.6, 0.5, 1.0),
+                           max_len=16, log=lambda s: None)
+    rep = plan["report"]
+    assert rep["student_params"] <= 0.6 * rep["teacher_params"]
+    bi = np.array(rep["block_influence"])
+    dropped = rep["blocks_dropped"]
+    assert dropped and all(bi[d_] <= bi[k] + 1e-6 for d_ in dropped for k in plan["blocks"])
+    assert set(seen) <= set(plan["vocab"]) and len(plan["vocab"]) < V
+    assert rep["train_token_coverage"] == pytest.approx(1.0)
+    tower = StudentTower(_tower(plan))
+    tower.load_state_dict(carved_text_state(plan, d), strict=False)
+    # a dropped teacher id is read as the fallback slot; generation returns teacher ids only
+    gen = tower.generate({"input_ids": torch.tensor([[5, 6, 7]])}, "text.generate", max_new_tokens=6)[0]
+    assert len(gen) <= 6 and all(t in set(plan["vocab"]) for t in gen)
+    # save as a stock Llama folder + reload: identical outputs
+    tower.add_adapter("text.generate")
+    save_tower(tower, tmp_path / "t")
+    from transformers import AutoModelForCausalLM
+
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "t" / "hf")
+    assert stock.config.num_hidden_layers == len(plan["blocks"])
+    back = load_tower(tmp_path / "t")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        a = tower.eval()({"input_ids": ids}, "text.generate")["out"]
+        b = back({"input_ids": ids}, "text.generate")["out"]
+    torch.testing.assert_close(a, b)

@@ -3,7 +3,7 @@ import dagster as dg
 from pydantic import Field
 
 from .automation import RECOMPUTE_WHEN_STALE
-from .metadata import png_markdown
+from .metadata import by_key, png_markdown
 from .partitions import REGISTRY, dataset_to_teachers, teacher_partitions, teacher_to_tower, tower_partitions
 from .resources import NexusCompute
 
@@ -86,6 +86,12 @@ def neuron_importance(context: dg.AssetExecutionContext, config: ImportanceConfi
 
 
 class ArchitectureConfig(dg.Config):
+    init: str = Field("carved", description="'carved' (cut from the teacher's weights where its family can be "
+                      "carved) or 'random' (the ablation baseline: a fresh small transformer)")
+    text_param_fraction: float = Field(0.22, description="carved text tower parameters / SmolLM2's")
+    text_mlp_keep: float = Field(0.5, description="share of each kept block's MLP neurons kept")
+    text_vocab_mass: float = Field(0.999, description="share of the train tokens the kept vocabulary covers")
+    carved_lora_rank: int = Field(16, description="LoRA rank of each capability adapter of a carved tower")
     variance: float = Field(0.95, description="cumulative variance whose intrinsic dimension sets the LoRA rank")
     width_variance: float = Field(0.99, description="cumulative variance whose intrinsic dimension sets the width")
     depth: int = Field(4, description="student tower blocks")
@@ -95,14 +101,16 @@ class ArchitectureConfig(dg.Config):
 
 @dg.asset(
     partitions_def=tower_partitions,
-    ins={"activation_subspace": dg.AssetIn(partition_mapping=teacher_to_tower)},
-    code_version="1",
+    ins={"activation_subspace": dg.AssetIn(partition_mapping=teacher_to_tower),
+         "teacher_features": dg.AssetIn(partition_mapping=teacher_to_tower),
+         "teacher_snapshot": dg.AssetIn(partition_mapping=teacher_to_tower)},
+    code_version="2",
     automation_condition=RECOMPUTE_WHEN_STALE,
     group_name="profiling",
     kinds={"json"},
 )
 def student_architecture(context: dg.AssetExecutionContext, config: ArchitectureConfig, compute: NexusCompute,
-                         activation_subspace: dict) -> dg.Output[dict]:
+                         activation_subspace: dict, teacher_features: dict, teacher_snapshot: dict) -> dg.Output[dict]:
     """Tower width, depth and LoRA rank from the teachers' intrinsic dimensions, capped by the memory budget."""
     from nexus_assets.core.atomic import sha256_json, write_json
     from nexus_assets.core.paths import artifact_dir
@@ -119,6 +127,21 @@ def student_architecture(context: dg.AssetExecutionContext, config: Architecture
     )
     arch["teachers"] = sorted({p["teacher"] for p in profiles})
     arch["capabilities"] = sorted(c for t in REGISTRY.towers()[tower] for c in t.capabilities)
+    if config.init not in ("carved", "random"):
+        raise ValueError(f"student_architecture config: init must be 'carved' or 'random', got {config.init!r}")
+    if config.init == "carved":
+        carve = _carve_plan(tower, config, by_key(teacher_features, "teacher"), by_key(teacher_snapshot, "teacher"),
+                            context.log.info)
+        if carve is not None:
+            arch.update(init="carved", carve=carve, carved_lora_rank=config.carved_lora_rank)
+            rep = carve["report"]
+            arch["reasoning"].append(
+                f"carved from {carve['teacher']} ({carve['family']}): {rep['student_params'] / 1e6:.1f}M of "
+                f"{rep['teacher_params'] / 1e6:.1f}M parameters ({rep['param_fraction']:.2f})")
+            arch["reasoning"] += [f"{k}: {v}" for k, v in rep.items() if k not in ("teacher_params", "student_params")]
+        else:
+            arch["reasoning"].append(f"tower {tower!r}: no carvable teacher family here; random init")
+    arch.setdefault("init", "random")
     out = artifact_dir("student_architecture", tower) / "architecture.json"
     write_json(out, arch)
     for line in arch["reasoning"]:
@@ -126,7 +149,29 @@ def student_architecture(context: dg.AssetExecutionContext, config: Architecture
     return dg.Output(
         arch,
         data_version=dg.DataVersion(sha256_json(arch)[:16]),
-        metadata={"artifact_path": dg.MetadataValue.path(str(out)), "hidden_width": arch["hidden_width"],
+        metadata={"artifact_path": dg.MetadataValue.path(str(out)), "init": arch["init"],
+                  "carve_report": dg.MetadataValue.json(arch.get("carve", {}).get("report", {})),
+                  "hidden_width": arch["hidden_width"],
                   "lora_rank": arch["lora_rank"], "max_rank": arch["max_rank"], "depth": arch["depth"],
                   "reasoning": dg.MetadataValue.md("\n".join(f"- {r}" for r in arch["reasoning"]))},
     )
+
+
+def _carve_plan(tower: str, config: ArchitectureConfig, features: dict, snapshots: dict, log) -> dict | None:
+    """The carve plan of a tower whose teacher family can be carved (None: keep the random tower)."""
+    from pathlib import Path
+
+    families = {t.name: t.family for t in REGISTRY.enabled_teachers()}
+    lm = [t for t in features if families.get(t, "").startswith("causal_lm")]
+    if tower == "text" and lm:
+        from nexus_assets.training.carve_text import TextCarveTarget, plan_text_carve, token_rows_from_cache
+
+        teacher = lm[0]
+        rows, topk = token_rows_from_cache(Path(features[teacher]["path"]))
+        target = TextCarveTarget(param_fraction=config.text_param_fraction, mlp_keep=config.text_mlp_keep,
+                                 vocab_mass=config.text_vocab_mass)
+        plan = plan_text_carve(Path(snapshots[teacher]["path"]) / "hf", token_rows=rows, topk_ids=topk,
+                               target=target, max_len=64, log=log)
+        plan["teacher"] = teacher
+        return plan
+    return None

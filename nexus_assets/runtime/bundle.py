@@ -211,6 +211,7 @@ class TowerRuntime:
         self._need(f"{self.name}.generate")
         ids = torch.as_tensor(list(token_ids)[: self.cfg.max_len], dtype=torch.long)[None]  # (1, T)
         out = self.tower(self._to({"input_ids": ids}), f"{self.name}.generate")["out"]  # (1, T, V)
+        out = self.tower.to_teacher_vocab(f"{self.name}.generate", out)  # carved: over the teacher's ids
         return out[0].float().cpu().numpy()
 
     @torch.no_grad()

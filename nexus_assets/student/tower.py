@@ -225,6 +225,18 @@ class StudentTower(nn.Module):
             self.set_capability(capability)
         return self.head_forward(capability, self.encode(inputs), inputs)
 
+    def to_teacher_vocab(self, capability: str, out: torch.Tensor) -> torch.Tensor:
+        """A sequence head's logits over the teacher's vocabulary (a carved, vocabulary-trimmed tower
+        returns log-probabilities there; any other tower's logits are already in it)."""
+        spec = self.cfg.capabilities[capability]
+        base = self.base_backbone()
+        if spec.kind == "lm" and hasattr(base, "to_teacher_vocab"):
+            return base.to_teacher_vocab(out)
+        head = self.heads[adapter_name(capability)]
+        if spec.kind == "asr" and hasattr(head, "to_teacher_vocab"):
+            return head.to_teacher_vocab(out)
+        return out
+
     @torch.no_grad()
     def generate(self, inputs: Mapping[str, torch.Tensor], capability: str, max_new_tokens: int = 64) -> list[list[int]]:
         """Greedy decoding. "asr": transcript ids (without prompt, up to but excluding EOT) per item from

@@ -216,6 +216,19 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
             "target": asdict(target), "report": report}
 
 
+def carved_text_config(base, plan: dict, lora_rank: int):
+    """`base` (the text tower's heads) turned into the carved tower: the teacher's width, heads and kept
+    blocks, the "lm" head over the kept vocabulary + fallback, LoRA rank `lora_rank` per capability."""
+    import dataclasses
+
+    hf = plan["hf_config"]
+    nv = len(plan["vocab"]) + 1
+    caps = {c: (dataclasses.replace(h, out_dim=nv) if h.kind == "lm" else h) for c, h in base.capabilities.items()}
+    return dataclasses.replace(base, width=hf["hidden_size"], depth=len(plan["blocks"]),
+                               n_heads=hf["num_attention_heads"], vocab_size=nv, capabilities=caps,
+                               lora_rank={c: lora_rank for c in caps}, init="carved", carve=plan)
+
+
 def carved_text_state(plan: dict, model_dir: Path) -> dict[str, torch.Tensor]:
     """StudentTower state-dict entries ("backbone.lm.…") sliced from the teacher's weights by `plan`."""
     from safetensors.torch import load_file

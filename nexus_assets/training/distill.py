@@ -15,11 +15,43 @@ _TOKENIZER_FILES = {"text": ("smollm2-135m", "hf", ("tokenizer.json", "tokenizer
                     "audio": ("whisper-tiny-en", "hf", ("tokenizer.json", "tokenizer_config.json"))}
 
 
+# carve family -> (module, config builder, state builder, teacher model folder inside the snapshot)
+CARVERS = {
+    "llama": ("nexus_assets.training.carve_text", "carved_text_config", "carved_text_state", "hf"),
+    "efficientnet_lite": ("nexus_assets.training.carve_vision", "carved_vision_config", "carved_vision_state", ""),
+    "whisper": ("nexus_assets.training.carve_audio", "carved_audio_config", "carved_audio_state", ""),
+}
+
+
+def _carver(family: str):
+    import importlib
+
+    if family not in CARVERS:
+        raise ValueError(f"carve family {family!r} cannot be carved; carvable: {sorted(CARVERS)}")
+    mod, cfg_fn, state_fn, sub = CARVERS[family]
+    m = importlib.import_module(mod)
+    return getattr(m, cfg_fn), getattr(m, state_fn), sub
+
+
+def carved_init_state(cfg, snapshot_dirs: Mapping[str, Path]) -> dict:
+    """The teacher's weights, sliced by the carve plan, as StudentTower state-dict entries."""
+    teacher = cfg.carve.get("teacher")
+    if teacher not in snapshot_dirs:
+        raise ValueError(f"tower {cfg.name!r}: carved from teacher {teacher!r}, whose snapshot is missing")
+    _, state_fn, sub = _carver(cfg.carve["family"])
+    folder = Path(snapshot_dirs[teacher]) / sub if sub else Path(snapshot_dirs[teacher])
+    return state_fn(cfg.carve, folder)
+
+
 def tower_config_from_architecture(tower: str, architecture: Mapping):
-    """The tower's default heads with width, depth and LoRA rank taken from `student_architecture`."""
+    """The tower's default heads with width, depth and LoRA rank taken from `student_architecture`; a
+    carved architecture (`init: carved`) turns them into the teacher's cut-down shape instead."""
     from nexus_assets.student.config import default_tower_config
 
     cfg = default_tower_config(tower)
+    if architecture.get("init") == "carved":
+        cfg_fn, _, _ = _carver(architecture["carve"]["family"])
+        return cfg_fn(cfg, dict(architecture["carve"]), int(architecture.get("carved_lora_rank", 16)))
     width = int(architecture["hidden_width"])
     width -= width % cfg.n_heads
     rank = int(architecture["lora_rank"])
@@ -92,9 +124,10 @@ def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_ent
     train = load_tower_data(cfg, feature_entries, probe, splits=("train",))
     val = load_tower_data(cfg, feature_entries, probe, splits=("val",))
     pca, importance = anchoring_inputs(cfg, subspace_dirs, importance_dirs, anchor_variance)
-    log(f"[{tower}] width {cfg.width}, depth {cfg.depth}, ranks {cfg.lora_rank}; {len(train)} train / {len(val)} val "
+    log(f"[{tower}] {cfg.init} init, width {cfg.width}, depth {cfg.depth}, ranks {cfg.lora_rank}; {len(train)} train / {len(val)} val "
         f"rows; anchoring {sorted(f'{t}:{l}:{m[1].shape[0]}d' for (t, l), m in pca.items())}")
-    tc = cpu_train_config(tower, device=device, **overrides)
+    init_state = carved_init_state(cfg, snapshot_dirs) if cfg.init == "carved" else None
+    tc = cpu_train_config(tower, init=cfg.init, device=device, **overrides)
     inputs = {"features": {t: str(p) for t, p in sorted(feature_entries.items())},
               "architecture": sha256_json(architecture), "overrides": dict(overrides),
               "anchor_variance": anchor_variance}
@@ -102,7 +135,7 @@ def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_ent
     # while changed inputs or settings start fresh instead of resuming someone else's optimizer state
     run_key = sha256_json([inputs, cfg.to_dict(), tc.to_dict()])[:12]
     work = Path(out_dir) / "runs" / run_key
-    summary = train_tower(cfg, train, val, tc, work, pca=pca, importance=importance, log=log)
+    summary = train_tower(cfg, train, val, tc, work, pca=pca, importance=importance, log=log, init_state=init_state)
     tower_dir = work / "tower"
     extra = copy_runtime_files(tower, tower_dir, snapshot_dirs)
     for old in (Path(out_dir) / "runs").iterdir():  # superseded runs: stale by construction

@@ -105,6 +105,56 @@ def _scatter_tokens(tokens, rows: dict[str, int], n: int, length: int, column: s
     return out
 
 
+def remap_topk(ids: np.ndarray, logits: np.ndarray, old_to_new: np.ndarray, fallback: int) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher top-k over the teacher's vocabulary -> over a carved (trimmed) vocabulary.
+
+    ids, logits: (..., k). Kept ids are renumbered; the dropped ones all become the fallback id, whose
+    logit is the logsumexp of theirs (their mass, merged). The loss needs distinct ids per row, so the
+    other fallback slots get unused rare kept ids with logit -1e4 (probability ~0; their student mass
+    moves out of the tail bucket, a small documented approximation). Returns (ids, logits) of the same shape.
+    """
+    new = old_to_new[ids]
+    lg = logits.astype(np.float32).copy()
+    is_fb = new == fallback
+    dup = is_fb.sum(-1) > 1
+    if dup.any():
+        flat_new, flat_lg, flat_fb = new.reshape(-1, new.shape[-1]), lg.reshape(-1, lg.shape[-1]), is_fb.reshape(-1, new.shape[-1])
+        k = new.shape[-1]
+        pool = list(range(fallback - 1, max(fallback - 1 - 4 * k, -1), -1))  # the rarest kept ids
+        for r in np.nonzero(dup.reshape(-1))[0]:
+            slots = np.nonzero(flat_fb[r])[0]
+            lse = np.logaddexp.reduce(flat_lg[r, slots].astype(np.float64))
+            flat_lg[r, slots[0]] = lse
+            used = set(flat_new[r].tolist())
+            free = (c for c in pool if c not in used)
+            for s_ in slots[1:]:
+                flat_new[r, s_] = next(free)
+                flat_lg[r, s_] = -1e4
+    return new, lg
+
+
+def _carved_vocab(tower_cfg: TowerConfig) -> tuple[np.ndarray, int] | None:
+    """(old_to_new, fallback) of a carved tower whose sequence head predicts a trimmed vocabulary."""
+    plan = tower_cfg.carve if tower_cfg.init == "carved" else {}
+    if not plan.get("vocab"):
+        return None
+    vocab = np.asarray(plan["vocab"], dtype=np.int64)
+    fallback = int(plan.get("fallback", len(vocab)))
+    old_to_new = np.full(int(plan["teacher_vocab"]), fallback, dtype=np.int64)
+    old_to_new[vocab] = np.arange(len(vocab))
+    return old_to_new, fallback
+
+
+def _seq_targets(tensors: dict, cap: str, tk, rows, n: int, length: int, offset: int, remap) -> None:
+    """`<cap>:topk_ids|topk_logits|logsumexp` (N, length[, k]) from per-token rows, remapped when carved."""
+    ids = _scatter_tokens(tk, rows, n, length, "topk_ids", offset, 0, np.int64)
+    lg = _scatter_tokens(tk, rows, n, length, "topk_logits", offset, 0.0, np.float32)
+    if remap is not None:
+        ids, lg = remap_topk(ids, lg, *remap)
+    tensors[f"{cap}:topk_ids"], tensors[f"{cap}:topk_logits"] = torch.from_numpy(ids), torch.from_numpy(lg)
+    tensors[f"{cap}:logsumexp"] = torch.from_numpy(_scatter_tokens(tk, rows, n, length, "logsumexp", offset, 0.0, np.float32))
+
+
 def load_tower_data(
     tower_cfg: TowerConfig,
     teacher_features: Mapping[str, Path],
@@ -184,9 +234,7 @@ def load_tower_data(
         for cap, h in caps.items():
             if h.kind == "lm":
                 tk = tok if h.teacher == source else tokens_of(h.teacher)
-                for c, fill, dt in (("topk_ids", 0, np.int64), ("topk_logits", 0.0, np.float32),
-                                    ("logsumexp", 0.0, np.float32)):
-                    tensors[f"{cap}:{c}"] = torch.from_numpy(_scatter_tokens(tk, rows, n, T, c, 0, fill, dt))
+                _seq_targets(tensors, cap, tk, rows, n, T, 0, _carved_vocab(tower_cfg))
                 tensors[f"{cap}:mask"] = torch.from_numpy(_scatter_tokens(tk, rows, n, T, "__mask__", 0, False, bool)) & tensors["attention_mask"]
                 trim.update({f"{cap}:{c}": ("attention_mask", 0) for c in ("topk_ids", "topk_logits", "logsumexp", "mask")})
     elif tower_cfg.modality == "vision":
@@ -209,9 +257,7 @@ def load_tower_data(
             tk = tokens_of(h.teacher)
             tgt = _scatter_tokens(tk, rows, n, U, "token_id", p, 0, np.int64)  # (N, U) transcript ids
             tmask = _scatter_tokens(tk, rows, n, U, "__mask__", p, False, bool)
-            for c, fill, dt in (("topk_ids", 0, np.int64), ("topk_logits", 0.0, np.float32),
-                                ("logsumexp", 0.0, np.float32)):
-                tensors[f"{cap}:{c}"] = torch.from_numpy(_scatter_tokens(tk, rows, n, U, c, p, fill, dt))
+            _seq_targets(tensors, cap, tk, rows, n, U, p, _carved_vocab(tower_cfg))
             tensors[f"{cap}:mask"] = torch.from_numpy(tmask)
             tensors[f"{cap}:target_ids"] = torch.from_numpy(tgt)
             prompt = torch.tensor(tower_cfg.asr_prompt_ids, dtype=torch.long).expand(n, p)

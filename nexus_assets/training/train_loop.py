@@ -162,7 +162,7 @@ class TrainConfig:
         return asdict(self)
 
 
-def cpu_train_config(tower: str, **overrides) -> TrainConfig:
+def cpu_train_config(tower: str, init: str = "random", **overrides) -> TrainConfig:
     """The 2-core CPU default per tower, sized so the three towers train in about 6 minutes together.
 
     bench/training.py measured (2 cores, idle machine) text 9 / vision 110 / audio 30 samples/s in
@@ -173,7 +173,14 @@ def cpu_train_config(tower: str, **overrides) -> TrainConfig:
     if tower not in steps:
         raise ValueError(f"tower: {tower!r} has no CPU default; known: {sorted(steps)}")
     a, b, bs = steps[tower]
-    return TrainConfig(**{"phase_a_steps": a, "phase_b_steps": b, "batch_size": bs, **overrides})
+    base = {"phase_a_steps": a, "phase_b_steps": b, "batch_size": bs}
+    if init == "carved":
+        # a carved tower starts from the teacher's weights: a small learning rate heals the cut without
+        # washing out what the weights already know (1e-3 would); the embedded default's step counts
+        carved = {"text": (160, 30, 8), "vision": (200, 40, 32), "audio": (120, 30, 8)}
+        a, b, bs = carved[tower]
+        base = {"phase_a_steps": a, "phase_b_steps": b, "batch_size": bs, "lr": 2e-4, "adapter_lr": 1e-3}
+    return TrainConfig(**{**base, **overrides})
 
 
 @dataclass
@@ -426,6 +433,7 @@ def train_tower(
     importance: Mapping[tuple[str, str], Any] | None = None,
     log: Callable[[str], None] = print,
     hooks: TrainHooks | None = None,
+    init_state: Mapping[str, torch.Tensor] | None = None,
 ) -> dict:
     """Distil one tower (phases a and b, see the module docstring) and write it to `out_dir`.
 
@@ -441,6 +449,8 @@ def train_tower(
         importance: (teacher, layer) -> (Ht,) non-negative per-dimension weights for anchoring.
         log: receives one-line progress messages (rank 0 only).
         hooks: test hooks (TrainHooks).
+        init_state: StudentTower state-dict entries to start from (a carved tower's teacher weights);
+            every backbone parameter must be covered. A resumed run starts from its checkpoint instead.
 
     Returns:
         The summary dict (also written to summary.json by rank 0).
@@ -458,7 +468,14 @@ def train_tower(
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed % 2**32)
     random.seed(tc.seed)
-    tower = StudentTower(cfg).to(dd.device)
+    tower = StudentTower(cfg)
+    if init_state is not None:
+        missing, unexpected = tower.load_state_dict(dict(init_state), strict=False)
+        missing = [k for k in missing if k.startswith("backbone.")]
+        if missing or unexpected:
+            raise ValueError(f"init_state for tower {cfg.name!r}: missing backbone keys {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    tower = tower.to(dd.device)
     anchors = _anchor_context(cfg, data_train, pca, importance)
     for a in anchors.values():
         a.mean, a.components = a.mean.to(dd.device), a.components.to(dd.device)

@@ -117,3 +117,19 @@ def test_carve_to_budget_drops_low_influence_blocks_and_trims_vocab(tiny_llama, 
         a = tower.eval()({"input_ids": ids}, "text.generate")["out"]
         b = back({"input_ids": ids}, "text.generate")["out"]
     torch.testing.assert_close(a, b)
+
+
+def test_remap_topk_merges_dropped_ids_into_the_fallback():
+    from nexus_assets.training.tower_data import remap_topk
+
+    old_to_new = np.array([0, 3, 1, 3, 2, 3])  # kept teacher ids 0, 2, 4 -> 0, 1, 2; fallback 3
+    ids = np.array([[1, 0, 3, 4], [0, 2, 4, 1]])
+    lg = np.array([[2.0, 1.0, 0.5, 0.0], [3.0, 2.0, 1.0, 0.0]], dtype=np.float32)
+    new, out = remap_topk(ids, lg, old_to_new, fallback=3)
+    # row 0: teacher ids 1 and 3 were dropped: one fallback slot holding logaddexp(2, 0.5), one filler
+    assert new[0, 0] == 3 and out[0, 0] == pytest.approx(np.logaddexp(2.0, 0.5))
+    assert len(set(new[0].tolist())) == 4 and out[0, 2] == -1e4
+    np.testing.assert_array_equal(new[1], [0, 1, 2, 3])  # one dropped id: renumbered only
+    np.testing.assert_array_equal(out[1], lg[1])
+    # the probability mass of the row is unchanged
+    assert np.logaddexp.reduce(out[0].astype(np.float64)) == pytest.approx(np.logaddexp.reduce(lg[0].astype(np.float64)))

@@ -108,12 +108,38 @@ def _student_rows(dirs: dict[str, Path], tmp: Path, reps: int) -> dict:
     return rows
 
 
+def wav_bytes(seconds: float = 0.4, freq: float = 220.0, seed: int = 0) -> bytes:
+    """A 16 kHz mono PCM WAV of a noisy tone (latency does not depend on what is said)."""
+    import io
+    import wave
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    x = 0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.normal(size=t.size)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def png_bytes(seed: int = 0, size: int = 40) -> bytes:
+    """A random RGB PNG of size x size pixels."""
+    import io
+
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _teacher_rows(reps: int) -> dict:
     from nexus_assets.core.paths import artifacts_root
     from nexus_assets.core.registry import load_registry
     from nexus_assets.teachers.base import load_teacher
     from nexus_assets.teachers.snapshot import build_snapshot
-    from nexus_assets_tests.runtime.tiny import png_bytes, wav_bytes
 
     reg = load_registry()
     text = "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest at night."

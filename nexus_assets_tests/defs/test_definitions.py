@@ -27,6 +27,21 @@ def test_definitions_list_every_asset_and_the_registry_partitions():
         assert graph.get(dg.AssetKey(key)).code_version, f"{key} needs a code_version for staleness"
 
 
+def test_definitions_snapshot():
+    """The sorted asset keys, checks, schedules and sensors: a change to the graph shows up here."""
+    from nexus_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    assert sorted(k.to_user_string() for k in graph.get_all_asset_keys()) == [
+        "activation_subspace", "feature_catalog", "neuron_importance", "probe_dataset", "quantized_bundle",
+        "student_architecture", "student_router", "teacher_config", "teacher_features", "teacher_snapshot",
+        "tower_adapter", "validation_report"]
+    assert sorted(c.to_user_string() for c in graph.asset_check_keys) == [
+        "quantized_bundle:quantized_retention", "validation_report:retention_contracts"]
+    assert sorted(s.name for s in defs.schedules) == ["nightly_probe_dataset_refresh", "nightly_teacher_config_refresh"]
+    assert sorted(s.name for s in defs.sensors) == ["nexus_recompute_stale"]
+
+
 def test_loading_the_code_location_imports_no_heavy_library():
     code = ("import sys, nexus_assets.definitions; "
             "heavy=[m for m in ('torch','transformers','peft','bitsandbytes','pyarrow') if m in sys.modules]; "

@@ -60,11 +60,11 @@ def _tower_dirs(args, tmp: Path) -> dict[str, Path]:
         m = json.loads((Path(args.bundle) / "manifest.json").read_text())
         return {t: Path(args.bundle) / v["path"] for t, v in m["towers"].items()}
     from nexus_assets.student.tower import StudentTower, save_tower
-    from nexus_assets.student.config import default_tower_config
+    from nexus_assets.student.examples import example_tower_config
 
     out = {}
     for t in ("text", "vision", "audio"):
-        cfg = default_tower_config(t)
+        cfg = example_tower_config(t)
         tower = StudentTower(cfg)
         for cap in cfg.capabilities:
             tower.add_adapter(cap)

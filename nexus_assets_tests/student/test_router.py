@@ -5,12 +5,12 @@ import pytest
 
 from nexus_assets.student.router import (_EMBED, _GENERATE, HashedNgramClassifier, Route, Router, RoutingError,
                                       default_auto_examples)
-from nexus_assets.student.config import default_tower_config
+from nexus_assets.student.examples import example_tower_config
 
 
 @pytest.fixture(scope="module")
 def router() -> Router:
-    r = Router.from_towers([default_tower_config(t) for t in ("text", "vision", "audio")])
+    r = Router.from_towers([example_tower_config(t) for t in ("text", "vision", "audio")])
     r.fit_text_auto()
     return r
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from nexus_assets.student.config import HeadSpec, TowerConfig, adapter_name, default_tower_config
+from nexus_assets.student.config import HeadSpec, TowerConfig, adapter_name
+from nexus_assets.student.examples import example_tower_config
 
 from nexus_assets.student.tower import StudentTower, load_tower, save_tower
 
@@ -84,7 +85,7 @@ def test_forward_shapes(modality):
 
 @pytest.mark.parametrize("tower", ["text", "vision", "audio"])
 def test_default_config_shapes(tower):
-    cfg = default_tower_config(tower)
+    cfg = example_tower_config(tower)
     assert TowerConfig.from_json(cfg.to_json()) == cfg
     model = StudentTower(cfg)
     b = 2

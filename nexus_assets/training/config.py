@@ -1,0 +1,147 @@
+"""How a tower is trained: the typed, validated TrainConfig, its CPU defaults, and test hooks."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = ["TrainConfig", "TrainHooks", "TrainingDiverged", "cpu_train_config"]
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps or loss spikes; the message names the step."""
+
+
+@dataclass
+class TrainConfig:
+    """How one tower is trained. Validated on construction; errors name the field."""
+
+    seed: int = 0
+    """Seeds model init, adapter init and the batch order (batches are a function of seed, phase, step)."""
+    phase_a_steps: int = 200
+    """Optimizer steps of phase (a), joint backbone + heads training."""
+    phase_b_steps: int = 40
+    """Optimizer steps of phase (b) per capability (adapter + head)."""
+    batch_size: int = 8
+    """Rows per batch per rank (the global batch is batch_size x world size)."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate of phase (a)."""
+    adapter_lr: float = 2e-3
+    """Peak AdamW learning rate of phase (b) (LoRA + head)."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    warmup_steps: int = 10
+    """Linear warmup steps of each phase, then cosine decay to 10% of the peak."""
+    temperature: float = 2.0
+    """Softmax temperature of top-k KD and of LwF on logits heads."""
+    w_kd: float = 1.0
+    """Weight of the top-k KD losses (lm, asr, classes heads)."""
+    w_anchor: float = 0.5
+    """Base weight of the anchoring losses (times the alpha curriculum and the rollback escalation)."""
+    w_gram: float = 0.5
+    """Weight of the Gram (batch-relational) loss of embedding heads."""
+    w_cosine: float = 1.0
+    """Weight of the cosine loss of embedding heads."""
+    w_lwf: float = 0.5
+    """Weight of the learning-without-forgetting loss in phase (b)."""
+    teacher_weights: dict[str, float] = field(default_factory=dict)
+    """Teacher name -> multiplier of all of that teacher's losses (multi-teacher towers); missing = 1."""
+    alpha_start: float = 1.0
+    """Anchoring multiplier at the first step of a phase ..."""
+    alpha_end: float = 0.2
+    """... ramped linearly to this at the last step: anchor early for structure, then let KD lead."""
+    eval_every: int = 20
+    """Steps between validation passes (early stopping)."""
+    val_batches: int = 4
+    """Batches per validation pass (and per final train/val loss estimate)."""
+    patience: int = 5
+    """Validation passes without improvement before a phase stops early."""
+    min_delta: float = 0.0
+    """Improvement below this does not count for early stopping."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (the pre-clip norm is logged)."""
+    spike_factor: float = 4.0
+    """A step whose loss exceeds spike_factor x the running median is a spike (rolled back)."""
+    spike_window: int = 20
+    """Accepted steps the running median is taken over."""
+    spike_min_history: int = 8
+    """Accepted steps needed before spikes are detected."""
+    anchor_escalation: float = 2.0
+    """Factor applied to the anchoring weight after each rollback."""
+    max_rollbacks: int = 5
+    """More rollbacks than this raise TrainingDiverged."""
+    max_nan_skips: int = 10
+    """More skipped non-finite steps than this raise TrainingDiverged."""
+    checkpoint_every: int = 25
+    """Steps between checkpoints (also the in-memory rollback snapshots)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk."""
+    log_every: int = 10
+    """Steps between log lines (TensorBoard gets every step)."""
+    device: str = "auto"
+    """"cpu", "cuda" or "auto" (cuda:LOCAL_RANK when available)."""
+    num_threads: int = 0
+    """torch intra-op threads; 0 leaves torch's default."""
+
+    def __post_init__(self):
+        ints = {"phase_a_steps": 0, "phase_b_steps": 0, "batch_size": 1, "warmup_steps": 0, "eval_every": 1,
+                "val_batches": 1, "patience": 1, "spike_window": 2, "spike_min_history": 2, "max_rollbacks": 0,
+                "max_nan_skips": 0, "checkpoint_every": 1, "keep_checkpoints": 1, "log_every": 1, "num_threads": 0}
+        for name, lo in ints.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name}: must be an int >= {lo}, got {v!r}")
+        pos = ("lr", "adapter_lr", "temperature", "grad_clip", "spike_factor", "anchor_escalation")
+        nonneg = ("weight_decay", "w_kd", "w_anchor", "w_gram", "w_cosine", "w_lwf", "alpha_start", "alpha_end",
+                  "min_delta")
+        for name in pos + nonneg:
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 if name in pos else v >= 0)):
+                raise ValueError(f"{name}: must be a finite number {'> 0' if name in pos else '>= 0'}, got {v!r}")
+        for t, w in self.teacher_weights.items():
+            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                raise ValueError(f"teacher_weights: weight of {t!r} must be a finite number >= 0, got {w!r}")
+        if self.spike_factor <= 1:
+            raise ValueError(f"spike_factor: must be > 1, got {self.spike_factor}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device: must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cpu_train_config(tower: str, init: str = "random", **overrides) -> TrainConfig:
+    """The 2-core CPU default per tower, sized so the three towers train in about 6 minutes together.
+
+    bench/training.py measured (2 cores, idle machine) text 9 / vision 110 / audio 30 samples/s in
+    phase (a): about 3 minutes of pure steps; validation passes, checkpoints and a busy machine bring
+    it to about 6. Text gets the smallest batch because its LM head and KD are (B, T, 49152) per step.
+    """
+    steps = {"text": (100, 20, 4), "vision": (300, 60, 16), "audio": (150, 30, 8)}
+    if tower not in steps:
+        raise ValueError(f"tower: {tower!r} has no CPU default; known: {sorted(steps)}")
+    a, b, bs = steps[tower]
+    base = {"phase_a_steps": a, "phase_b_steps": b, "batch_size": bs}
+    if init == "carved":
+        # a carved tower starts from the teacher's weights: a small learning rate heals the cut without
+        # washing out what the weights already know (1e-3 would); the embedded default's step counts
+        carved = {"text": (160, 30, 8), "vision": (200, 40, 32), "audio": (120, 30, 8)}
+        a, b, bs = carved[tower]
+        base = {"phase_a_steps": a, "phase_b_steps": b, "batch_size": bs, "lr": 2e-4, "adapter_lr": 1e-3}
+    return TrainConfig(**{**base, **overrides})
+
+
+@dataclass
+class TrainHooks:
+    """Test/instrumentation hooks; None = not called.
+
+    batch(phase, step, batch) -> batch: may alter a batch (e.g. inject NaN).
+    loss(phase, step, loss) -> loss: may alter the total loss before the checks (e.g. inject a spike).
+    after_step(global_step): called after each step (e.g. to simulate a kill by raising).
+    """
+
+    batch: Callable[[str, int, dict], dict] | None = None
+    loss: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None
+    after_step: Callable[[int], None] | None = None

@@ -1,0 +1,217 @@
+"""The small parts the train loop is made of, each testable on its own: distributed setup, the stateless
+batch order, the loop state, the step guard (ok / NaN / spike), phase setup (what trains, optimizer and
+schedule), evaluation, the training curve and the parameter hash."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nexus_assets.student.tower import StudentTower
+
+from .config import TrainConfig
+from .objective import TowerObjective, task_losses
+from .tower_data import INPUT_KEYS, TowerData
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return x
+        import torch.distributed as dist
+
+        y = x.detach().clone().to(self.device)
+        dist.all_reduce(y)
+        return y / self.world
+
+
+def setup_dist(tc: TrainConfig) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if world <= 1:
+        return Dist(device=device)
+    import torch.distributed as dist
+
+    owns = False
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        owns = True
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owns_group=owns)
+
+
+def batch_indices(n: int, global_batch: int, seed: int, phase: int, step: int) -> list[int]:
+    """Rows of one global batch: the stream of per-epoch permutations (seeded by seed, phase, epoch),
+    cut into consecutive global batches. Stateless, so a resumed run sees exactly the same batches."""
+    out, perms = [], {}
+    for pos in range(step * global_batch, (step + 1) * global_batch):
+        epoch = pos // n
+        if epoch not in perms:
+            g = torch.Generator().manual_seed(hash_int(seed, phase, epoch))
+            perms[epoch] = torch.randperm(n, generator=g).tolist()
+        out.append(perms[epoch][pos % n])
+    return out
+
+
+def hash_int(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "little")
+
+
+@dataclass
+class TrainState:
+    """Where a run is: saved in every checkpoint (as a dict of plain types), restored on resume."""
+
+    phase_idx: int = 0
+    phase_step: int = 0
+    global_step: int = 0
+    rollbacks: int = 0
+    nan_skips: int = 0
+    anchor_boost: float = 1.0
+    loss_window: list = field(default_factory=list)
+    best_val: float = math.inf
+    bad_evals: int = 0
+    phase_log: dict = field(default_factory=dict)
+    history: dict = field(default_factory=lambda: {"train_loss": [], "grad_norm": [], "val_loss": [], "val_step": []})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        return cls(**d)
+
+    def end_phase(self, phase_idx: int) -> None:
+        """The next phase starts fresh: new optimizer, fresh early-stopping state and loss window."""
+        self.phase_idx, self.phase_step = phase_idx + 1, 0
+        self.best_val, self.bad_evals, self.loss_window = math.inf, 0, []
+
+
+def guard_step(loss_val: float, window: list, tc: TrainConfig) -> str:
+    """Decide a step before its backward: "nan_loss" (non-finite), "spike" (above spike_factor x the
+    running median of accepted losses, once spike_min_history are known) or "ok"."""
+    if not math.isfinite(loss_val):
+        return "nan_loss"
+    if len(window) >= tc.spike_min_history and loss_val > tc.spike_factor * statistics.median(window):
+        return "spike"
+    return "ok"
+
+
+def lr_lambda_for(warmup: int, total: int):
+    """Linear warmup over `warmup` steps, then cosine decay to 10% of the peak at `total`."""
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(total - warmup, 1))))
+    return f
+
+
+@dataclass
+class Phase:
+    """One phase's setup: its name, step budget, trainable parameters, optimizer and schedule."""
+
+    name: str
+    steps: int
+    params: list
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+
+
+def setup_phase(phase: str, tower: StudentTower, objective: TowerObjective, caps: list[str], tc: TrainConfig) -> Phase:
+    """Phase "a": everything trains on every capability. Phase "b:<cap>": only cap's (new) LoRA adapter,
+    head and anchor projections train, LwF keeps the other heads in place."""
+    if phase == "a":
+        steps, lr = tc.phase_a_steps, tc.lr
+        objective.phase_caps, objective.lwf_caps = caps, []
+        for p in tower.parameters():
+            p.requires_grad_(True)
+    else:
+        cap = phase[2:]
+        steps, lr = tc.phase_b_steps, tc.adapter_lr
+        if cap not in tower.adapters:
+            tower.add_adapter(cap)
+        tower.set_capability(cap)
+        objective.phase_caps, objective.lwf_caps = [cap], [c for c in caps if c != cap]
+        for p in tower.parameters():
+            p.requires_grad_(False)
+        for p in tower.lora_parameters(cap) + tower.head_parameters(cap):
+            p.requires_grad_(True)
+    params = [p for p in tower.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_for(tc.warmup_steps, max(steps, 1)))
+    return Phase(phase, steps, params, opt, sched)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()} if device.type != "cpu" else batch
+
+
+def params_sha256(module: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name + bytes), in state_dict order."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def evaluate(tower: StudentTower, caps: list[str], data: TowerData, tc: TrainConfig, device,
+              per_part: bool = False):
+    """Mean task loss (KD / cosine / Gram, no anchoring or LwF: comparable across the alpha curriculum)
+    over the first `val_batches` batches of `data` in row order, each capability with its adapter."""
+    was_training = tower.training
+    tower.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    for b in range(min(tc.val_batches, math.ceil(len(data) / tc.batch_size))):
+        idx = list(range(b * tc.batch_size, min((b + 1) * tc.batch_size, len(data))))
+        batch = to_device(data.batch(idx), device)
+        inputs = {k: v for k, v in batch.items() if k in INPUT_KEYS}
+        for cap in caps:
+            if tower.adapters:
+                tower.set_capability(cap)
+            res = tower.head_forward(cap, tower.encode(inputs), inputs)
+            for name, loss in task_losses(cap, tower.cfg.capabilities[cap].kind, res, batch, tc).items():
+                sums[f"{cap}.{name}"] = sums.get(f"{cap}.{name}", 0.0) + float(loss)
+        count += 1
+    tower.train(was_training)
+    means = {k: v / max(count, 1) for k, v in sums.items()}
+    return means if per_part else float(sum(means.values()))
+
+
+def training_curve(history: dict, path: Path, title: str) -> None:
+    """Train loss per accepted step and validation loss held between evaluations, one PNG."""
+    from nexus_assets.core.plots import training_curve_png
+
+    train = history["train_loss"]
+    series = {"train_loss": train}
+    if history["val_loss"]:
+        val = [float("nan")] * len(train)
+        j = 0
+        steps = history["val_step"]
+        for i in range(len(train)):
+            while j < len(steps) and steps[j] <= i + 1:
+                j += 1
+            if j:
+                val[i] = history["val_loss"][j - 1]
+        series["val_loss"] = val
+    if train:
+        training_curve_png(series, path, title)

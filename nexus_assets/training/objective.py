@@ -1,0 +1,130 @@
+"""The training objective of one tower: per-capability task losses, anchoring inside the protected
+subspaces, LwF in phase (b), combined per teacher (`TowerObjective`, the module DDP wraps)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nexus_assets.student.config import TowerConfig
+from nexus_assets.student.tower import StudentTower
+
+from .config import TrainConfig
+from .losses import (anchoring_loss, cosine_embedding_loss, gram_loss, lwf_loss, sequence_kd_loss,
+                     topk_kd_loss, weighted_sum)
+from .tower_data import INPUT_KEYS, TowerData
+
+
+@dataclass
+class Anchor:
+    mean: torch.Tensor  # (Ht,)
+    components: torch.Tensor  # (r, Ht)
+    importance: torch.Tensor | None  # (Ht,)
+    scale: float  # 1 / mean squared teacher PCA score: a student predicting the mean scores ~1
+
+
+def anchor_context(cfg: TowerConfig, data: TowerData, pca, importance) -> dict[tuple[str, str], Anchor]:
+    """Per (capability, layer): the PCA subspace anchored (identity when no PCA is given, i.e. plain MSE
+    around the training mean) and a scale that makes the loss O(1) whatever the teacher's units."""
+    out = {}
+    for cap, spec in cfg.capabilities.items():
+        for layer, ht in spec.anchor_layers.items():
+            h = data.tensors[f"{cap}:hidden.{layer}"].double()  # (N, Ht)
+            key = (spec.teacher, layer)
+            if pca and key in pca and pca[key] is not None:
+                mean, comps = (torch.as_tensor(np.asarray(t), dtype=torch.float32) for t in pca[key])
+                if mean.shape != (ht,) or comps.ndim != 2 or comps.shape[1] != ht:
+                    raise ValueError(f"pca[{key}]: mean {tuple(mean.shape)} / components {tuple(comps.shape)} "
+                                     f"do not match teacher width {ht}")
+            else:
+                mean, comps = h.mean(0).float(), torch.eye(ht)
+            imp = None
+            if importance and key in importance and importance[key] is not None:
+                imp = torch.as_tensor(np.asarray(importance[key]), dtype=torch.float32)
+            scores = (h - mean.double()) @ comps.double().T  # (N, r)
+            ms = float((scores**2).mean())
+            out[(cap, layer)] = Anchor(mean, comps, imp, 1.0 / max(ms, 1e-8))
+    return out
+
+
+def task_losses(cap: str, kind: str, res: dict, batch: dict, tc: TrainConfig) -> dict[str, torch.Tensor]:
+    """Unweighted distillation losses of one capability's head output (no anchoring)."""
+    out = res["out"]
+    if kind in ("lm", "asr"):
+        mask = batch[f"{cap}:mask"]  # (B, T|U)
+        return {"kd": sequence_kd_loss(out, batch[f"{cap}:topk_ids"], batch[f"{cap}:topk_logits"],
+                                       batch[f"{cap}:logsumexp"], tc.temperature, mask)}
+    if kind == "classes":
+        t = batch[f"{cap}:logits"]  # (B, C): the full teacher distribution, so k = C, no tail bucket
+        ids = torch.arange(t.shape[1], device=t.device).expand(t.shape[0], -1)
+        return {"kd": topk_kd_loss(out, ids, t, torch.logsumexp(t, -1), tc.temperature)}
+    t = batch[f"{cap}:embedding"]  # (B, D)
+    losses = {"cosine": cosine_embedding_loss(out, t)}
+    if out.shape[0] >= 2:
+        losses["gram"] = gram_loss(out, t)
+    return losses
+
+
+_KIND_WEIGHT = {"kd": "w_kd", "cosine": "w_cosine", "gram": "w_gram"}
+
+
+def lwf_view(kind: str, cap: str, out: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Head output as rows for lwf_loss: sequence logits keep only counted positions -> (N, V)."""
+    if kind in ("lm", "asr"):
+        return out[batch[f"{cap}:mask"]]
+    return out
+
+
+class TowerObjective(nn.Module):
+    """forward(batch) -> (total loss, {name: detached loss}). Wrapped in DDP under torchrun.
+
+    phase_caps: capabilities trained now; lwf_caps: heads kept in place by LwF (phase b only).
+    """
+
+    def __init__(self, tower: StudentTower, tc: TrainConfig, anchors: dict):
+        super().__init__()
+        self.tower = tower
+        self.tc = tc
+        self.anchors = anchors
+        self.phase_caps: list[str] = []
+        self.lwf_caps: list[str] = []
+        self.anchor_mult = 1.0
+
+    def forward(self, batch: dict):
+        tower, tc = self.tower, self.tc
+        inputs = {k: v for k, v in batch.items() if k in INPUT_KEYS}
+        enc = tower.encode(inputs)
+        losses, weights = {}, {}
+        for cap in self.phase_caps:
+            spec = tower.cfg.capabilities[cap]
+            tw = tc.teacher_weights.get(spec.teacher, 1.0)
+            res = tower.head_forward(cap, enc, inputs)
+            for name, loss in task_losses(cap, spec.kind, res, batch, tc).items():
+                losses[f"{cap}.{name}"] = loss
+                weights[f"{cap}.{name}"] = getattr(tc, _KIND_WEIGHT[name]) * tw
+            if spec.anchor_layers:
+                per_layer = []
+                for layer in spec.anchor_layers:
+                    a = self.anchors[(cap, layer)]
+                    per_layer.append(a.scale * anchoring_loss(res["anchors"][layer], nn.Identity(),
+                                                              batch[f"{cap}:hidden.{layer}"], a.mean, a.components,
+                                                              a.importance))
+                losses[f"{cap}.anchor"] = torch.stack(per_layer).mean()
+                weights[f"{cap}.anchor"] = tc.w_anchor * self.anchor_mult * tw
+        if self.lwf_caps:
+            new, kinds = {}, {}
+            for cap in self.lwf_caps:
+                kind = tower.cfg.capabilities[cap].kind
+                new[cap] = lwf_view(kind, cap, tower.head_forward(cap, enc, inputs)["out"], batch)
+                kinds[cap] = "embedding" if kind == "embedding" else "logits"
+            with torch.no_grad(), tower.adapters_disabled():
+                enc0 = tower.encode(inputs)
+                old = {cap: lwf_view(tower.cfg.capabilities[cap].kind, cap,
+                                      tower.head_forward(cap, enc0, inputs)["out"], batch) for cap in self.lwf_caps}
+            losses["lwf"] = lwf_loss(new, old, kinds, tc.temperature)
+            weights["lwf"] = tc.w_lwf
+        total, values = weighted_sum(losses, weights)
+        return total, values

@@ -13,8 +13,6 @@ Reads the teacher's safetensors with transformers' stock Llama classes: no teach
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable

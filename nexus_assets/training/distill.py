@@ -2,7 +2,6 @@
 features, subspaces and importance scores (the teacher package imports are never reached)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path

@@ -3,10 +3,9 @@ subspaces, LwF in phase (b), combined per teacher (`TowerObjective`, the module 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nexus_assets.student.config import TowerConfig

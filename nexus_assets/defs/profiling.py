@@ -88,7 +88,8 @@ def neuron_importance(context: dg.AssetExecutionContext, config: ImportanceConfi
 class ArchitectureConfig(dg.Config):
     init: str = Field("carved", description="'carved' (cut from the teacher's weights where its family can be "
                       "carved) or 'random' (the ablation baseline: a fresh small transformer)")
-    text_param_fraction: float = Field(0.22, description="carved text tower parameters / SmolLM2's")
+    text_param_fraction: float = Field(0.26, description="carved text tower parameters / SmolLM2's (0.26: the "
+                                       "text tower's share of a bundle <= 1/4 of the five teachers)")
     text_mlp_keep: float = Field(0.5, description="share of each kept block's MLP neurons kept")
     text_vocab_mass: float = Field(0.999, description="share of the train tokens the kept vocabulary covers")
     carved_lora_rank: int = Field(16, description="LoRA rank of each capability adapter of a carved tower")
@@ -167,11 +168,11 @@ def _carve_plan(tower: str, config: ArchitectureConfig, features: dict, snapshot
         from nexus_assets.training.carve_text import TextCarveTarget, plan_text_carve, token_rows_from_cache
 
         teacher = lm[0]
-        rows, topk = token_rows_from_cache(Path(features[teacher]["path"]))
+        rows, topk, probs = token_rows_from_cache(Path(features[teacher]["path"]))
         target = TextCarveTarget(param_fraction=config.text_param_fraction, mlp_keep=config.text_mlp_keep,
                                  vocab_mass=config.text_vocab_mass)
         plan = plan_text_carve(Path(snapshots[teacher]["path"]) / "hf", token_rows=rows, topk_ids=topk,
-                               target=target, max_len=64, log=log)
+                               topk_probs=probs, target=target, max_len=64, log=log)
         plan["teacher"] = teacher
         return plan
     return None

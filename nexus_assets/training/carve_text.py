@@ -5,8 +5,9 @@ and tokens to keep, measured on the cached probe tokens, and the teacher weights
   barely turns the residual stream is the cheapest to drop); the kept blocks keep their order.
 * MLP neurons: NIWT-style first-order Taylor score |a * dL/da| on each block's down_proj input, with
   L = the log-likelihood of the TRUE next tokens (`core.importance.taylor_scores` idea, per neuron).
-* tokens: the fewest ids covering `vocab_mass` of the train tokens, united with every id in the
-  teacher's cached top-k (what the teacher considers likely next), plus the special tokens.
+* tokens: the fewest ids covering `vocab_mass` of a combined mass: the train tokens themselves plus the
+  teacher's cached next-token probabilities (top-k), so tokens the teacher predicts but the small probe
+  corpus never spells still count; plus the special tokens.
 * size: blocks x MLP width chosen to fit `param_fraction` of the teacher's parameters.
 
 Reads the teacher's safetensors with transformers' stock Llama classes: no teacher package is imported.
@@ -34,7 +35,7 @@ class TextCarveTarget:
         min_blocks: refuse a budget that leaves fewer blocks.
     """
 
-    param_fraction: float = 0.22
+    param_fraction: float = 0.26
     mlp_keep: float = 0.5
     vocab_mass: float = 0.999
     sample_rows: int = 48
@@ -146,13 +147,15 @@ def score_teacher(model, batches) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 
 def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_ids: np.ndarray,
-                    target: TextCarveTarget, max_len: int, log: Callable[[str], None] = print) -> dict:
+                    target: TextCarveTarget, max_len: int, log: Callable[[str], None] = print,
+                    topk_probs: np.ndarray | None = None) -> dict:
     """The carve plan (JSON-able) of the text tower and its report.
 
     Args:
         model_dir: the teacher snapshot's stock Llama folder (config.json + safetensors).
         token_rows: train row_id -> teacher token ids (cached), for block / neuron scores and coverage.
-        topk_ids: every id of the teacher's cached top-k on the train split (any shape).
+        topk_ids: the teacher's cached top-k ids on the train split, (N, k).
+        topk_probs: their probabilities (N, k); None weighs every listed id as one occurrence.
     """
     model = _load_teacher(model_dir)
     tcfg = model.config.to_dict()
@@ -161,13 +164,15 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
     counts = np.zeros(teacher_vocab, dtype=np.float64)
     for ids in token_rows.values():
         np.add.at(counts, np.asarray(ids, dtype=np.int64), 1.0)
+    soft = np.zeros(teacher_vocab, dtype=np.float64)  # expected next-token counts under the teacher
+    tk = np.asarray(topk_ids, dtype=np.int64)
+    np.add.at(soft, tk.reshape(-1), (np.ones(tk.shape) if topk_probs is None else np.asarray(topk_probs)).reshape(-1))
     specials = sorted({int(i) for i in (tcfg.get("bos_token_id"), tcfg.get("eos_token_id"),
                                           tcfg.get("pad_token_id")) if isinstance(i, int)})
-    cover = vocab_by_coverage(counts, target.vocab_mass, specials)
-    vocab = sorted(set(cover) | set(np.unique(np.asarray(topk_ids, dtype=np.int64)).tolist()))
+    vocab = vocab_by_coverage(counts + soft, target.vocab_mass, specials)
     blocks, inter = layer_budget(tcfg, len(vocab), target, teacher_params)
-    log(f"[text carve] vocabulary {len(vocab)}/{teacher_vocab} ({len(cover)} cover {target.vocab_mass:.3%} of "
-        f"the train tokens, + the teacher's top-k); budget: {blocks} blocks, MLP {inter}")
+    log(f"[text carve] vocabulary {len(vocab)}/{teacher_vocab} (covering {target.vocab_mass:.3%} of the train "
+        f"tokens + the teacher's next-token mass); budget: {blocks} blocks, MLP {inter}")
     bi, taylor = score_teacher(model, _sample_batches(token_rows, target.sample_rows, max_len))
     n_layers = len(bi)
     kept_blocks = sorted(torch.argsort(bi, descending=True)[:blocks].tolist())
@@ -205,6 +210,7 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
         "mlp_importance_mass_kept": {k: round(v, 4) for k, v in mass.items()},
         "vocab_kept": len(vocab), "vocab_teacher": teacher_vocab,
         "train_token_coverage": float(counts[vocab].sum() / max(counts.sum(), 1.0)),
+        "teacher_next_token_mass_covered": float(soft[vocab].sum() / max(soft.sum(), 1e-12)),
         "heads": f"all {tcfg['num_attention_heads']} query / {tcfg['num_key_value_heads']} kv heads kept",
     }
     log(f"[text carve] keep blocks {kept_blocks} of {n_layers}; {student_params / 1e6:.1f}M of "
@@ -263,13 +269,15 @@ def carved_text_state(plan: dict, model_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def token_rows_from_cache(entry: Path, splits=("train",)) -> tuple[dict[str, list[int]], np.ndarray]:
-    """(row_id -> ordered teacher token ids, all cached top-k ids) of the LM teacher's feature cache."""
+def token_rows_from_cache(entry: Path, splits=("train",)) -> tuple[dict[str, list[int]], np.ndarray, np.ndarray]:
+    """(row_id -> ordered teacher token ids, cached top-k ids (N, k), their probabilities (N, k)) of the
+    LM teacher's feature cache, `splits` only."""
     from nexus_assets.core.feature_store import column_matrix, read_features
 
     items = read_features(Path(entry), "items", columns=["row_id"], filter_splits=list(splits))
     keep = set(items.column("row_id").to_pylist())
-    tok = read_features(Path(entry), "tokens", columns=["row_id", "position", "token_id", "topk_ids"])
+    tok = read_features(Path(entry), "tokens", columns=["row_id", "position", "token_id", "topk_ids", "topk_logits",
+                                                        "logsumexp"])
     rid = tok.column("row_id").to_pylist()
     pos = tok.column("position").to_numpy()
     tid = tok.column("token_id").to_numpy()
@@ -278,4 +286,6 @@ def token_rows_from_cache(entry: Path, splits=("train",)) -> tuple[dict[str, lis
     for r, p, t in zip(np.asarray(rid, dtype=object)[sel], pos[sel], tid[sel]):
         rows.setdefault(r, []).append((int(p), int(t)))
     topk = column_matrix(tok.column("topk_ids"))[sel]
-    return {r: [t for _, t in sorted(v)] for r, v in rows.items()}, topk
+    lse = tok.column("logsumexp").to_numpy()[sel]
+    probs = np.exp(column_matrix(tok.column("topk_logits"))[sel].astype(np.float64) - lse[:, None])
+    return {r: [t for _, t in sorted(v)] for r, v in rows.items()}, topk, probs

@@ -90,14 +90,14 @@ def test_carve_to_budget_drops_low_influence_blocks_and_trims_vocab(tiny_llama, 
     model, d = tiny_llama
     rows = _rows()
     seen = sorted({t for r in rows.values() for t in r})
-    plan = plan_text_carve(d, token_rows=rows, topk_ids=np.array([3, 4]), target=TextCarveTarget(0.6, 0.5, 1.0),
-                           max_len=16, log=lambda s: None)
+    plan = plan_text_carve(d, token_rows=rows, topk_ids=np.array([[3, 70]]), topk_probs=np.array([[0.5, 0.25]]),
+                           target=TextCarveTarget(0.6, 0.5, 1.0), max_len=16, log=lambda s: None)
     rep = plan["report"]
     assert rep["student_params"] <= 0.6 * rep["teacher_params"]
     bi = np.array(rep["block_influence"])
     dropped = rep["blocks_dropped"]
     assert dropped and all(bi[d_] <= bi[k] + 1e-6 for d_ in dropped for k in plan["blocks"])
-    assert set(seen) <= set(plan["vocab"]) and len(plan["vocab"]) < V
+    assert set(seen) | {70} <= set(plan["vocab"]) and len(plan["vocab"]) < V  # 70: only the teacher predicts it
     assert rep["train_token_coverage"] == pytest.approx(1.0)
     tower = StudentTower(_tower(plan))
     tower.load_state_dict(carved_text_state(plan, d), strict=False)

@@ -14,6 +14,7 @@ Reads the teacher's safetensors with transformers' stock Llama classes: no teach
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,10 @@ class TextCarveTarget:
         vocab_mass: share of the train tokens the kept vocabulary must cover, in (0, 1].
         sample_rows: probe sequences used for block influence and neuron scores.
         min_blocks: refuse a budget that leaves fewer blocks.
+        block_selection: "contiguous" drops the run of consecutive blocks whose input and output are the
+            closest in angle (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers"), so
+            the kept blocks still see the residual stream they were trained on; "influence" keeps the
+            blocks of highest block influence wherever they are (ShortGPT).
     """
 
     param_fraction: float = 0.26
@@ -40,12 +45,15 @@ class TextCarveTarget:
     vocab_mass: float = 0.999
     sample_rows: int = 48
     min_blocks: int = 2
+    block_selection: str = "contiguous"
 
     def __post_init__(self):
         for f in ("param_fraction", "mlp_keep", "vocab_mass"):
             v = getattr(self, f)
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise ValueError(f"text carve {f}: must be in (0, 1], got {v!r}")
+        if self.block_selection not in ("contiguous", "influence"):
+            raise ValueError(f"text carve block_selection: 'contiguous' or 'influence', got {self.block_selection!r}")
         if self.sample_rows < 1 or self.min_blocks < 1:
             raise ValueError("text carve sample_rows and min_blocks: must be >= 1")
 
@@ -59,6 +67,30 @@ def block_influence(hidden_states: list[torch.Tensor], mask: torch.Tensor) -> to
         cos = torch.nn.functional.cosine_similarity(a[m].double(), b[m].double(), dim=-1)  # (N,)
         out.append(1.0 - cos.mean())
     return torch.stack(out).float()
+
+
+def angular_distances(hidden_states: list[torch.Tensor], mask: torch.Tensor, n: int) -> torch.Tensor:
+    """(L - n + 1,): mean over real tokens of arccos(cos(h_l, h_{l+n})) / pi, for each start l; dropping
+    blocks l .. l+n-1 changes the residual stream least where it is smallest."""
+    m = mask.bool()
+    out = []
+    for l in range(len(hidden_states) - n):
+        cos = torch.nn.functional.cosine_similarity(hidden_states[l][m].double(), hidden_states[l + n][m].double(), dim=-1)
+        out.append(torch.arccos(cos.clamp(-1, 1)).mean() / math.pi)
+    return torch.stack(out).float()
+
+
+def select_blocks(bi: torch.Tensor, angular: torch.Tensor | None, keep: int, how: str) -> list[int]:
+    """Kept block indices (sorted). bi: (L,) block influence; angular: (L - (L-keep) + 1,) distances for
+    dropping L - keep consecutive blocks (see `angular_distances`)."""
+    n_layers = len(bi)
+    if keep >= n_layers:
+        return list(range(n_layers))
+    if how == "influence":
+        return sorted(torch.argsort(bi, descending=True)[:keep].tolist())
+    start = int(torch.argmin(angular))
+    drop = set(range(start, start + n_layers - keep))
+    return [b for b in range(n_layers) if b not in drop]
 
 
 def vocab_by_coverage(counts: np.ndarray, mass: float, always: list[int]) -> list[int]:
@@ -108,8 +140,9 @@ def _sample_batches(token_rows: dict[str, list[int]], n: int, max_len: int, bs: 
         yield x, m
 
 
-def score_teacher(model, batches) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(block influence (L,), per-block MLP neuron Taylor scores [(I,)]) over the probe batches."""
+def score_teacher(model, batches, n_drop: int = 0) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """(block influence (L,), per-block MLP neuron Taylor scores [(I,)], angular distances for dropping
+    n_drop consecutive blocks (or None)) over the probe batches."""
     layers = model.model.layers
     acts: dict[int, torch.Tensor] = {}
     hooks = []
@@ -120,6 +153,7 @@ def score_teacher(model, batches) -> tuple[torch.Tensor, list[torch.Tensor]]:
             acts[i] = a
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(hook))
     bi_sum = torch.zeros(len(layers))
+    ang_sum = None
     taylor = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
     n_batches = 0
     try:
@@ -128,7 +162,11 @@ def score_teacher(model, batches) -> tuple[torch.Tensor, list[torch.Tensor]]:
             out = model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
             # (hidden_states[-1] is after the final norm; cosine is scale-invariant per token, and RMSNorm's
             # learned gain is the only distortion, accepted for the last block)
-            bi_sum += block_influence([h.detach() for h in out.hidden_states], mask)
+            hs = [h.detach() for h in out.hidden_states]
+            bi_sum += block_influence(hs, mask)
+            if n_drop > 0:
+                a = angular_distances(hs, mask, n_drop)
+                ang_sum = a if ang_sum is None else ang_sum + a
             logp = torch.log_softmax(out.logits[:, :-1].float(), -1)
             tgt = ids[:, 1:]
             valid = (mask[:, 1:] & mask[:, :-1]).float()
@@ -143,7 +181,7 @@ def score_teacher(model, batches) -> tuple[torch.Tensor, list[torch.Tensor]]:
             h.remove()
     if n_batches == 0:
         raise ValueError("text carve: no probe sequence with >= 2 tokens to score")
-    return bi_sum / n_batches, [t.float() for t in taylor]
+    return bi_sum / n_batches, [t.float() for t in taylor], None if ang_sum is None else ang_sum / n_batches
 
 
 def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_ids: np.ndarray,
@@ -173,9 +211,10 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
     blocks, inter = layer_budget(tcfg, len(vocab), target, teacher_params)
     log(f"[text carve] vocabulary {len(vocab)}/{teacher_vocab} (covering {target.vocab_mass:.3%} of the train "
         f"tokens + the teacher's next-token mass); budget: {blocks} blocks, MLP {inter}")
-    bi, taylor = score_teacher(model, _sample_batches(token_rows, target.sample_rows, max_len))
-    n_layers = len(bi)
-    kept_blocks = sorted(torch.argsort(bi, descending=True)[:blocks].tolist())
+    n_layers = model.config.num_hidden_layers
+    bi, taylor, ang = score_teacher(model, _sample_batches(token_rows, target.sample_rows, max_len),
+                                    n_drop=n_layers - blocks)
+    kept_blocks = select_blocks(bi, ang, blocks, target.block_selection)
     kept_neurons = {}
     mass = {}
     for b in kept_blocks:
@@ -206,6 +245,8 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
         "param_fraction": student_params / teacher_params,
         "blocks_kept": kept_blocks, "blocks_dropped": [b for b in range(n_layers) if b not in kept_blocks],
         "block_influence": [round(float(x), 5) for x in bi],
+        "block_selection": target.block_selection,
+        "angular_distance_of_dropped_run": None if ang is None else round(float(ang.min()), 4),
         "mlp_neurons_kept": f"{inter}/{tcfg['intermediate_size']} per block",
         "mlp_importance_mass_kept": {k: round(v, 4) for k, v in mass.items()},
         "vocab_kept": len(vocab), "vocab_teacher": teacher_vocab,

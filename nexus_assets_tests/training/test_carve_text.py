@@ -50,6 +50,19 @@ def test_block_influence_known_answer():
     torch.testing.assert_close(bi, torch.tensor([0.0, 1.0]))
 
 
+def test_contiguous_selection_drops_the_closest_run():
+    from nexus_assets.training.carve_text import angular_distances, select_blocks
+
+    e = torch.eye(4)
+    # 4 blocks; the stream turns at blocks 0 and 3 only: dropping 2 consecutive blocks is free at 1..2
+    hs = [e[0], e[1], e[1], e[1], e[2]]
+    hs = [h.view(1, 1, 4) for h in hs]
+    ang = angular_distances(hs, torch.ones(1, 1, dtype=torch.bool), n=2)
+    torch.testing.assert_close(ang, torch.tensor([0.5, 0.0, 0.5]))
+    assert select_blocks(torch.zeros(4), ang, keep=2, how="contiguous") == [0, 3]
+    assert select_blocks(torch.tensor([0.1, 0.9, 0.2, 0.8]), None, keep=2, how="influence") == [1, 3]
+
+
 def test_vocab_by_coverage_picks_fewest_ids():
     counts = np.array([0, 50, 30, 15, 5], dtype=float)
     assert vocab_by_coverage(counts, 0.8, always=[0]) == [0, 1, 2]
@@ -91,7 +104,7 @@ def test_carve_to_budget_drops_low_influence_blocks_and_trims_vocab(tiny_llama, 
     rows = _rows()
     seen = sorted({t for r in rows.values() for t in r})
     plan = plan_text_carve(d, token_rows=rows, topk_ids=np.array([[3, 70]]), topk_probs=np.array([[0.5, 0.25]]),
-                           target=TextCarveTarget(0.6, 0.5, 1.0), max_len=16, log=lambda s: None)
+                           target=TextCarveTarget(0.6, 0.5, 1.0, block_selection="influence"), max_len=16, log=lambda s: None)
     rep = plan["report"]
     assert rep["student_params"] <= 0.6 * rep["teacher_params"]
     bi = np.array(rep["block_influence"])

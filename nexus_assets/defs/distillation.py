@@ -10,11 +10,10 @@ from .resources import NexusCompute
 
 
 class TowerTrainingConfig(dg.Config):
-    phase_a_steps: int = Field(0, description="joint backbone + heads steps; 0 = the tower's CPU default")
-    phase_b_steps: int = Field(0, description="per-capability adapter steps; 0 = the tower's CPU default")
-    batch_size: int = Field(0, description="rows per batch; 0 = the tower's CPU default")
-    seed: int = Field(0, description="seeds init and batch order: same inputs + seed = same weights")
-    temperature: float = Field(2.0, description="KD temperature")
+    train: dict = Field(default_factory=dict, description=(
+        "TrainConfig fields to change from the tower's CPU default (training/config.py documents each one: "
+        "phase_a_steps, phase_b_steps, batch_size, lr, seed, temperature, w_anchor, ...); validated by "
+        "TrainConfig, an unknown or bad field fails the run naming it"))
     anchor_variance: float = Field(0.95, description="protected subspace = PCA components up to this variance")
 
 
@@ -44,7 +43,13 @@ def tower_adapter(context: dg.AssetExecutionContext, config: TowerTrainingConfig
     from nexus_assets.training.distill import train_tower_from_artifacts
     from nexus_assets.core.paths import artifact_dir
 
+    from nexus_assets.training.config import TrainConfig
+
     tower = context.partition_key
+    unknown = sorted(set(config.train) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"tower_adapter config train: unknown TrainConfig fields {unknown}")
+    TrainConfig(**config.train)  # every value validated up front, naming the field
     compute.setup_torch()
     summary = train_tower_from_artifacts(
         tower,
@@ -54,7 +59,7 @@ def tower_adapter(context: dg.AssetExecutionContext, config: TowerTrainingConfig
         importance_dirs={t: Path(v["path"]) for t, v in by_key(neuron_importance, "teacher").items()},
         snapshot_dirs={t: Path(v["path"]) for t, v in by_key(teacher_snapshot, "teacher").items()},
         probe_dirs={d: Path(v["path"]) for d, v in by_key(probe_dataset, "dataset").items()},
-        overrides={k: v for k, v in config.model_dump().items() if k != "anchor_variance" and v},
+        overrides=dict(config.train),
         anchor_variance=config.anchor_variance,
         out_dir=artifact_dir("tower_adapter", tower),
         device=compute.resolved_device(),

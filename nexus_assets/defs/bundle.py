@@ -11,7 +11,7 @@ import dagster as dg
 from .automation import RECOMPUTE_WHEN_STALE
 from pydantic import Field
 
-from .metadata import by_key
+from .metadata import upstream
 from .validation import validation_report
 
 
@@ -50,14 +50,13 @@ def quantized_bundle(context: dg.AssetExecutionContext, config: BundleConfig, va
     from nexus_assets.probes.probe_data import read_probe_rows
 
     contracts = load_contracts(config.contracts_file or None)
-    reports = {t: v["report"] for t, v in by_key(validation_report, "tower").items()}
-    adapters = by_key(tower_adapter, "tower")
+    reports = {t: a.value["report"] for t, a in upstream(validation_report, "tower", "validation_report").items()}
+    adapters = {t: a.value for t, a in upstream(tower_adapter, "tower", "tower_adapter").items()}
     missing = sorted(set(adapters) - set(reports))
     if missing:
         raise ValueError(f"quantized_bundle: towers {missing} have no validation_report")
-    feats = by_key(teacher_features, "teacher")
-    probes = ({Path(probe_dataset["path"]).name: probe_dataset} if "content_hash" in probe_dataset
-              else dict(probe_dataset))
+    feats = {t: a.value for t, a in upstream(teacher_features, "teacher", "teacher_features").items()}
+    probes = {d: a.value for d, a in upstream(probe_dataset, "dataset", "probe_dataset").items()}
     out = artifact_dir("quantized_bundle", "default")
     manifest = build_bundle(
         {t: Path(v["path"]) for t, v in adapters.items()}, Path(student_router["path"]), out,

@@ -3,7 +3,7 @@ import dagster as dg
 from pydantic import Field
 
 from .automation import RECOMPUTE_WHEN_STALE
-from .metadata import by_key, png_markdown
+from .metadata import png_markdown, upstream
 from .partitions import REGISTRY, dataset_to_towers, teacher_to_tower, tower_partitions
 from .resources import NexusCompute
 
@@ -54,11 +54,11 @@ def tower_adapter(context: dg.AssetExecutionContext, config: TowerTrainingConfig
     summary = train_tower_from_artifacts(
         tower,
         architecture=student_architecture,
-        feature_entries={t: Path(v["path"]) for t, v in by_key(teacher_features, "teacher").items()},
-        subspace_dirs={t: Path(v["path"]) for t, v in by_key(activation_subspace, "teacher").items()},
-        importance_dirs={t: Path(v["path"]) for t, v in by_key(neuron_importance, "teacher").items()},
-        snapshot_dirs={t: Path(v["path"]) for t, v in by_key(teacher_snapshot, "teacher").items()},
-        probe_dirs={d: Path(v["path"]) for d, v in by_key(probe_dataset, "dataset").items()},
+        feature_entries={t: a.path for t, a in upstream(teacher_features, "teacher", "teacher_features").items()},
+        subspace_dirs={t: a.path for t, a in upstream(activation_subspace, "teacher", "activation_subspace").items()},
+        importance_dirs={t: a.path for t, a in upstream(neuron_importance, "teacher", "neuron_importance").items()},
+        snapshot_dirs={t: a.path for t, a in upstream(teacher_snapshot, "teacher", "teacher_snapshot").items()},
+        probe_dirs={d: a.path for d, a in upstream(probe_dataset, "dataset", "probe_dataset").items()},
         overrides=dict(config.train),
         anchor_variance=config.anchor_variance,
         out_dir=artifact_dir("tower_adapter", tower),
@@ -97,7 +97,7 @@ def student_router(context: dg.AssetExecutionContext, tower_adapter: dict) -> dg
     from nexus_assets.training.distill import build_router
     from nexus_assets.core.paths import artifact_dir
 
-    towers = by_key(tower_adapter, "tower")
+    towers = {t: a.value for t, a in upstream(tower_adapter, "tower", "tower_adapter").items()}
     out = artifact_dir("student_router", "all")
     info = build_router({t: v["path"] for t, v in towers.items()}, out)
     context.log.info(f"router: {info}")

@@ -3,7 +3,7 @@ import dagster as dg
 from pydantic import Field
 
 from .automation import RECOMPUTE_WHEN_STALE
-from .metadata import by_key, png_markdown
+from .metadata import png_markdown, upstream
 from .partitions import REGISTRY, dataset_to_teachers, teacher_partitions, teacher_to_tower, tower_partitions
 from .resources import NexusCompute
 
@@ -118,7 +118,7 @@ def student_architecture(context: dg.AssetExecutionContext, config: Architecture
     from nexus_assets.core.sizing import choose_tower_architecture
 
     tower = context.partition_key
-    subspaces = activation_subspace if "layers" not in activation_subspace else {"?": activation_subspace}
+    subspaces = {t: a.value for t, a in upstream(activation_subspace, "teacher", "activation_subspace").items()}
     profiles = [{"teacher": s["teacher"], "layer": layer, "width": v["width"], "intrinsic_dims": v["intrinsic_dims"]}
                 for s in subspaces.values() for layer, v in s["layers"].items()]
     arch = choose_tower_architecture(
@@ -131,7 +131,8 @@ def student_architecture(context: dg.AssetExecutionContext, config: Architecture
     if config.init not in ("carved", "random"):
         raise ValueError(f"student_architecture config: init must be 'carved' or 'random', got {config.init!r}")
     if config.init == "carved":
-        carve = _carve_plan(tower, config, by_key(teacher_features, "teacher"), by_key(teacher_snapshot, "teacher"),
+        carve = _carve_plan(tower, config, upstream(teacher_features, "teacher", "teacher_features"),
+                            upstream(teacher_snapshot, "teacher", "teacher_snapshot"),
                             context.log.info)
         if carve is not None:
             arch.update(init="carved", carve=carve, carved_lora_rank=config.carved_lora_rank)
@@ -168,10 +169,10 @@ def _carve_plan(tower: str, config: ArchitectureConfig, features: dict, snapshot
         from nexus_assets.training.carve_text import TextCarveTarget, plan_text_carve, token_rows_from_cache
 
         teacher = lm[0]
-        rows, topk, probs = token_rows_from_cache(Path(features[teacher]["path"]))
+        rows, topk, probs = token_rows_from_cache(features[teacher].path)
         target = TextCarveTarget(param_fraction=config.text_param_fraction, mlp_keep=config.text_mlp_keep,
                                  vocab_mass=config.text_vocab_mass)
-        plan = plan_text_carve(Path(snapshots[teacher]["path"]) / "hf", token_rows=rows, topk_ids=topk,
+        plan = plan_text_carve(snapshots[teacher].path / "hf", token_rows=rows, topk_ids=topk,
                                topk_probs=probs, target=target, max_len=64, log=log)
         plan["teacher"] = teacher
         return plan

@@ -9,7 +9,7 @@ re-checks the reports itself, because it may be materialized in a later run.
 import dagster as dg
 
 from .automation import RECOMPUTE_WHEN_STALE
-from .metadata import by_key, png_markdown
+from .metadata import png_markdown, upstream
 from pydantic import Field
 
 from .partitions import REGISTRY, teacher_to_tower, tower_partitions
@@ -56,9 +56,8 @@ def validation_report(context: dg.AssetExecutionContext, config: ValidationConfi
 
     tower = context.partition_key
     contracts = load_contracts(config.contracts_file or None)
-    feats = by_key(teacher_features, "teacher")
-    probes = ({Path(probe_dataset["path"]).name: probe_dataset} if "content_hash" in probe_dataset
-              else {Path(v["path"]).name: v for v in probe_dataset.values()})  # artifact dir is named after the dataset
+    feats = {t: a.value for t, a in upstream(teacher_features, "teacher", "teacher_features").items()}
+    probes = {d: a.value for d, a in upstream(probe_dataset, "dataset", "probe_dataset").items()}
     out = artifact_dir("validation_report", tower)
     report = validate_tower(
         Path(tower_adapter["path"]), tower, tower_adapter["capabilities"],

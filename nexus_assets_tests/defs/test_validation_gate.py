@@ -45,7 +45,8 @@ def teacher_features(context) -> dict:
 @dg.asset(partitions_def=dataset_partitions)
 def probe_dataset(context) -> dict:
     d = context.partition_key
-    return {"path": str(W["probe_dirs"][d]), "content_hash": f"h-{d}", "modality": REGISTRY.dataset(d).modality}
+    return {"path": str(W["probe_dirs"][d]), "content_hash": f"h-{d}", "modality": REGISTRY.dataset(d).modality,
+            "dataset": d}
 
 
 ASSETS = [tower_adapter, student_router, teacher_features, probe_dataset, validation_report, retention_contracts,

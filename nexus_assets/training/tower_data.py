@@ -173,9 +173,6 @@ def load_tower_data(
         ValueError: a capability's teacher has no features, no probe table has the modality's input
             column, or no row is common to every teacher and the probe rows.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     caps = tower_cfg.capabilities
     missing = sorted({h.teacher for h in caps.values()} - set(teacher_features))
     if missing:
@@ -199,86 +196,125 @@ def load_tower_data(
     if not row_ids:
         raise ValueError(f"tower {tower_cfg.name!r}: no row of splits {list(splits)} is common to the "
                          f"teachers {sorted(items)} and the probe rows")
-    n, rows = len(row_ids), _row_index(row_ids)
+    src = _Sources(tower_cfg, teacher_features, items, row_ids, probe)
     tensors: dict[str, torch.Tensor] = {}
     trim: dict[str, tuple[str, int]] = {}
+    {"text": _text_inputs, "vision": _vision_inputs, "audio": _audio_inputs}[tower_cfg.modality](src, tensors, trim)
+    _item_targets(src, tensors)
+    return TowerData(row_ids, tensors, trim)
 
-    def item_matrix(teacher: str, column: str) -> torch.Tensor:
-        table = items[teacher]
+
+@dataclass
+class _Sources:
+    """What the input / target builders of `load_tower_data` read: the kept rows, their cached items and
+    probe inputs, and the feature entries (per-token tables are read on demand)."""
+
+    cfg: TowerConfig
+    entries: Mapping[str, Path]
+    items: dict
+    row_ids: list[str]
+    probe: dict
+
+    def __post_init__(self):
+        self.n, self.rows = len(self.row_ids), _row_index(self.row_ids)
+
+    def item_matrix(self, teacher: str, column: str) -> torch.Tensor:
+        table = self.items[teacher]
         if column not in table.column_names:
             raise FeatureCacheError(f"teacher {teacher!r}: column {column!r} not cached; have {table.column_names}")
         order = _row_index(table.column("row_id").to_pylist())
         m = column_matrix(table.column(column))
-        return torch.from_numpy(np.ascontiguousarray(m[[order[r] for r in row_ids]], dtype=np.float32))
+        return torch.from_numpy(np.ascontiguousarray(m[[order[r] for r in self.row_ids]], dtype=np.float32))
 
-    def tokens_of(teacher: str):
-        t = read_features(Path(teacher_features[teacher]), "tokens")
-        return t.filter(pc.is_in(t.column("row_id"), value_set=pa.array(row_ids)))
+    def tokens_of(self, teacher: str):
+        import pyarrow as pa
+        import pyarrow.compute as pc
 
-    # -- inputs ---------------------------------------------------------------------------------------
-    if tower_cfg.modality == "text":
-        lm = [h.teacher for h in caps.values() if h.kind == "lm"]
-        source = lm[0] if lm else next((t for t in teacher_features if t not in items), None)
-        if source is None:
-            raise ValueError(f"tower {tower_cfg.name!r}: text inputs come from an 'lm' teacher's cached "
-                             "token ids; add one to teacher_features")
-        tok = tokens_of(source)
-        T = tower_cfg.max_len
-        ids = _scatter_tokens(tok, rows, n, T, "token_id", 0, 0, np.int64)
-        mask = _scatter_tokens(tok, rows, n, T, "__mask__", 0, False, bool)
-        tensors["input_ids"], tensors["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
-        trim.update({"input_ids": ("attention_mask", 0), "attention_mask": ("attention_mask", 0)})
-        if not mask[:, 0].all():
-            bad = [row_ids[i] for i in np.nonzero(~mask[:, 0])[0][:3]]
-            raise FeatureCacheError(f"teacher {source!r}: rows {bad} have no token at position 0")
-        for cap, h in caps.items():
-            if h.kind == "lm":
-                tk = tok if h.teacher == source else tokens_of(h.teacher)
-                _seq_targets(tensors, cap, tk, rows, n, T, 0, _carved_vocab(tower_cfg))
-                tensors[f"{cap}:mask"] = torch.from_numpy(_scatter_tokens(tk, rows, n, T, "__mask__", 0, False, bool)) & tensors["attention_mask"]
-                trim.update({f"{cap}:{c}": ("attention_mask", 0) for c in ("topk_ids", "topk_logits", "logsumexp", "mask")})
-    elif tower_cfg.modality == "vision":
-        tensors["pixels"] = torch.stack([preprocess_image(probe[r], tower_cfg.image_size, r) for r in row_ids])
-    else:
-        mels = [log_mel(torch.from_numpy(decode_wav(probe[r], r)), tower_cfg.n_mels)[: tower_cfg.max_frames]
-                for r in row_ids]
-        f = max(m.shape[0] for m in mels)
-        tensors["mels"] = torch.zeros(n, f, tower_cfg.n_mels)
-        tensors["mel_mask"] = torch.zeros(n, f, dtype=torch.bool)
-        for i, m in enumerate(mels):
-            tensors["mels"][i, : m.shape[0]] = m
-            tensors["mel_mask"][i, : m.shape[0]] = True
-        trim.update({"mels": ("mel_mask", 0), "mel_mask": ("mel_mask", 0)})
-        for cap, h in caps.items():
-            if h.kind != "asr":
-                continue
-            p = len(tower_cfg.asr_prompt_ids)
-            U = tower_cfg.asr_max_len - p + 1
-            tk = tokens_of(h.teacher)
-            tgt = _scatter_tokens(tk, rows, n, U, "token_id", p, 0, np.int64)  # (N, U) transcript ids
-            tmask = _scatter_tokens(tk, rows, n, U, "__mask__", p, False, bool)
-            _seq_targets(tensors, cap, tk, rows, n, U, p, _carved_vocab(tower_cfg))
-            tensors[f"{cap}:mask"] = torch.from_numpy(tmask)
-            tensors[f"{cap}:target_ids"] = torch.from_numpy(tgt)
-            prompt = torch.tensor(tower_cfg.asr_prompt_ids, dtype=torch.long).expand(n, p)
-            tensors["dec_ids"] = torch.cat([prompt, torch.from_numpy(tgt[:, :-1])], dim=1)  # (N, P+U-1)
-            tensors["dec_mask"] = torch.cat([torch.ones(n, p, dtype=torch.bool), torch.from_numpy(tmask[:, :-1])], 1)
-            trim.update({f"{cap}:{c}": (f"{cap}:mask", 0) for c in ("topk_ids", "topk_logits", "logsumexp", "mask", "target_ids")})
-            trim.update({"dec_ids": (f"{cap}:mask", p - 1), "dec_mask": (f"{cap}:mask", p - 1)})
+        t = read_features(Path(self.entries[teacher]), "tokens")
+        return t.filter(pc.is_in(t.column("row_id"), value_set=pa.array(self.row_ids)))
 
-    # -- item targets ---------------------------------------------------------------------------------
+
+def _text_inputs(src: _Sources, tensors: dict, trim: dict) -> None:
+    """input_ids / attention_mask from the "lm" teacher's cached token ids, and its per-token KD targets."""
+    cfg, caps, n, rows, row_ids = src.cfg, src.cfg.capabilities, src.n, src.rows, src.row_ids
+    lm = [h.teacher for h in caps.values() if h.kind == "lm"]
+    source = lm[0] if lm else next((t for t in src.entries if t not in src.items), None)
+    if source is None:
+        raise ValueError(f"tower {cfg.name!r}: text inputs come from an 'lm' teacher's cached "
+                         "token ids; add one to teacher_features")
+    tok = src.tokens_of(source)
+    T = cfg.max_len
+    ids = _scatter_tokens(tok, rows, n, T, "token_id", 0, 0, np.int64)
+    mask = _scatter_tokens(tok, rows, n, T, "__mask__", 0, False, bool)
+    tensors["input_ids"], tensors["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+    trim.update({"input_ids": ("attention_mask", 0), "attention_mask": ("attention_mask", 0)})
+    if not mask[:, 0].all():
+        bad = [row_ids[i] for i in np.nonzero(~mask[:, 0])[0][:3]]
+        raise FeatureCacheError(f"teacher {source!r}: rows {bad} have no token at position 0")
     for cap, h in caps.items():
+        if h.kind == "lm":
+            tk = tok if h.teacher == source else src.tokens_of(h.teacher)
+            _seq_targets(tensors, cap, tk, rows, n, T, 0, _carved_vocab(cfg))
+            tensors[f"{cap}:mask"] = torch.from_numpy(_scatter_tokens(tk, rows, n, T, "__mask__", 0, False, bool)) & tensors["attention_mask"]
+            trim.update({f"{cap}:{c}": ("attention_mask", 0) for c in ("topk_ids", "topk_logits", "logsumexp", "mask")})
+
+
+def _vision_inputs(src: _Sources, tensors: dict, trim: dict) -> None:
+    tensors["pixels"] = torch.stack([preprocess_image(src.probe[r], src.cfg.image_size, r) for r in src.row_ids])
+
+
+def _audio_inputs(src: _Sources, tensors: dict, trim: dict) -> None:
+    """mels / mel_mask from the probe wavs and, for an "asr" head, teacher-forced decoder inputs + KD targets."""
+    cfg, n, rows = src.cfg, src.n, src.rows
+    mels = [audio_features(cfg, decode_wav(src.probe[r], r))[: cfg.max_frames] for r in src.row_ids]
+    f = max(m.shape[0] for m in mels)
+    tensors["mels"] = torch.zeros(n, f, mels[0].shape[1])
+    tensors["mel_mask"] = torch.zeros(n, f, dtype=torch.bool)
+    for i, m in enumerate(mels):
+        tensors["mels"][i, : m.shape[0]] = m
+        tensors["mel_mask"][i, : m.shape[0]] = True
+    trim.update({"mels": ("mel_mask", 0), "mel_mask": ("mel_mask", 0)})
+    for cap, h in cfg.capabilities.items():
+        if h.kind != "asr":
+            continue
+        p = len(cfg.asr_prompt_ids)
+        U = cfg.asr_max_len - p + 1
+        tk = src.tokens_of(h.teacher)
+        tgt = _scatter_tokens(tk, rows, n, U, "token_id", p, 0, np.int64)  # (N, U) transcript ids
+        tmask = _scatter_tokens(tk, rows, n, U, "__mask__", p, False, bool)
+        _seq_targets(tensors, cap, tk, rows, n, U, p, _carved_vocab(cfg))
+        tensors[f"{cap}:mask"] = torch.from_numpy(tmask)
+        tensors[f"{cap}:target_ids"] = torch.from_numpy(tgt)
+        prompt = torch.tensor(cfg.asr_prompt_ids, dtype=torch.long).expand(n, p)
+        tensors["dec_ids"] = torch.cat([prompt, torch.from_numpy(tgt[:, :-1])], dim=1)  # (N, P+U-1)
+        tensors["dec_mask"] = torch.cat([torch.ones(n, p, dtype=torch.bool), torch.from_numpy(tmask[:, :-1])], 1)
+        trim.update({f"{cap}:{c}": (f"{cap}:mask", 0) for c in ("topk_ids", "topk_logits", "logsumexp", "mask", "target_ids")})
+        trim.update({"dec_ids": (f"{cap}:mask", p - 1), "dec_mask": (f"{cap}:mask", p - 1)})
+
+
+def _item_targets(src: _Sources, tensors: dict) -> None:
+    """Embeddings, class logits and the pooled hidden states of every anchored teacher layer."""
+    for cap, h in src.cfg.capabilities.items():
         if h.kind == "embedding":
-            tensors[f"{cap}:embedding"] = item_matrix(h.teacher, "embedding")
+            tensors[f"{cap}:embedding"] = src.item_matrix(h.teacher, "embedding")
         elif h.kind == "classes":
-            tensors[f"{cap}:logits"] = item_matrix(h.teacher, "logits")
+            tensors[f"{cap}:logits"] = src.item_matrix(h.teacher, "logits")
         for layer, ht in h.anchor_layers.items():
-            m = item_matrix(h.teacher, f"hidden.{layer}")
+            m = src.item_matrix(h.teacher, f"hidden.{layer}")
             if m.shape[1] != ht:
                 raise FeatureCacheError(f"teacher {h.teacher!r}: hidden.{layer} is {m.shape[1]}-d, but "
                                         f"{cap}'s anchor_layers says {ht}")
             tensors[f"{cap}:hidden.{layer}"] = m
-    return TowerData(row_ids, tensors, trim)
+
+
+def audio_features(cfg: TowerConfig, wave: np.ndarray) -> torch.Tensor:
+    """(F, n_mels) input features of an audio tower: a carved tower's family may bring its own (the
+    teacher's exact log-mel), the random tower uses `student.transforms.log_mel`."""
+    if cfg.init == "carved" and cfg.carve.get("family") == "whisper":
+        from nexus_assets.student.carved_audio import whisper_log_mel
+
+        return whisper_log_mel(wave)
+    return log_mel(torch.from_numpy(wave), cfg.n_mels)
 
 
 def synthetic_tower_data(cfg: TowerConfig, n: int, seed: int = 0, seq_len: int | None = None,

@@ -56,6 +56,50 @@ def _check_floating(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
+def _checked_topk_inputs(student_logits, teacher_topk_ids, teacher_topk_logits, teacher_logsumexp,
+                         temperature, mask):
+    """`topk_kd_loss`'s argument checks (see its Raises); returns the rows that count and (V, k)."""
+    _check_temperature(temperature)
+    if student_logits.ndim != 2:
+        raise _shape_error("student_logits", student_logits, "(N, V)")
+    _check_floating("student_logits", student_logits)
+    n, v = student_logits.shape
+    if teacher_topk_ids.ndim != 2 or teacher_topk_ids.shape[0] != n:
+        raise _shape_error("teacher_topk_ids", teacher_topk_ids, f"(N, k) with N={n}")
+    if teacher_topk_ids.dtype != torch.long:
+        raise ValueError(f"teacher_topk_ids must have dtype torch.long, got {teacher_topk_ids.dtype}")
+    k = teacher_topk_ids.shape[1]
+    if not 1 <= k <= v:
+        raise ValueError(f"teacher_topk_ids must have 1 <= k <= V={v}, got shape {tuple(teacher_topk_ids.shape)}")
+    if teacher_topk_logits.shape != teacher_topk_ids.shape:
+        raise _shape_error("teacher_topk_logits", teacher_topk_logits, f"(N, k)=({n}, {k})")
+    _check_floating("teacher_topk_logits", teacher_topk_logits)
+    if teacher_logsumexp.shape != (n,):
+        raise _shape_error("teacher_logsumexp", teacher_logsumexp, f"(N,)=({n},)")
+    _check_floating("teacher_logsumexp", teacher_logsumexp)
+    if mask is not None:
+        if mask.shape != (n,):
+            raise _shape_error("mask", mask, f"(N,)=({n},)")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must have dtype torch.bool, got {mask.dtype}")
+        student_logits = student_logits[mask]
+        teacher_topk_ids = teacher_topk_ids[mask]
+        teacher_topk_logits = teacher_topk_logits[mask]
+        teacher_logsumexp = teacher_logsumexp[mask]
+
+    ids = teacher_topk_ids
+    if ids.numel() > 0:
+        if int(ids.min()) < 0 or int(ids.max()) >= v:
+            raise ValueError(
+                f"teacher_topk_ids must lie in [0, V={v}), got values in [{int(ids.min())}, {int(ids.max())}]"
+            )
+        sorted_ids = ids.sort(dim=-1).values
+        if bool((sorted_ids[:, 1:] == sorted_ids[:, :-1]).any()):
+            raise ValueError("teacher_topk_ids must be distinct within each row; found a repeated id")
+
+    return student_logits, teacher_topk_ids, teacher_topk_logits, teacher_logsumexp, v, k
+
+
 def topk_kd_loss(
     student_logits: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
@@ -109,44 +153,9 @@ def topk_kd_loss(
         ValueError: on a shape or dtype mismatch, ids out of range or repeated within a row, or cached
             top-k probabilities that sum to more than 1 (beyond rounding) given the logsumexp.
     """
-    _check_temperature(temperature)
-    if student_logits.ndim != 2:
-        raise _shape_error("student_logits", student_logits, "(N, V)")
-    _check_floating("student_logits", student_logits)
-    n, v = student_logits.shape
-    if teacher_topk_ids.ndim != 2 or teacher_topk_ids.shape[0] != n:
-        raise _shape_error("teacher_topk_ids", teacher_topk_ids, f"(N, k) with N={n}")
-    if teacher_topk_ids.dtype != torch.long:
-        raise ValueError(f"teacher_topk_ids must have dtype torch.long, got {teacher_topk_ids.dtype}")
-    k = teacher_topk_ids.shape[1]
-    if not 1 <= k <= v:
-        raise ValueError(f"teacher_topk_ids must have 1 <= k <= V={v}, got shape {tuple(teacher_topk_ids.shape)}")
-    if teacher_topk_logits.shape != teacher_topk_ids.shape:
-        raise _shape_error("teacher_topk_logits", teacher_topk_logits, f"(N, k)=({n}, {k})")
-    _check_floating("teacher_topk_logits", teacher_topk_logits)
-    if teacher_logsumexp.shape != (n,):
-        raise _shape_error("teacher_logsumexp", teacher_logsumexp, f"(N,)=({n},)")
-    _check_floating("teacher_logsumexp", teacher_logsumexp)
-    if mask is not None:
-        if mask.shape != (n,):
-            raise _shape_error("mask", mask, f"(N,)=({n},)")
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask must have dtype torch.bool, got {mask.dtype}")
-        student_logits = student_logits[mask]
-        teacher_topk_ids = teacher_topk_ids[mask]
-        teacher_topk_logits = teacher_topk_logits[mask]
-        teacher_logsumexp = teacher_logsumexp[mask]
-
+    student_logits, teacher_topk_ids, teacher_topk_logits, teacher_logsumexp, v, k = _checked_topk_inputs(
+        student_logits, teacher_topk_ids, teacher_topk_logits, teacher_logsumexp, temperature, mask)
     ids = teacher_topk_ids
-    if ids.numel() > 0:
-        if int(ids.min()) < 0 or int(ids.max()) >= v:
-            raise ValueError(
-                f"teacher_topk_ids must lie in [0, V={v}), got values in [{int(ids.min())}, {int(ids.max())}]"
-            )
-        sorted_ids = ids.sort(dim=-1).values
-        if bool((sorted_ids[:, 1:] == sorted_ids[:, :-1]).any()):
-            raise ValueError("teacher_topk_ids must be distinct within each row; found a repeated id")
-
     s = _f32(student_logits)  # (n, V)
     z = _f32(teacher_topk_logits).detach()  # (n, k)
     lse = _f32(teacher_logsumexp).detach()  # (n,)

@@ -85,6 +85,53 @@ def _retention_table(reports: Mapping[str, dict]) -> dict[str, dict]:
     return out
 
 
+def _write_towers(tower_dirs: Mapping[str, Any], tmp: Path, scheme: str, caps: Mapping[str, list]) -> dict:
+    """Each tower copied (quantized per `scheme`) under tmp/towers/, with its manifest entry."""
+    towers = {}
+    for tower, d in tower_dirs.items():
+        d = Path(d)
+        stats = _copy_tower(d, tmp / "towers" / tower, scheme)
+        cfg = json.loads((d / "config.json").read_text())
+        towers[tower] = {"path": f"towers/{tower}", "modality": cfg["tower"]["modality"],
+                         "capabilities": caps[tower], "parameters": cfg.get("num_parameters"),
+                         "bytes_fp32": sum(p.stat().st_size for p in d.rglob("*") if p.is_file()),
+                         "bytes": sum(p.stat().st_size for p in (tmp / "towers" / tower).rglob("*") if p.is_file()),
+                         "quantization": scheme, "files_quantized": stats}
+    return towers
+
+
+def _remeasure(tmp: Path, scheme: str, caps: Mapping[str, list], contracts: RetentionContracts, teacher_entries,
+               probe_tables, validate_kw: dict, log) -> tuple[dict, list]:
+    """Retention re-measured on the (quantized) bundle itself through the runtime, and the contracts it fails;
+    unmeasured (every capability failing) without teacher features and probe rows."""
+    from .validation import validate_tower
+
+    if teacher_entries is None or probe_tables is None:
+        return {}, [{"tower": t, "capability": c, "reason": "quantized retention not measured (no teacher features "
+                     "or probe rows given)", "blocking": True, "passed": False} for t in caps for c in caps[t]]
+    from nexus_assets.runtime.bundle import Bundle
+
+    bundle = Bundle.load(tmp)
+    reports = {}
+    for tower in caps:
+        log(f"re-measuring retention of the {scheme} {tower} tower on the bundle")
+        reports[tower] = validate_tower(bundle, tower, caps[tower], teacher_entries, probe_tables, contracts,
+                                        out_dir=tmp / "reports" / tower, **validate_kw)
+    return reports, gate_reports(reports, contracts, caps)
+
+
+def _retention_summary(caps, contracts: RetentionContracts, before_reports, after_reports) -> dict:
+    """capability -> its contract and retention before / after quantization, for the manifest."""
+    b, a = _retention_table(before_reports), _retention_table(after_reports)
+    out = {}
+    for tower in caps:
+        for cap in caps[tower]:
+            c = contracts.contract(cap)
+            out[cap] = {"tower": tower, "metric": c.metric, "min_retention": c.min_retention, "tier": c.tier,
+                        "gate_split": c.gate_split, "before_quantization": b.get(cap), "after_quantization": a.get(cap)}
+    return out
+
+
 def build_bundle(
     tower_dirs: Mapping[str, str | os.PathLike],
     router_dir: str | os.PathLike,
@@ -118,8 +165,6 @@ def build_bundle(
     Raises:
         ContractError: a blocking contract failed (before or after quantization) and override is False.
     """
-    from .validation import validate_tower
-
     scheme = default_scheme() if quantization == "auto" else quantization
     if scheme not in SCHEMES:
         raise ValueError(f"quantization: {quantization!r} is not 'auto' or one of {SCHEMES}")
@@ -136,53 +181,21 @@ def build_bundle(
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        towers, qstats = {}, {}
-        for tower, d in tower_dirs.items():
-            d = Path(d)
-            qstats[tower] = _copy_tower(d, tmp / "towers" / tower, scheme)
-            cfg = json.loads((d / "config.json").read_text())
-            towers[tower] = {"path": f"towers/{tower}", "modality": cfg["tower"]["modality"],
-                             "capabilities": caps[tower], "parameters": cfg.get("num_parameters"),
-                             "bytes_fp32": sum(p.stat().st_size for p in d.rglob("*") if p.is_file()),
-                             "bytes": sum(p.stat().st_size for p in (tmp / "towers" / tower).rglob("*") if p.is_file()),
-                             "quantization": scheme, "files_quantized": qstats[tower]}
         shutil.copytree(router_dir, tmp / "router", ignore=shutil.ignore_patterns(".*"))
         manifest: dict[str, Any] = {
             "format_version": BUNDLE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": package_versions(),
             "quantization": {"scheme": scheme, "load": "dequantize to fp32 (int8_compute='dynamic' optional)",
                              "requested": quantization},
-            "router": {"path": "router"}, "towers": towers, "contracts": contracts.to_json(),
-            "verified": False, "files": _file_table(tmp)}
+            "router": {"path": "router"}, "towers": _write_towers(tower_dirs, tmp, scheme, caps),
+            "contracts": contracts.to_json(), "verified": False, "files": _file_table(tmp)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))  # provisional: lets Bundle.load verify
-
-        after_reports: dict[str, dict] = {}
-        if teacher_entries is not None and probe_tables is not None:
-            from nexus_assets.runtime.bundle import Bundle
-
-            bundle = Bundle.load(tmp)
-            for tower in tower_dirs:
-                log(f"re-measuring retention of the {scheme} {tower} tower on the bundle")
-                after_reports[tower] = validate_tower(bundle, tower, caps[tower], teacher_entries, probe_tables,
-                                                      contracts, out_dir=tmp / "reports" / tower,
-                                                      n_bootstrap=n_bootstrap, seed=seed, max_rows=max_rows)
-            after = gate_reports(after_reports, contracts, caps)
-        else:
-            after = [{"tower": t, "capability": c, "reason": "quantized retention not measured (no teacher features "
-                      "or probe rows given)", "blocking": True, "passed": False} for t in caps for c in caps[t]]
+        after_reports, after = _remeasure(tmp, scheme, caps, contracts, teacher_entries, probe_tables,
+                                          dict(n_bootstrap=n_bootstrap, seed=seed, max_rows=max_rows), log)
         if after and not override:
             raise ContractError(failures_message(after, f"after {scheme} quantization (re-measured on the bundle)"))
-
-        retention = {}
-        b, a = _retention_table(reports), _retention_table(after_reports)
-        for tower in caps:
-            for cap in caps[tower]:
-                c = contracts.contract(cap)
-                retention[cap] = {"tower": tower, "metric": c.metric, "min_retention": c.min_retention,
-                                  "tier": c.tier, "gate_split": c.gate_split,
-                                  "before_quantization": b.get(cap), "after_quantization": a.get(cap)}
         manifest.update({
-            "retention": retention,
+            "retention": _retention_summary(caps, contracts, reports, after_reports),
             "failed_contracts": {"before_quantization": before, "after_quantization": after},
             "override_failed_contracts": bool(override and (before or after)),
             "verified": not before and not after,

@@ -173,6 +173,7 @@ def params_sha256(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+@torch.no_grad()
 def evaluate(tower: StudentTower, caps: list[str], data: TowerData, tc: TrainConfig, device,
               per_part: bool = False):
     """Mean task loss (KD / cosine / Gram, no anchoring or LwF: comparable across the alpha curriculum)

@@ -86,12 +86,14 @@ def neuron_importance(context: dg.AssetExecutionContext, config: ImportanceConfi
 
 
 class ArchitectureConfig(dg.Config):
-    init: str = Field("carved", description="'carved' (cut from the teacher's weights where its family can be "
-                      "carved) or 'random' (the ablation baseline: a fresh small transformer)")
-    text_param_fraction: float = Field(0.26, description="carved text tower parameters / SmolLM2's (0.26: the "
-                                       "text tower's share of a bundle <= 1/4 of the five teachers)")
-    text_mlp_keep: float = Field(0.5, description="share of each kept block's MLP neurons kept")
-    text_vocab_mass: float = Field(0.999, description="share of the train tokens the kept vocabulary covers")
+    init: dict = Field(default_factory=lambda: {"text": "carved", "vision": "random", "audio": "random"},
+                       description="tower -> 'carved' (cut from its teacher's weights; refused, naming the family, "
+                       "when no teacher of the tower can be carved) or 'random' (the ablation baseline: a fresh "
+                       "small transformer); a tower not listed is random")
+    carve: dict = Field(default_factory=lambda: {"text": {"param_fraction": 0.26, "mlp_keep": 0.5,
+                                                          "vocab_mass": 0.999}},
+                        description="per-family carve targets: text (training/carve_text.py TextCarveTarget), "
+                        "vision, audio (their carvers' settings)")
     carved_lora_rank: int = Field(16, description="LoRA rank of each capability adapter of a carved tower")
     variance: float = Field(0.95, description="cumulative variance whose intrinsic dimension sets the LoRA rank")
     width_variance: float = Field(0.99, description="cumulative variance whose intrinsic dimension sets the width")
@@ -128,21 +130,23 @@ def student_architecture(context: dg.AssetExecutionContext, config: Architecture
     )
     arch["teachers"] = sorted({p["teacher"] for p in profiles})
     arch["capabilities"] = sorted(c for t in REGISTRY.towers()[tower] for c in t.capabilities)
-    if config.init not in ("carved", "random"):
-        raise ValueError(f"student_architecture config: init must be 'carved' or 'random', got {config.init!r}")
-    if config.init == "carved":
-        carve = _carve_plan(tower, config, upstream(teacher_features, "teacher", "teacher_features"),
-                            upstream(teacher_snapshot, "teacher", "teacher_snapshot"),
-                            context.log.info)
-        if carve is not None:
-            arch.update(init="carved", carve=carve, carved_lora_rank=config.carved_lora_rank)
-            rep = carve["report"]
-            arch["reasoning"].append(
-                f"carved from {carve['teacher']} ({carve['family']}): {rep['student_params'] / 1e6:.1f}M of "
-                f"{rep['teacher_params'] / 1e6:.1f}M parameters ({rep['param_fraction']:.2f})")
-            arch["reasoning"] += [f"{k}: {v}" for k, v in rep.items() if k not in ("teacher_params", "student_params")]
-        else:
-            arch["reasoning"].append(f"tower {tower!r}: no carvable teacher family here; random init")
+    init = config.init.get(tower, "random")
+    if init not in ("carved", "random"):
+        raise ValueError(f"student_architecture config init[{tower!r}]: 'carved' or 'random', got {init!r}")
+    if init == "carved":
+        from nexus_assets.training.carving import CarveSettings, plan_tower_carve
+
+        carve = plan_tower_carve(
+            tower, REGISTRY.enabled_teachers(),
+            {t: a.path for t, a in upstream(teacher_features, "teacher", "teacher_features").items()},
+            {t: a.path for t, a in upstream(teacher_snapshot, "teacher", "teacher_snapshot").items()},
+            CarveSettings(**config.carve), log=context.log.info)
+        arch.update(init="carved", carve=carve, carved_lora_rank=config.carved_lora_rank)
+        rep = carve["report"]
+        arch["reasoning"].append(
+            f"carved from {carve['teacher']} ({carve['family']}): {rep['student_params'] / 1e6:.1f}M of "
+            f"{rep['teacher_params'] / 1e6:.1f}M parameters ({rep['param_fraction']:.2f})")
+        arch["reasoning"] += [f"{k}: {v}" for k, v in rep.items() if k not in ("teacher_params", "student_params")]
     arch.setdefault("init", "random")
     out = artifact_dir("student_architecture", tower) / "architecture.json"
     write_json(out, arch)
@@ -158,22 +162,3 @@ def student_architecture(context: dg.AssetExecutionContext, config: Architecture
                   "reasoning": dg.MetadataValue.md("\n".join(f"- {r}" for r in arch["reasoning"]))},
     )
 
-
-def _carve_plan(tower: str, config: ArchitectureConfig, features: dict, snapshots: dict, log) -> dict | None:
-    """The carve plan of a tower whose teacher family can be carved (None: keep the random tower)."""
-    from pathlib import Path
-
-    families = {t.name: t.family for t in REGISTRY.enabled_teachers()}
-    lm = [t for t in features if families.get(t, "").startswith("causal_lm")]
-    if tower == "text" and lm:
-        from nexus_assets.training.carve_text import TextCarveTarget, plan_text_carve, token_rows_from_cache
-
-        teacher = lm[0]
-        rows, topk, probs = token_rows_from_cache(features[teacher].path)
-        target = TextCarveTarget(param_fraction=config.text_param_fraction, mlp_keep=config.text_mlp_keep,
-                                 vocab_mass=config.text_vocab_mass)
-        plan = plan_text_carve(snapshots[teacher].path / "hf", token_rows=rows, topk_ids=topk,
-                               topk_probs=probs, target=target, max_len=64, log=log)
-        plan["teacher"] = teacher
-        return plan
-    return None

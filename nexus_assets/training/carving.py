@@ -1,0 +1,70 @@
+"""Which teacher a tower is carved from, and its carve plan: the one entry point `student_architecture` calls.
+
+A tower is carved from the first of its teachers whose family has a carver here (the text tower from its
+causal LM, the vision tower from its EfficientNet-Lite classifier, the audio tower from Whisper); the other
+teachers of the tower are still distilled into it. A tower asked to be carved whose teachers have no
+carvable family is refused, naming the families (init: random stays available).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from nexus_assets.core.registry import TeacherSpec
+
+# registry family -> carver name (below)
+CARVABLE_FAMILIES = {"causal_lm": "text", "causal_lm_gguf": "text", "efficientnet_lite": "vision", "whisper_ct2": "audio"}
+
+
+@dataclass
+class CarveSettings:
+    """Per-family carve targets (each validated by its family's own target class).
+
+    Attributes:
+        text: TextCarveTarget fields (param_fraction, mlp_keep, vocab_mass, block_selection, ...).
+        vision: the vision carver's settings (keep_fraction, ...).
+        audio: the audio carver's settings (decoder_layers, vocab_mass, max_seconds, ...).
+    """
+
+    text: dict = field(default_factory=dict)
+    vision: dict = field(default_factory=dict)
+    audio: dict = field(default_factory=dict)
+
+
+def carve_teacher(tower: str, teachers: Sequence[TeacherSpec]) -> TeacherSpec:
+    """The teacher `tower` is carved from; ValueError naming the families when none can be carved."""
+    mine = [t for t in teachers if t.tower == tower and t.enabled]
+    for t in mine:
+        if t.family in CARVABLE_FAMILIES:
+            return t
+    raise ValueError(f"tower {tower!r}: cannot be carved: its teachers' families "
+                     f"{sorted({t.family for t in mine})} have no carver (carvable: {sorted(CARVABLE_FAMILIES)}); "
+                     f"set student_architecture's init for {tower!r} to 'random'")
+
+
+def plan_tower_carve(tower: str, teachers: Sequence[TeacherSpec], feature_entries: Mapping[str, Path],
+                     snapshot_dirs: Mapping[str, Path], settings: CarveSettings,
+                     log: Callable[[str], None] = print) -> dict:
+    """The carve plan (JSON-able, with "family", "teacher" and a "report") of `tower`."""
+    t = carve_teacher(tower, teachers)
+    if t.name not in feature_entries or t.name not in snapshot_dirs:
+        raise ValueError(f"tower {tower!r}: carving from {t.name!r} needs its cached features and snapshot")
+    kind = CARVABLE_FAMILIES[t.family]
+    entry, snap = Path(feature_entries[t.name]), Path(snapshot_dirs[t.name])
+    if kind == "text":
+        from .carve_text import TextCarveTarget, plan_text_carve, token_rows_from_cache
+
+        rows, topk, probs = token_rows_from_cache(entry)
+        plan = plan_text_carve(snap / "hf", token_rows=rows, topk_ids=topk, topk_probs=probs,
+                               target=TextCarveTarget(**settings.text), max_len=t.extraction.max_length, log=log)
+    elif kind == "vision":
+        from .carve_vision import plan_vision_carve_from_artifacts
+
+        plan = plan_vision_carve_from_artifacts(snap, entry, log=log, **settings.vision)
+    else:
+        from .carve_audio import plan_audio_carve_from_artifacts
+
+        plan = plan_audio_carve_from_artifacts(snap, entry, log=log, **settings.audio)
+    plan["teacher"] = t.name
+    return plan

@@ -86,12 +86,14 @@ def neuron_importance(context: dg.AssetExecutionContext, config: ImportanceConfi
 
 
 class ArchitectureConfig(dg.Config):
-    init: dict = Field(default_factory=lambda: {"text": "carved", "vision": "random", "audio": "random"},
+    init: dict = Field(default_factory=lambda: {"text": "carved", "vision": "random", "audio": "carved"},
                        description="tower -> 'carved' (cut from its teacher's weights; refused, naming the family, "
                        "when no teacher of the tower can be carved) or 'random' (the ablation baseline: a fresh "
                        "small transformer); a tower not listed is random")
     carve: dict = Field(default_factory=lambda: {"text": {"param_fraction": 0.26, "mlp_keep": 0.5,
-                                                          "vocab_mass": 0.999}},
+                                                          "vocab_mass": 0.999},
+                                                 "audio": {"decoder_layers": [0, 1, 2, 3], "max_seconds": 10,
+                                                           "vocab_mass": 0.999}},
                         description="per-family carve targets: text (training/carve_text.py TextCarveTarget), "
                         "vision, audio (their carvers' settings)")
     carved_lora_rank: int = Field(16, description="LoRA rank of each capability adapter of a carved tower")

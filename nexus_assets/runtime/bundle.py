@@ -32,7 +32,8 @@ from nexus_assets.student.quantize import dynamic_int8, file_scheme, load_state,
 from nexus_assets.student.router import Router, RoutingError
 from nexus_assets.student.tower import StudentTower, load_tower
 from nexus_assets.student.config import TowerConfig
-from nexus_assets.student.transforms import decode_wav, log_mel, preprocess_image
+from nexus_assets.student.carved import audio_input_features
+from nexus_assets.student.transforms import decode_wav, preprocess_image
 
 __all__ = ["Bundle", "TowerRuntime", "BundleError", "RoutingError", "load_tower_dir", "MANIFEST",
            "CAPABILITY_METHODS", "input_modality"]
@@ -262,8 +263,8 @@ class TowerRuntime:
     # -- audio -----------------------------------------------------------------------------------------
 
     def _mels(self, wav: Any) -> dict:
-        x = torch.from_numpy(_waveform(wav))
-        mels = log_mel(x, self.cfg.n_mels)[: self.cfg.max_frames][None]  # (1, F, n_mels)
+        # the same features as training (a carved Whisper tower reads Whisper's own log-mel)
+        mels = audio_input_features(self.cfg, _waveform(wav))[: self.cfg.max_frames][None]  # (1, F, n_mels)
         return {"mels": mels, "mel_mask": torch.ones(mels.shape[:2], dtype=torch.bool)}
 
     @torch.no_grad()

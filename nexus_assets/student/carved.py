@@ -33,7 +33,7 @@ from .config import TowerConfig
 CARVED_FAMILIES = {
     "llama": "nexus_assets.student.carved_text:CarvedLlamaBackbone",
     "efficientnet_lite": "nexus_assets.student.carved_vision:CarvedEfficientNetBackbone",
-    "whisper": "nexus_assets.student.carved_audio:CarvedWhisperBackbone",
+    "whisper": "nexus_assets.student.carved_whisper:CarvedWhisperBackbone",
 }
 
 
@@ -44,3 +44,18 @@ def build_carved_backbone(cfg: TowerConfig) -> nn.Module:
                          f"carvable families: {sorted(CARVED_FAMILIES)} (init: random stays available)")
     module, cls = CARVED_FAMILIES[family].split(":")
     return getattr(importlib.import_module(module), cls)(cfg)
+
+
+def audio_input_features(cfg: TowerConfig, wave):
+    """(F, n_mels) input features of an audio tower for a (N,) float32 16 kHz waveform: a carved Whisper
+    tower reads Whisper's own log-mel (its copied encoder was trained on it), a random tower
+    `transforms.log_mel`. Training and the runtime both call this, so they feed the same tensors."""
+    import torch
+
+    if cfg.init == "carved" and cfg.carve.get("family") == "whisper":
+        from .carved_whisper import whisper_log_mel
+
+        return whisper_log_mel(wave, int(cfg.carve["max_seconds"]))
+    from .transforms import log_mel
+
+    return log_mel(torch.as_tensor(wave), cfg.n_mels)

@@ -16,7 +16,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # copied beside 
 CARVERS = {
     "llama": ("nexus_assets.training.carve_text", "carved_text_config", "carved_text_state", "hf"),
     "efficientnet_lite": ("nexus_assets.training.carve_vision", "carved_vision_config", "carved_vision_state", ""),
-    "whisper": ("nexus_assets.training.carve_audio", "carved_audio_config", "carved_audio_state", ""),
+    "whisper": ("nexus_assets.training.carve_whisper", "carved_whisper_config", "carved_whisper_state", "hf"),
 }
 
 

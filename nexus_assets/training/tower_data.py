@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from nexus_assets.core.feature_store import FeatureCacheError, column_matrix, read_features
+from nexus_assets.student.carved import audio_input_features
 from nexus_assets.student.config import TowerConfig
-from nexus_assets.student.transforms import decode_wav, log_mel, preprocess_image
+from nexus_assets.student.transforms import decode_wav, preprocess_image
 
 __all__ = ["TowerData", "load_tower_data", "synthetic_tower_data", "INPUT_KEYS"]
 
@@ -266,7 +267,7 @@ def _vision_inputs(src: _Sources, tensors: dict, trim: dict) -> None:
 def _audio_inputs(src: _Sources, tensors: dict, trim: dict) -> None:
     """mels / mel_mask from the probe wavs and, for an "asr" head, teacher-forced decoder inputs + KD targets."""
     cfg, n, rows = src.cfg, src.n, src.rows
-    mels = [audio_features(cfg, decode_wav(src.probe[r], r))[: cfg.max_frames] for r in src.row_ids]
+    mels = [audio_input_features(cfg, decode_wav(src.probe[r], r))[: cfg.max_frames] for r in src.row_ids]
     f = max(m.shape[0] for m in mels)
     tensors["mels"] = torch.zeros(n, f, mels[0].shape[1])
     tensors["mel_mask"] = torch.zeros(n, f, dtype=torch.bool)
@@ -306,15 +307,6 @@ def _item_targets(src: _Sources, tensors: dict) -> None:
                                         f"{cap}'s anchor_layers says {ht}")
             tensors[f"{cap}:hidden.{layer}"] = m
 
-
-def audio_features(cfg: TowerConfig, wave: np.ndarray) -> torch.Tensor:
-    """(F, n_mels) input features of an audio tower: a carved tower's family may bring its own (the
-    teacher's exact log-mel), the random tower uses `student.transforms.log_mel`."""
-    if cfg.init == "carved" and cfg.carve.get("family") == "whisper":
-        from nexus_assets.student.carved_audio import whisper_log_mel
-
-        return whisper_log_mel(wave)
-    return log_mel(torch.from_numpy(wave), cfg.n_mels)
 
 
 def synthetic_tower_data(cfg: TowerConfig, n: int, seed: int = 0, seq_len: int | None = None,

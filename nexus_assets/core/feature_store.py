@@ -207,14 +207,21 @@ def current_entry(teacher_dir: Path) -> Path:
 
 def read_features(entry: Path, kind: str = "items", columns: list[str] | None = None,
                   filter_splits: Sequence[str] | None = None) -> pa.Table:
+    """One kind of table of a cache entry; `filter_splits` keeps only rows of those probe splits (the split
+    column is read for it even when `columns` leaves it out, and then dropped again)."""
     files = sorted(Path(entry).glob(f"{kind}-*.parquet"))
     if not files:
         raise FeatureCacheError(f"{entry}: no {kind} chunks")
-    table = pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+    read_cols = columns
+    if filter_splits is not None and columns is not None and "split" not in columns:
+        read_cols = [*columns, "split"] if "split" in pq.read_schema(files[0]).names else columns
+    table = pa.concat_tables(pq.read_table(f, columns=read_cols) for f in files)
     if filter_splits is not None and "split" in table.column_names:
         import pyarrow.compute as pc
 
         table = table.filter(pc.is_in(table["split"], pa.array(list(filter_splits))))
+        if columns is not None and "split" not in columns:
+            table = table.drop_columns(["split"])
     return table
 
 

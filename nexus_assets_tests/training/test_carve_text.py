@@ -146,3 +146,19 @@ def test_remap_topk_merges_dropped_ids_into_the_fallback():
     np.testing.assert_array_equal(out[1], lg[1])
     # the probability mass of the row is unchanged
     assert np.logaddexp.reduce(out[0].astype(np.float64)) == pytest.approx(np.logaddexp.reduce(lg[0].astype(np.float64)))
+
+
+def test_carve_statistics_read_the_train_split_only(tmp_path):
+    """The vocabulary and block scores must never see held-out or never-seen rows."""
+    from nexus_assets.core.feature_store import read_features
+    from nexus_assets.training.carve_text import token_rows_from_cache
+    from nexus_assets_tests.runtime.tiny import _write_entry
+
+    entry = _write_entry(tmp_path / "lm", {"row_id": ["a", "b", "c"], "split": ["train", "heldout", "ood"]},
+                         {"row_id": ["a", "a", "b", "c"], "position": [0, 1, 0, 0], "token_id": [5, 6, 7, 8],
+                          "topk_ids": np.array([[5], [6], [7], [8]], np.int32),
+                          "topk_logits": np.zeros((4, 1), np.float32), "logsumexp": np.zeros(4, np.float32)})
+    rows, topk, probs = token_rows_from_cache(entry)
+    assert rows == {"a": [5, 6]} and topk.reshape(-1).tolist() == [5, 6] and probs.shape == (2, 1)
+    t = read_features(entry, "items", columns=["row_id"], filter_splits=["heldout"])
+    assert t.column_names == ["row_id"] and t.column("row_id").to_pylist() == ["b"]

@@ -4,7 +4,8 @@ from pydantic import Field
 
 from .automation import RECOMPUTE_WHEN_STALE
 from .metadata import png_markdown, upstream
-from .partitions import REGISTRY, dataset_to_teachers, teacher_partitions, teacher_to_tower, tower_partitions
+from .partitions import (REGISTRY, dataset_to_teachers, dataset_to_towers, teacher_partitions, teacher_to_tower,
+                         tower_partitions)
 from .resources import NexusCompute
 
 
@@ -86,14 +87,15 @@ def neuron_importance(context: dg.AssetExecutionContext, config: ImportanceConfi
 
 
 class ArchitectureConfig(dg.Config):
-    init: dict = Field(default_factory=lambda: {"text": "carved", "vision": "random", "audio": "carved"},
+    init: dict = Field(default_factory=lambda: {"text": "carved", "vision": "carved", "audio": "carved"},
                        description="tower -> 'carved' (cut from its teacher's weights; refused, naming the family, "
                        "when no teacher of the tower can be carved) or 'random' (the ablation baseline: a fresh "
                        "small transformer); a tower not listed is random")
     carve: dict = Field(default_factory=lambda: {"text": {"param_fraction": 0.26, "mlp_keep": 0.5,
                                                           "vocab_mass": 0.999},
                                                  "audio": {"decoder_layers": [0, 1, 2, 3], "max_seconds": 10,
-                                                           "vocab_mass": 0.999}},
+                                                           "vocab_mass": 0.999},
+                                                 "vision": {"keep_fraction": 0.5}},
                         description="per-family carve targets: text (training/carve_text.py TextCarveTarget), "
                         "vision, audio (their carvers' settings)")
     carved_lora_rank: int = Field(16, description="LoRA rank of each capability adapter of a carved tower")
@@ -108,14 +110,16 @@ class ArchitectureConfig(dg.Config):
     partitions_def=tower_partitions,
     ins={"activation_subspace": dg.AssetIn(partition_mapping=teacher_to_tower),
          "teacher_features": dg.AssetIn(partition_mapping=teacher_to_tower),
-         "teacher_snapshot": dg.AssetIn(partition_mapping=teacher_to_tower)},
+         "teacher_snapshot": dg.AssetIn(partition_mapping=teacher_to_tower),
+         "probe_dataset": dg.AssetIn(partition_mapping=dataset_to_towers)},
     code_version="2",
     automation_condition=RECOMPUTE_WHEN_STALE,
     group_name="profiling",
     kinds={"json"},
 )
 def student_architecture(context: dg.AssetExecutionContext, config: ArchitectureConfig, compute: NexusCompute,
-                         activation_subspace: dict, teacher_features: dict, teacher_snapshot: dict) -> dg.Output[dict]:
+                         activation_subspace: dict, teacher_features: dict, teacher_snapshot: dict,
+                         probe_dataset: dict) -> dg.Output[dict]:
     """Tower width, depth and LoRA rank from the teachers' intrinsic dimensions, capped by the memory budget."""
     from nexus_assets.core.atomic import sha256_json, write_json
     from nexus_assets.core.paths import artifact_dir
@@ -142,7 +146,8 @@ def student_architecture(context: dg.AssetExecutionContext, config: Architecture
             tower, REGISTRY.enabled_teachers(),
             {t: a.path for t, a in upstream(teacher_features, "teacher", "teacher_features").items()},
             {t: a.path for t, a in upstream(teacher_snapshot, "teacher", "teacher_snapshot").items()},
-            CarveSettings(**config.carve), log=context.log.info)
+            CarveSettings(**config.carve), log=context.log.info,
+            probe_dirs={d: a.path for d, a in upstream(probe_dataset, "dataset", "probe_dataset").items()})
         arch.update(init="carved", carve=carve, carved_lora_rank=config.carved_lora_rank)
         rep = carve["report"]
         arch["reasoning"].append(

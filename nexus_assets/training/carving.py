@@ -45,7 +45,7 @@ def carve_teacher(tower: str, teachers: Sequence[TeacherSpec]) -> TeacherSpec:
 
 def plan_tower_carve(tower: str, teachers: Sequence[TeacherSpec], feature_entries: Mapping[str, Path],
                      snapshot_dirs: Mapping[str, Path], settings: CarveSettings,
-                     log: Callable[[str], None] = print) -> dict:
+                     log: Callable[[str], None] = print, probe_dirs: Mapping[str, Path] | None = None) -> dict:
     """The carve plan (JSON-able, with "family", "teacher" and a "report") of `tower`."""
     t = carve_teacher(tower, teachers)
     if t.name not in feature_entries or t.name not in snapshot_dirs:
@@ -61,7 +61,7 @@ def plan_tower_carve(tower: str, teachers: Sequence[TeacherSpec], feature_entrie
     elif kind == "vision":
         from .carve_vision import plan_vision_carve_from_artifacts
 
-        plan = plan_vision_carve_from_artifacts(snap, entry, log=log, **settings.vision)
+        plan = plan_vision_carve_from_artifacts(snap, entry, probe_dirs=probe_dirs, log=log, **settings.vision)
     else:
         from .carve_whisper import plan_audio_carve_from_artifacts
 

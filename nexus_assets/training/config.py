@@ -129,7 +129,10 @@ def cpu_train_config(tower: str, init: str = "random", **overrides) -> TrainConf
         # washing out what the weights already know (1e-3 would); the embedded default's step counts
         carved = {"text": (160, 30, 8), "vision": (200, 40, 32), "audio": (120, 30, 8)}
         a, b, bs = carved[tower]
-        base = {"phase_a_steps": a, "phase_b_steps": b, "batch_size": bs, "lr": 2e-4, "adapter_lr": 1e-3}
+        # anchoring pulls pooled states towards the teacher's, which a carved tower starts at: a light
+        # weight (0.05; measured on the text tower: next-token accuracy 0.102 at 0.5 vs 0.132 at 0.05)
+        base = {"phase_a_steps": a, "phase_b_steps": b, "batch_size": bs, "lr": 2e-4, "adapter_lr": 1e-3,
+                "w_anchor": 0.05}
     return TrainConfig(**{**base, **overrides})
 
 

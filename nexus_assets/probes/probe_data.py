@@ -246,41 +246,117 @@ def _png(im) -> bytes:
     return buf.getvalue()
 
 
+# Function matching (Beyer et al. 2022, "Knowledge distillation: a good teacher is patient and
+# consistent"): every MIX_EVERY-th view (2, 4, ...) blends a crop of the item with a partner picture of the
+# same split, by mixup or cutmix, so the student learns the teacher's function between pictures too.
+MIX_EVERY = 2
+MIX_BLOCK = 256  # partners come from the same block of items: memory stays bounded at any dataset size
+
+
+def is_mix_view(view: int) -> bool:
+    return view >= MIX_EVERY and view % MIX_EVERY == 0
+
+
+def mix_images(a, b, rng: np.random.Generator):
+    """(mixed picture, 'mixup'|'cutmix', weight of `a`): mixup blends the two pictures with a weight in
+    [0.3, 0.7]; cutmix pastes a box of `b` covering 20-50% of `a`."""
+    from PIL import Image
+
+    x, y = np.asarray(a, dtype=np.float32), np.asarray(b.resize(a.size), dtype=np.float32)
+    if rng.random() < 0.5:
+        lam = float(rng.uniform(0.3, 0.7))
+        out = lam * x + (1.0 - lam) * y
+        kind = "mixup"
+    else:
+        h, w = x.shape[:2]
+        area = rng.uniform(0.2, 0.5)
+        bh, bw = int(round(h * np.sqrt(area))), int(round(w * np.sqrt(area)))
+        y0, x0 = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+        out = x.copy()
+        out[y0:y0 + bh, x0:x0 + bw] = y[y0:y0 + bh, x0:x0 + bw]
+        lam, kind = 1.0 - bh * bw / (h * w), "cutmix"
+    return Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8), "RGB"), kind, lam
+
+
 def _build_vision(spec: DatasetSpec, size: DatasetSize, seed: int, notes: dict) -> pa.Table:
     iters = {}
     for s in spec.sources:
         notes[s] = []
         iters[s] = IMAGE_SOURCES[s](seed, notes[s])
     picked = _round_robin(iters, size.items)
+    splits = [_split_for(spec, f"{source}/{it.group or it.item}", source) for source, it in picked]
+    mix_views = [v for v in range(size.views) if is_mix_view(v)]
 
     def render(pair):
+        """Plain views as PNG; for each mix view the item's own crop (mixed once partners are known)."""
         source, it = pair
-        im, width, height = it.load()
-        rows = []
+        try:
+            im, width, height = it.load()
+        except Exception as e:  # noqa: BLE001 - name the item whatever the decoder raised
+            raise RuntimeError(f"dataset {spec.name!r}: source {source!r}: item {it.item!r} failed to load: "
+                               f"{type(e).__name__}: {e}") from e
+        rows, own, whole = {}, {}, None
         for view in range(size.views):
             row_id = f"{source}/{it.item}/{view}"
-            png = _png(make_view(im, view, seeded_rng(seed, row_id)))
-            rows.append((row_id, png, width, height))
-        return rows
+            picture = make_view(im, view, seeded_rng(seed, row_id))
+            if view == 0:
+                whole = picture  # the partner side of other items' mix views
+            if view in mix_views:
+                own[view] = picture
+            else:
+                rows[view] = (row_id, _png(picture))
+        return rows, own, whole if mix_views else None, width, height
 
     cols: dict[str, list] = {f.name: [] for f in SCHEMAS["vision"]}
     from tqdm import tqdm
 
+    mixed = Counter()
+    progress = tqdm(total=len(picked), desc=f"{spec.name} images", unit="item", mininterval=2.0)
     with ThreadPoolExecutor(_workers()) as pool:
-        rendered = pool.map(render, picked)
-        for (source, it), rows in tqdm(zip(picked, rendered), total=len(picked), desc=f"{spec.name} images",
-                                       unit="item", mininterval=2.0):
-            split = _split_for(spec, f"{source}/{it.group or it.item}", source)
-            for view, (row_id, png, width, height) in enumerate(rows):
-                cols["row_id"].append(row_id)
-                cols["source"].append(source)
-                cols["item"].append(it.item)
-                cols["view"].append(view)
-                cols["split"].append(split)
-                cols["content_sha"].append(sha256_bytes(png))
-                cols["image"].append(png)
-                cols["width"].append(int(width))
-                cols["height"].append(int(height))
+        for b0 in range(0, len(picked), MIX_BLOCK):
+            block = list(range(b0, min(b0 + MIX_BLOCK, len(picked))))
+            rendered = list(pool.map(render, [picked[i] for i in block]))
+
+            def finish(k, block=block, rendered=rendered):
+                i = block[k]
+                source, it = picked[i]
+                rows, own, _, width, height = rendered[k]
+                group = it.group or it.item
+                for view, picture in own.items():
+                    row_id = f"{source}/{it.item}/{view}"
+                    rng = seeded_rng(seed, row_id, "mix")
+                    partners = [j for j in range(len(block)) if splits[block[j]] == splits[i]
+                                and (picked[block[j]][1].group or picked[block[j]][1].item) != group]
+                    if not partners:  # alone in its split within this block: a plain crop instead
+                        rows[view] = (row_id, _png(picture))
+                        continue
+                    other = rendered[partners[int(rng.integers(len(partners)))]][2]
+                    if rng.random() < 0.5:
+                        other = other.transpose(0)  # Image.FLIP_LEFT_RIGHT
+                    out, kind, _ = mix_images(picture, other, rng)
+                    rows[view] = (row_id, _png(out))
+                    mixed[kind] += 1
+                return [rows[v] for v in range(size.views)], width, height
+
+            for k, (rows, width, height) in enumerate(pool.map(finish, range(len(block)))):
+                i = block[k]
+                source, it = picked[i]
+                for view, (row_id, png) in enumerate(rows):
+                    cols["row_id"].append(row_id)
+                    cols["source"].append(source)
+                    cols["item"].append(it.item)
+                    cols["view"].append(view)
+                    cols["split"].append(splits[i])
+                    cols["content_sha"].append(sha256_bytes(png))
+                    cols["image"].append(png)
+                    cols["width"].append(int(width))
+                    cols["height"].append(int(height))
+                progress.update(1)
+    progress.close()
+    if mix_views:
+        planned = len(picked) * len(mix_views)
+        notes["_views"] = [f"function-matching views: {mixed['mixup']} mixup + {mixed['cutmix']} cutmix of "
+                           f"{planned} planned ({planned - sum(mixed.values())} plain crops: no partner in split)"]
     return pa.table(cols, schema=SCHEMAS["vision"])
 
 

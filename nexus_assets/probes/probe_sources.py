@@ -398,7 +398,10 @@ def _wallpaper_files(roots: Iterable[str]) -> tuple[list[Path], int]:
                 continue
             seen.add(real)
             rel = p.relative_to(root_path)
-            if "contents" in rel.parts and "images" in rel.parts:  # KDE package layout
+            if "contents" in rel.parts:  # KDE package layout: contents/images*/WxH.ext, contents/screenshot
+                if not any(part.startswith("images") for part in rel.parts):
+                    continue  # the package's preview thumbnail: a copy of its picture
+                # light and dark variants (images/, images_dark/) are one picture: the smallest is kept
                 stem = str(rel.parents[len(rel.parts) - rel.parts.index("contents") - 1])
             else:
                 stem = re.sub(r"[_-]\d{3,5}x\d{3,5}$", "", str(rel.with_suffix("")))
@@ -417,6 +420,8 @@ def _load_picture(path: Path, min_side: int = 896):
         width, height = im.size
         if im.format == "JPEG":
             im.draft("RGB", (max(min_side, width * min_side // max(1, min(width, height))), min_side))
+        if im.mode == "P":  # palette with transparency: through RGBA, as PIL asks
+            im = im.convert("RGBA")
         im = im.convert("RGB")
     factor = min(im.size) // min_side
     if factor >= 2:
@@ -451,6 +456,9 @@ IMAGE_SOURCES: dict[str, ImageReader] = {
     "lfw_subset": read_lfw_subset,
     "wallpapers": read_wallpapers,
 }
+from . import image_corpora as _image_corpora  # noqa: E402  (its readers build on the helpers above)
+
+IMAGE_SOURCES.update(_image_corpora.IMAGE_SOURCES)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from .probe_sources import (
     IMAGE_SOURCES,
     TEXT_SOURCES,
     VOICE_ENGINES,
+    base_family,
     hash_order,
     seeded_rng,
     speakable_sentences,
@@ -132,7 +133,11 @@ def _check_sources(spec: DatasetSpec) -> None:
                     f"dataset {spec.name!r}: field 'voices': {v!r} must be '<engine>:<voice>' with the "
                     f"engine one of sources {spec.sources}"
                 )
-        names |= set(spec.voices)
+            try:
+                base_family(v)
+            except ValueError as e:
+                raise ValueError(f"dataset {spec.name!r}: field 'voices': {e}") from e
+        names |= set(spec.voices) | {base_family(v) for v in spec.voices}  # holding out a voice holds out its variants
     stray = [h for h in spec.heldout_sources if h not in names]
     if stray:
         raise ValueError(
@@ -377,6 +382,33 @@ def sentences_from_text(text_table: pa.Table, seed: int) -> list[dict]:
     return [out[k] for k in hash_order(out, seed)]
 
 
+VOICE_CHECK_TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+def _check_voices_distinct(spec: DatasetSpec, voices: list[str]) -> None:
+    """Every registry voice must sound different: espeak-ng silently falls back to its default voice
+    for an unknown variant ('en-gb+m5' is plain 'en-gb'; 'en+m5' is the variant), which would count one
+    speaker twice. One short phrase per voice, same seed for all (~30 ms each)."""
+    if len(voices) < 2:
+        return
+
+    def render(v):
+        engine, _, voice = v.partition(":")
+        return v, sha256_bytes(synthesize(engine, voice, VOICE_CHECK_TEXT, "voice-check")[1])
+
+    by_sound: dict[str, list[str]] = {}
+    with ThreadPoolExecutor(_workers()) as pool:
+        for v, digest in pool.map(render, voices):
+            by_sound.setdefault(digest, []).append(v)
+    same = [vs for vs in by_sound.values() if len(vs) > 1]
+    if same:
+        raise ValueError(
+            f"dataset {spec.name!r}: field 'voices': these voices render identical audio, so they are one "
+            f"speaker (an unknown espeak variant falls back to the default voice; write 'en+m5', not "
+            f"'en-gb+m5'): {same}"
+        )
+
+
 def _build_audio(spec: DatasetSpec, size: DatasetSize, seed: int, notes: dict,
                  text_table: pa.Table | None) -> pa.Table:
     if text_table is None:
@@ -400,6 +432,7 @@ def _build_audio(spec: DatasetSpec, size: DatasetSize, seed: int, notes: dict,
             notes[engine].append(f"{exe} not installed (apt-get install {exe})")
             continue
         iters[engine] = cycle_voices(engine)
+    _check_voices_distinct(spec, [v for v in spec.voices if v.partition(":")[0] in iters])
     plan = _round_robin(iters, min(size.items, len(sentences)))
     if size.items > len(sentences):
         notes["_dataset"] = [f"only {len(sentences)} speakable sentences in text_table for {size.items} items"]
@@ -426,7 +459,8 @@ def _build_audio(spec: DatasetSpec, size: DatasetSize, seed: int, notes: dict,
             cols["source"].append(engine)
             cols["item"].append(item)
             cols["view"].append(0)
-            cols["split"].append(_split_for(spec, sent["split_key"], engine, family))
+            # a sox variant of a held-out voice is that voice too: never-seen as well
+            cols["split"].append(_split_for(spec, sent["split_key"], engine, family, base_family(family)))
             cols["content_sha"].append(sha256_bytes(wav))
             cols["wav"].append(wav)
             cols["transcript"].append(sent["transcript"])
@@ -492,6 +526,8 @@ def build_probe_dataset(spec: DatasetSpec, profile: str, out_dir: Path, text_tab
     }
     if spec.modality == "audio":
         summary["rows_per_voice_family"] = dict(sorted(Counter(table.column("voice_family").to_pylist()).items()))
+        summary["voice_families"] = len(summary["rows_per_voice_family"])  # speaker identities
+        summary["speakers"] = len(set(table.column("speaker").to_pylist()))  # + espeak pitch/rate variants
         summary["audio_seconds"] = round(float(sum(table.column("duration_s").to_pylist())), 1)
     write_json(out_dir / SUMMARY_FILE, summary)
     return summary

@@ -491,10 +491,54 @@ def synth_espeak(voice: str, text: str, key: str, workdir: Path) -> tuple[str, P
     return f"espeak:{voice}:p{pitch}:s{speed}", out
 
 
+_SOX_VOICE = re.compile(r"^(?P<engine>[a-z]+)\.(?P<voice>[^.]+)\.p(?P<cents>-?\d{1,4})\.t(?P<tempo>\d{2,3})$")
+
+
+def parse_sox_voice(voice: str) -> tuple[str, str, int, int]:
+    """'flite.slt.p-300.t110' -> ('flite', 'slt', -300, 110): a base engine voice whose pitch moves by
+    `cents` and whose tempo is `tempo` % of the original, which sox turns into a new speaker identity."""
+    m = _SOX_VOICE.match(voice)
+    if not m or m["engine"] not in ("flite", "espeak"):
+        raise ValueError(f"sox voice {voice!r}: expected '<flite|espeak>.<voice>.p<cents>.t<tempo %>', "
+                         f"e.g. 'flite.slt.p-300.t110'")
+    cents, tempo = int(m["cents"]), int(m["tempo"])
+    if not (-1200 <= cents <= 1200 and 50 <= tempo <= 200):
+        raise ValueError(f"sox voice {voice!r}: pitch must be within +-1200 cents and tempo within 50-200 %")
+    return m["engine"], m["voice"], cents, tempo
+
+
+def base_family(family: str) -> str:
+    """The synthesizer voice a registry voice is made from: 'sox:flite.awb.p-300.t100' -> 'flite:awb'."""
+    engine, _, voice = family.partition(":")
+    if engine != "sox":
+        return family
+    base, base_voice, _, _ = parse_sox_voice(voice)
+    return f"{base}:{base_voice}"
+
+
+def synth_sox(voice: str, text: str, key: str, workdir: Path) -> tuple[str, Path]:
+    """A base synthesizer voice, pitch-shifted (WSOLA, duration kept) and time-stretched by sox: the
+    pitch and speaking rate of a different speaker on the same words."""
+    engine, base_voice, cents, tempo = parse_sox_voice(voice)
+    exe = VOICE_ENGINES[engine][0]
+    if not shutil.which(exe):
+        raise RuntimeError(f"sox voice {voice!r}: its base synthesizer {exe} is not installed (apt-get install {exe})")
+    _, base_path = VOICE_ENGINES[engine][1](base_voice, text, key, workdir)
+    src = workdir / "base.wav"
+    base_path.rename(src)
+    out = workdir / "out.wav"
+    res = subprocess.run(["sox", str(src), str(out), "pitch", str(cents), "tempo", "-s", f"{tempo / 100:.2f}"],
+                         capture_output=True, text=True)
+    if res.returncode != 0 or not out.exists():
+        raise RuntimeError(f"sox voice {voice!r}: sox failed on {src.name}: {res.stderr.strip()[:300]}")
+    return f"sox:{voice}", out
+
+
 VOICE_ENGINES: dict[str, tuple[str, Callable[[str, str, str, Path], tuple[str, Path]]]] = {
     # engine -> (executable, synthesize(voice, text, key, workdir) -> (speaker, wav path))
     "flite": ("flite", synth_flite),
     "espeak": ("espeak-ng", synth_espeak),
+    "sox": ("sox", synth_sox),
 }
 
 

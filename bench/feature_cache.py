@@ -4,8 +4,11 @@
     .venv/bin/python bench/feature_cache.py                 # all five default teachers, N=32
     .venv/bin/python bench/feature_cache.py --teachers minilm-l6 --rows 64
 
-Prints the ratio (goal <= 1.05) and bytes per cached row. Snapshots and probe data are built into a
-temporary folder first (not timed); the teacher is loaded once and shared by both measurements.
+Prints the ratio (goal <= 1.05), bytes per cached row and, for sequence teachers (LM, ASR decoder), bytes
+per token row of the token table: float32 (`--no-compact` layout, the cache before code version 3) next
+to the compact cache (per-token hidden layers as float16), both measured on the same rows in this run.
+Snapshots and probe data are built into a temporary folder first (not timed); the teacher is loaded once
+and shared by every measurement. `--profile` picks the probe-data size profile the rows are drawn from.
 """
 from __future__ import annotations
 
@@ -25,29 +28,31 @@ def main() -> None:
     ap.add_argument("--teachers", nargs="*")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--profile", default="tiny", help="probe-data profile the rows come from (tiny builds fast)")
     args = ap.parse_args()
 
     from nexus_assets.core.feature_store import cache_features
     from nexus_assets.probes.probe_data import build_probe_dataset, read_probe_rows
     from nexus_assets.core.registry import load_registry
     from nexus_assets.teachers.base import load_teacher
-    from nexus_assets.teachers.features import INPUT_COLUMNS
+    from nexus_assets.teachers.features import COMPACT_CACHE, INPUT_COLUMNS
     from nexus_assets.teachers.snapshot import build_snapshot
 
     reg = load_registry()
     names = args.teachers or [t.name for t in reg.enabled_teachers()]
     tmp = Path(tempfile.mkdtemp(prefix="nexus-bench-"))
     probes: dict = {}
-    print(f"{'teacher':20s} {'rows':>5s} {'bare s':>8s} {'cached s':>9s} {'ratio':>6s} {'bytes/row':>10s}")
+    print(f"{'teacher':20s} {'rows':>5s} {'bare s':>8s} {'cached s':>9s} {'ratio':>6s} {'bytes/row':>10s} "
+          f"{'tokens':>7s} {'B/token f32':>12s} {'B/token compact':>16s}")
     for name in names:
         spec = reg.teacher(name)
         ds = reg.dataset(spec.dataset)
         if ds.name not in probes:
             text = None
             if ds.text_dataset:
-                build_probe_dataset(reg.dataset(ds.text_dataset), "default", tmp / "probe" / ds.text_dataset)
+                build_probe_dataset(reg.dataset(ds.text_dataset), args.profile, tmp / "probe" / ds.text_dataset)
                 text = read_probe_rows(tmp / "probe" / ds.text_dataset)
-            build_probe_dataset(ds, "default", tmp / "probe" / ds.name, text_table=text)
+            build_probe_dataset(ds, args.profile, tmp / "probe" / ds.name, text_table=text)
             probes[ds.name] = read_probe_rows(tmp / "probe" / ds.name)
         rows = probes[ds.name].slice(0, args.rows)
         snap = tmp / "snap" / name
@@ -66,11 +71,18 @@ def main() -> None:
             t0 = time.perf_counter()
             m = cache_features(teacher.forward, rows, tmp / "feat" / name / str(r), teacher=name, batch_size=bs,
                                chunk_rows=spec.extraction.chunk_rows, input_columns=INPUT_COLUMNS[spec.modality],
-                               log=lambda s: None)
+                               log=lambda s: None, compact=COMPACT_CACHE)
             cached.append(time.perf_counter() - t0)
             nbytes = m["bytes"]
         b, c = min(bare), min(cached)
-        print(f"{name:20s} {rows.num_rows:5d} {b:8.2f} {c:9.2f} {c / b:6.3f} {nbytes / rows.num_rows:10.0f}", flush=True)
+        line = f"{name:20s} {rows.num_rows:5d} {b:8.2f} {c:9.2f} {c / b:6.3f} {nbytes / rows.num_rows:10.0f}"
+        if m["token_rows"]:
+            wide = cache_features(teacher.forward, rows, tmp / "feat" / name / "f32", teacher=name, batch_size=bs,
+                                  chunk_rows=spec.extraction.chunk_rows, input_columns=INPUT_COLUMNS[spec.modality],
+                                  log=lambda s: None, compact=False)
+            line += (f" {m['token_rows']:7d} {wide['token_bytes'] / wide['token_rows']:12.0f}"
+                     f" {m['token_bytes'] / m['token_rows']:16.0f}")
+        print(line, flush=True)
         del teacher
 
 

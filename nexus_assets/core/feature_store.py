@@ -7,6 +7,11 @@ Layout of one cache entry (`<teacher dir>/<cache_key>/`):
   manifest.json         written when every chunk is complete
 The cache key covers teacher hash + data hash + extraction config, so a change to any of them lands in a
 new entry and stale features are never reused.
+
+Compact storage: the bulk of a token row (its per-token hidden layers) is written as float16
+(`compact=True`, what extract_teacher_features uses) and widened back to float32 by every reader here
+(`read_features`, `iter_matrix`, `column_matrix`), so consumers see the same column names, shapes and
+float32 dtype either way. A column whose values exceed float16's range stays float32 in that chunk.
 """
 from __future__ import annotations
 
@@ -36,19 +41,53 @@ def cache_key(teacher_hash: str, data_hash: str, extraction: dict, code_version:
                         "code": code_version})[:16]
 
 
-def _column(values: Any) -> pa.Array:
-    """numpy (N,) -> plain column; (N, D) -> fixed-size list column (cheap to read back as a matrix)."""
+FLOAT16_SAFE = 65000.0  # float16 tops out at 65504
+
+
+# Top-k logits stay float32 unless this is set: float16's step is 4.9e-4 at 0.5 and 0.016 at 20, while
+# the cache promises 1e-4 agreement with a direct forward (teachers test); at k=32 they are 128 B/token.
+HALF_TOPK_LOGITS = False
+
+
+def is_compact_column(name: str) -> bool:
+    """Token-table columns stored as float16 in a compact cache: the per-token hidden layers (the bulk:
+    2,304 B/token float32 for SmolLM2's 576-d layer), and top-k logits if HALF_TOPK_LOGITS."""
+    return name.startswith("hidden.") or (HALF_TOPK_LOGITS and name == "topk_logits")
+
+
+def _column(values: Any, half: bool = False) -> pa.Array:
+    """numpy (N,) -> plain column; (N, D) -> fixed-size list column (cheap to read back as a matrix).
+    half: store float32 values as float16 when they fit its range."""
     if isinstance(values, list):
         return pa.array(values)
     arr = np.asarray(values)
+    if half and arr.dtype == np.float32 and (arr.size == 0 or float(np.abs(arr).max()) < FLOAT16_SAFE):
+        arr = arr.astype(np.float16)
     if arr.ndim == 1:
         return pa.array(arr)
     flat = pa.array(arr.reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, int(np.prod(arr.shape[1:])))
 
 
-def outputs_to_tables(row_ids: Sequence[str], splits: Sequence[str], outputs, teacher: str) -> tuple[pa.Table, pa.Table | None]:
-    """Turn one batch's TeacherOutputs into (items table, tokens table) keyed by row_id."""
+def _widen_type(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_float16(t):
+        return pa.float32()
+    if pa.types.is_fixed_size_list(t) and pa.types.is_float16(t.value_type):
+        return pa.list_(pa.float32(), t.list_size)
+    return t
+
+
+def widen(table: pa.Table | pa.RecordBatch):
+    """float16 columns (compact cache) -> float32, every other column untouched."""
+    schema = table.schema
+    wide = pa.schema([f.with_type(_widen_type(f.type)) for f in schema], metadata=schema.metadata)
+    return table if wide.equals(schema) else table.cast(wide)
+
+
+def outputs_to_tables(row_ids: Sequence[str], splits: Sequence[str], outputs, teacher: str,
+                      compact: bool = False) -> tuple[pa.Table, pa.Table | None]:
+    """Turn one batch's TeacherOutputs into (items table, tokens table) keyed by row_id; compact stores
+    the token table's top-k logits and hidden layers as float16."""
     for name, v in {**outputs.items, **(outputs.tokens or {})}.items():
         if not isinstance(v, list) and not np.isfinite(np.asarray(v)).all():
             raise FeatureCacheError(f"teacher {teacher!r}: non-finite values in output {name!r} for rows "
@@ -61,7 +100,7 @@ def outputs_to_tables(row_ids: Sequence[str], splits: Sequence[str], outputs, te
         cols = {"row_id": pa.array([row_ids[i] for i in idx])}
         for name, v in outputs.tokens.items():
             if name != "item_index":
-                cols[name] = _column(v)
+                cols[name] = _column(v, half=compact and is_compact_column(name))
         tokens = pa.table(cols)
     return pa.table(items), tokens
 
@@ -120,16 +159,18 @@ def cache_features(
     input_columns: Sequence[str],
     manifest_extra: dict | None = None,
     log: Callable[[str], None] = print,
+    compact: bool = False,
 ) -> dict:
     """Run `forward` over every probe row, chunk by chunk, resuming from the last complete chunk.
 
-    rows: the probe table (row_id, split, + the input columns). Returns the manifest.
+    rows: the probe table (row_id, split, + the input columns). compact: token top-k logits and hidden
+    layers as float16 (read back as float32). Returns the manifest.
     """
     folder.mkdir(parents=True, exist_ok=True)
     with _entry_lock(folder, teacher, log):
         return _cache_features_locked(forward, rows, folder, teacher=teacher, batch_size=batch_size,
                                       chunk_rows=chunk_rows, input_columns=input_columns,
-                                      manifest_extra=manifest_extra, log=log)
+                                      manifest_extra=manifest_extra, log=log, compact=compact)
 
 
 @contextlib.contextmanager
@@ -151,7 +192,7 @@ def _entry_lock(folder: Path, teacher: str, log):
 
 
 def _cache_features_locked(forward, rows, folder, *, teacher, batch_size, chunk_rows, input_columns,
-                           manifest_extra, log) -> dict:
+                           manifest_extra, log, compact) -> dict:
     n = rows.num_rows
     plans = [ChunkPlan(i, s, min(s + chunk_rows, n)) for i, s in enumerate(range(0, n, chunk_rows))]
     done = [p.index for p in plans if chunk_is_complete(folder, p.index)]
@@ -168,12 +209,13 @@ def _cache_features_locked(forward, rows, folder, *, teacher, batch_size, chunk_
         for b in range(0, len(part), batch_size):
             batch = part[b:b + batch_size]
             out = forward(batch)
-            it, tk = outputs_to_tables([r["row_id"] for r in batch], [r["split"] for r in batch], out, teacher)
+            it, tk = outputs_to_tables([r["row_id"] for r in batch], [r["split"] for r in batch], out, teacher,
+                                       compact=compact)
             item_tables.append(it)
             if tk is not None:
                 token_tables.append(tk)
-        items = pa.concat_tables(item_tables)
-        tokens = pa.concat_tables(token_tables) if token_tables else None
+        items = _concat(item_tables)
+        tokens = _concat(token_tables) if token_tables else None
         chunks.append(write_chunk(folder, p.index, items, tokens))
         processed += len(part)
         rate = processed / max(time.time() - t0, 1e-9)
@@ -184,6 +226,8 @@ def _cache_features_locked(forward, rows, folder, *, teacher, batch_size, chunk_
         "chunks": len(plans),
         "token_rows": sum(c["files"].get("tokens", {}).get("rows", 0) for c in chunks),
         "bytes": sum(m["bytes"] for c in chunks for m in c["files"].values()),
+        "token_bytes": sum(c["files"].get("tokens", {}).get("bytes", 0) for c in chunks),
+        "compact": compact,
         "content_hash": sha256_json([sorted((k, m["sha256"]) for k, m in c["files"].items()) for c in chunks]),
         "seconds_this_run": round(time.time() - t0, 2),
         "rows_computed_this_run": processed,
@@ -192,6 +236,14 @@ def _cache_features_locked(forward, rows, folder, *, teacher, batch_size, chunk_
     write_json(folder / MANIFEST, manifest)
     write_json(folder.parent / CURRENT, {"cache_key": folder.name, "content_hash": manifest["content_hash"]})
     return manifest
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """Batches of one chunk; if a batch kept a compact column float32 (values beyond float16's range), the
+    whole chunk keeps it float32."""
+    if all(t.schema.equals(tables[0].schema) for t in tables[1:]):
+        return pa.concat_tables(tables)
+    return pa.concat_tables([widen(t) for t in tables])
 
 
 def current_entry(teacher_dir: Path) -> Path:
@@ -215,7 +267,7 @@ def read_features(entry: Path, kind: str = "items", columns: list[str] | None = 
     read_cols = columns
     if filter_splits is not None and columns is not None and "split" not in columns:
         read_cols = [*columns, "split"] if "split" in pq.read_schema(files[0]).names else columns
-    table = pa.concat_tables(pq.read_table(f, columns=read_cols) for f in files)
+    table = pa.concat_tables(widen(pq.read_table(f, columns=read_cols)) for f in files)
     if filter_splits is not None and "split" in table.column_names:
         import pyarrow.compute as pc
 
@@ -274,9 +326,11 @@ def count_rows(entry: Path, kind: str = "items", splits: Sequence[str] | None = 
 
 
 def column_matrix(col) -> np.ndarray:
-    """Fixed-size-list column -> (n, D) float32 view without a Python loop."""
+    """Fixed-size-list column -> (n, D) float32 view without a Python loop (float16 widened to float32)."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     if pa.types.is_fixed_size_list(col.type):
-        return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
-    return col.to_numpy(zero_copy_only=False)
+        out = col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+    else:
+        out = col.to_numpy(zero_copy_only=False)
+    return out.astype(np.float32) if out.dtype == np.float16 else out

@@ -12,7 +12,9 @@ from nexus_assets.teachers.snapshot import verify_snapshot
 
 INPUT_COLUMNS = {"text": ["text"], "vision": ["image"], "audio": ["wav"]}
 # Bump when an adapter's output format or maths changes: it is part of every cache key.
-FEATURE_CODE_VERSION = "2"
+# 3: compact cache (token top-k logits and hidden layers stored as float16, read back as float32).
+FEATURE_CODE_VERSION = "3"
+COMPACT_CACHE = True
 
 
 def feature_cache_key(spec: TeacherSpec, snapshot_hash: str, data_hash: str) -> str:
@@ -46,6 +48,7 @@ def extract_teacher_features(
         batch_size=spec.extraction.chunk_rows if streamed else spec.extraction.batch_size,
         chunk_rows=spec.extraction.chunk_rows,
         input_columns=INPUT_COLUMNS[spec.modality],
+        compact=COMPACT_CACHE,
         manifest_extra={"cache_key": key, "snapshot_hash": snap["content_hash"], "data_hash": data_hash,
                         "extraction": spec.extraction.model_dump(), "teacher_params": teacher.num_parameters(),
                         "load_seconds": round(load_s, 2), "device": device, "layer_streamed": streamed},

@@ -150,10 +150,12 @@ def student_architecture(context: dg.AssetExecutionContext, config: Architecture
             probe_dirs={d: a.path for d, a in upstream(probe_dataset, "dataset", "probe_dataset").items()})
         arch.update(init="carved", carve=carve, carved_lora_rank=config.carved_lora_rank)
         rep = carve["report"]
-        arch["reasoning"].append(
+        # the carve decides this tower's shape; the sizing lines describe the random-init ablation only
+        arch["reasoning"] = [
             f"carved from {carve['teacher']} ({carve['family']}): {rep['student_params'] / 1e6:.1f}M of "
-            f"{rep['teacher_params'] / 1e6:.1f}M parameters ({rep['param_fraction']:.2f})")
-        arch["reasoning"] += [f"{k}: {v}" for k, v in rep.items() if k not in ("teacher_params", "student_params")]
+            f"{rep['teacher_params'] / 1e6:.1f}M parameters ({rep['param_fraction']:.2f}), "
+            f"LoRA rank {config.carved_lora_rank} per capability",
+            *(f"random-init ablation: {r}" for r in arch["reasoning"])]
     arch.setdefault("init", "random")
     out = artifact_dir("student_architecture", tower) / "architecture.json"
     write_json(out, arch)
@@ -163,9 +165,9 @@ def student_architecture(context: dg.AssetExecutionContext, config: Architecture
         arch,
         data_version=dg.DataVersion(sha256_json(arch)[:16]),
         metadata={"artifact_path": dg.MetadataValue.path(str(out)), "init": arch["init"],
+                  "reasoning": dg.MetadataValue.md("\n".join(f"- {r}" for r in arch["reasoning"])),
                   "carve_report": dg.MetadataValue.json(arch.get("carve", {}).get("report", {})),
                   "hidden_width": arch["hidden_width"],
-                  "lora_rank": arch["lora_rank"], "max_rank": arch["max_rank"], "depth": arch["depth"],
-                  "reasoning": dg.MetadataValue.md("\n".join(f"- {r}" for r in arch["reasoning"]))},
+                  "lora_rank": arch["lora_rank"], "max_rank": arch["max_rank"], "depth": arch["depth"]},
     )
 

@@ -139,6 +139,13 @@ class CarvedWhisperDecoder(nn.Module):
         out[..., self.new_to_old[:-1]] = logp[..., :-1]
         return out
 
+    def _never_emitted(self) -> list[list[int]]:
+        """The fallback slot and every kept special token (Whisper numbers them after <|endoftext|>: the
+        prompt's <|startoftranscript|>, <|notimestamps|>, timestamps) in the kept numbering: a transcript
+        holds text tokens only."""
+        special = [i for i, old in enumerate(self.new_to_old[:-1].tolist()) if old > self.eot or old in self.prompt]
+        return [[self.hf_config.vocab_size - 1]] + [[i] for i in special]
+
     @torch.no_grad()
     def generate_ids(self, mem: torch.Tensor, mem_mask: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
         """transformers' `generate` (greedy, KV cache, stops at <|endoftext|>, no repeated 3-grams, a
@@ -162,7 +169,7 @@ class CarvedWhisperDecoder(nn.Module):
         out = GenerationMixin.generate(
             model, encoder_outputs=BaseModelOutput(last_hidden_state=mem), decoder_input_ids=start,
             max_new_tokens=budget, do_sample=False, num_beams=1, eos_token_id=eot, pad_token_id=eot,
-            no_repeat_ngram_size=3, repetition_penalty=1.1, bad_words_ids=[[self.hf_config.vocab_size - 1]])
+            no_repeat_ngram_size=3, repetition_penalty=1.1, bad_words_ids=self._never_emitted())
         rows = []
         for row in out[:, start.shape[1]:].tolist():
             keep = []

@@ -132,18 +132,3 @@ def carved_whisper_state(plan: dict, hf_dir: Path) -> dict[str, torch.Tensor]:
             if k.startswith(src):
                 out[f"{head}layers.{j}.{k[len(src):]}"] = v
     return out
-
-
-def plan_audio_carve_from_artifacts(snapshot_dir: Path, entry: Path, *, log=print, **settings) -> dict:
-    """`plan_whisper_carve` on the teacher's snapshot and its cached train-split transcripts / top-k."""
-    from nexus_assets.core.feature_store import column_matrix, read_features
-
-    items = read_features(Path(entry), "items", columns=["row_id"], filter_splits=["train"])
-    keep = set(items.column("row_id").to_pylist())
-    tok = read_features(Path(entry), "tokens", columns=["row_id", "token_id", "topk_ids", "topk_logits", "logsumexp"])
-    sel = np.fromiter((r in keep for r in tok.column("row_id").to_pylist()), dtype=bool, count=tok.num_rows)
-    lse = tok.column("logsumexp").to_numpy()[sel]
-    probs = np.exp(column_matrix(tok.column("topk_logits"))[sel].astype(np.float64) - lse[:, None])
-    return plan_whisper_carve(Path(snapshot_dir) / "hf", transcript_ids=tok.column("token_id").to_numpy()[sel],
-                              topk_ids=column_matrix(tok.column("topk_ids"))[sel], topk_probs=probs, log=log,
-                              **settings)

@@ -63,7 +63,7 @@ def plan_tower_carve(tower: str, teachers: Sequence[TeacherSpec], feature_entrie
 
         plan = plan_vision_carve_from_artifacts(snap, entry, probe_dirs=probe_dirs, log=log, **settings.vision)
     else:
-        from .carve_whisper import plan_audio_carve_from_artifacts
+        from .carve_audio import plan_audio_carve_from_artifacts
 
         plan = plan_audio_carve_from_artifacts(snap, entry, log=log, **settings.audio)
     plan["teacher"] = t.name

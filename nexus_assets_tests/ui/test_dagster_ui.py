@@ -219,7 +219,7 @@ def test_lineage_runs_from_teacher_snapshot_to_the_most_downstream_asset(server,
 
 
 @pytest.mark.parametrize("asset, partition, expect", [
-    ("student_architecture", TOWER, ["reasoning", "hidden_width", "lora_rank", "rank driven by teacher"]),
+    ("student_architecture", TOWER, ["reasoning", "carve_report", "carved from efficientnet-lite0", "lora_rank"]),
     ("activation_subspace", TEACHER, ["intrinsic_dims", "explained_variance", "features"]),
     ("teacher_features", TEACHER, ["cache_key", "rows_per_s", "layer_streamed"]),
 ])

@@ -18,7 +18,6 @@ text call never reads (or pays for) the vision tower, and a corrupted file is na
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -33,7 +32,8 @@ from nexus_assets.student.router import Router, RoutingError
 from nexus_assets.student.tower import StudentTower, load_tower
 from nexus_assets.student.config import TowerConfig
 from nexus_assets.student.carved import audio_input_features
-from nexus_assets.student.transforms import decode_wav, preprocess_image
+from .inputs import (MAX_NEW_TOKENS, MAX_TOP_K, InputError, check_count, check_text, check_texts,
+                     image_tensor, max_audio_samples, waveform)
 
 __all__ = ["Bundle", "TowerRuntime", "BundleError", "RoutingError", "load_tower_dir", "MANIFEST",
            "CAPABILITY_METHODS", "input_modality"]
@@ -82,47 +82,6 @@ def input_modality(x: Any) -> str:
             return "vision"
         raise RoutingError("cannot tell the modality of these bytes: pass WAV (RIFF) or PNG/JPEG contents")
     raise RoutingError(f"unsupported input type {type(x).__name__}")
-
-
-def _read_file(path: str | os.PathLike, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise BundleError(f"{what} file {str(path)!r} cannot be read: {e.strerror or e}") from e
-
-
-def _image_tensor(image: Any, size: int) -> torch.Tensor:
-    """path / HxWx3 uint8 array / encoded bytes -> (3, size, size), the exact transform of training."""
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-            raise RoutingError(f"image array must be HxWx3 uint8, got shape {image.shape} dtype {image.dtype}")
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.fromarray(image, "RGB").save(buf, format="PNG")  # lossless: same pixels, same decoder path
-        return preprocess_image(buf.getvalue(), size, "<array>")
-    if isinstance(image, bytes):
-        return preprocess_image(image, size, "<bytes>")
-    data = _read_file(image, "image")
-    try:
-        return preprocess_image(data, size, str(image))
-    except ValueError as e:
-        raise BundleError(f"image file {str(image)!r} is not a readable image: {e}") from e
-
-
-def _waveform(wav: Any) -> np.ndarray:
-    """path / WAV bytes / (N,) float array at 16 kHz -> (N,) float32."""
-    if isinstance(wav, np.ndarray):
-        if wav.ndim != 1:
-            raise RoutingError(f"waveform array must be 1-D (N,) at 16 kHz, got shape {wav.shape}")
-        return wav.astype(np.float32, copy=False)
-    if isinstance(wav, bytes):
-        return decode_wav(wav, "<bytes>")
-    data = _read_file(wav, "audio")
-    try:
-        return decode_wav(data, str(wav))
-    except ValueError as e:
-        raise BundleError(f"audio file {str(wav)!r} is not a readable WAV: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,13 +156,13 @@ class TowerRuntime:
 
     # -- text ------------------------------------------------------------------------------------------
 
-    def text_token_ids(self, text: str) -> list[int]:
-        """SmolLM2 ids of `text` (the tokenizer's own special-token rules), cut to the tower's max_len."""
-        if not isinstance(text, str):
-            raise RoutingError(f"text input must be a str, got {type(text).__name__}")
-        ids = self.tokenizer.encode(text).ids[: self.cfg.max_len]
+    def text_token_ids(self, text: str, keep: str = "first") -> list[int]:
+        """SmolLM2 ids of `text` (the tokenizer's own special-token rules), cut to the tower's max_len:
+        the first tokens (embed), or the last (generate: the context next to the continuation)."""
+        ids = self.tokenizer.encode(check_text(text)).ids
+        ids = ids[-self.cfg.max_len:] if keep == "last" else ids[: self.cfg.max_len]
         if not ids:
-            raise ValueError("text input is empty after tokenization")
+            raise InputError("text input is empty after tokenization")
         return ids
 
     @torch.no_grad()
@@ -217,9 +176,11 @@ class TowerRuntime:
 
     @torch.no_grad()
     def text_generate(self, prompt: str, max_new_tokens: int = 32) -> str:
-        """Greedy continuation of `prompt` (its last max_len tokens are the context)."""
-        ids = torch.as_tensor(self.text_token_ids(prompt), dtype=torch.long)[None]
+        """Greedy continuation of `prompt` (its last max_len tokens are the context); 1 <= max_new_tokens
+        <= MAX_NEW_TOKENS, because 0 or less used to echo the prompt as if it were an answer."""
+        max_new_tokens = check_count(max_new_tokens, "max_new_tokens", MAX_NEW_TOKENS)
         self._need(f"{self.name}.generate")
+        ids = torch.as_tensor(self.text_token_ids(prompt, keep="last"), dtype=torch.long)[None]
         new = self.tower.generate(self._to({"input_ids": ids}), f"{self.name}.generate", max_new_tokens)[0]
         return self.tokenizer.decode(new, skip_special_tokens=True)
 
@@ -227,7 +188,8 @@ class TowerRuntime:
     def text_embed(self, texts: str | Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Unit-norm sentence embeddings: str -> (1, D), list of n -> (n, D) float32."""
         self._need(f"{self.name}.embed")
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = check_texts(texts)
+        batch_size = check_count(batch_size, "batch_size", 4096)
         out = []
         for i in range(0, len(texts), batch_size):
             rows = [self.text_token_ids(t) for t in texts[i:i + batch_size]]
@@ -247,14 +209,19 @@ class TowerRuntime:
         """Class logits: n images (paths, HxWx3 uint8 arrays or encoded bytes) -> (n, C) float32."""
         cap = f"{self.name}.classify"
         self._need(cap)
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise InputError("images: the list is empty")
+        batch_size = check_count(batch_size, "batch_size", 4096)
         out = []
         for i in range(0, len(images), batch_size):
-            px = torch.stack([_image_tensor(im, self.cfg.image_size) for im in images[i:i + batch_size]])
+            px = torch.stack([image_tensor(im, self.cfg.image_size) for im in images[i:i + batch_size]])
             out.append(self.tower(self._to({"pixels": px}), cap)["out"].float().cpu().numpy())  # (B, C)
         return np.concatenate(out, 0)
 
     def vision_classify(self, image: Any, top_k: int = 5) -> list[tuple[str, float]]:
-        """The top_k (class name, probability) of one image, most likely first."""
+        """The top_k (class name, probability) of one image, most likely first (1 <= top_k <= MAX_TOP_K)."""
+        top_k = check_count(top_k, "top_k", MAX_TOP_K)
         logits = torch.from_numpy(self.vision_logits([image])[0])
         p = torch.softmax(logits, -1)
         top = torch.topk(p, k=min(top_k, p.numel()))
@@ -264,7 +231,7 @@ class TowerRuntime:
 
     def _mels(self, wav: Any) -> dict:
         # the same features as training (a carved Whisper tower reads Whisper's own log-mel)
-        mels = audio_input_features(self.cfg, _waveform(wav))[: self.cfg.max_frames][None]  # (1, F, n_mels)
+        mels = audio_input_features(self.cfg, waveform(wav, max_audio_samples(self.cfg)))[: self.cfg.max_frames][None]  # (1, F, n_mels)
         return {"mels": mels, "mel_mask": torch.ones(mels.shape[:2], dtype=torch.bool)}
 
     @torch.no_grad()
@@ -371,9 +338,16 @@ class Bundle:
             self._towers[name] = TowerRuntime(self.path / entry["path"], **self._kw)
         return self._towers[name]
 
+    def route(self, capability: str, x: Any):
+        """The Route of (capability or "auto", input). Text is checked first (empty, length cap): the
+        router's 'auto' classifier is linear in the text, and a 10 MB text used to hang it."""
+        modality = input_modality(x)
+        if modality == "text":
+            check_text(x) if isinstance(x, str) else check_texts(x)
+        return self.router.route(modality, capability, text=x if isinstance(x, str) else None)
+
     def _for(self, capability: str, x: Any) -> TowerRuntime:
-        route = self.router.route(input_modality(x), capability, text=x if isinstance(x, str) else None)
-        return self.tower(route.tower)
+        return self.tower(self.route(capability, x).tower)
 
     # -- capabilities ----------------------------------------------------------------------------------
 
@@ -397,7 +371,7 @@ class Bundle:
     def run(self, capability: str, x: Any, **kwargs):
         """Route (capability or "auto", input modality) through the Router, then call the capability.
         Unknown capability or an input of another modality -> RoutingError."""
-        route = self.router.route(input_modality(x), capability, text=x if isinstance(x, str) else None)
+        route = self.route(capability, x)
         method = CAPABILITY_METHODS.get(route.capability)
         if method is None:
             raise RoutingError(f"capability {route.capability!r} has no runtime method; "

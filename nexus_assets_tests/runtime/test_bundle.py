@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from nexus_assets.runtime import Bundle, BundleError, RoutingError
+from nexus_assets.runtime import Bundle, BundleError, InputError, RoutingError
 from nexus_assets_tests.runtime.tiny import png_bytes, wav_bytes
 
 
@@ -77,9 +77,9 @@ def test_unreadable_inputs_name_the_file(bundle_dir, tmp_path):
     b = Bundle.load(bundle_dir)
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(BundleError, match="broken.png"):
+    with pytest.raises(InputError, match="broken.png"):
         b.vision_classify(bad)
-    with pytest.raises(BundleError, match="missing.wav"):
+    with pytest.raises(InputError, match="missing.wav"):
         b.audio_transcribe(tmp_path / "missing.wav")
 
 

@@ -5,15 +5,18 @@ Every error names the file, the entry and the field at fault, because a registry
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .paths import data_dir
+from .paths import NAME_PATTERN, data_dir
 
 Modality = Literal["text", "vision", "audio"]
+_IDENT = r"[A-Za-z][A-Za-z0-9_]*"  # no leading underscore: no dunders, no private helpers
+_LOCATE = rf"({_IDENT}(?:\.{_IDENT})*):{_IDENT}(?:\.{_IDENT})*"
 
 
 class RegistryError(ValueError):
@@ -35,6 +38,23 @@ class PackageSource(_Strict):
         "default: the package folder itself (found without importing it)",
     )
     files: list[str] = Field(default_factory=lambda: ["*"], description="glob patterns of files to take")
+
+    @field_validator("locate")
+    @classmethod
+    def _locate_inside_package(cls, v, info):
+        """A registry names data, not code to run: `locate` may only call into the teacher's own package
+        or nexus_assets.teachers, and only through plain public attribute names."""
+        if v is None:
+            return v
+        m = re.fullmatch(_LOCATE, v)
+        if m is None:
+            raise ValueError(f"locate {v!r} must be 'module:attr[.attr]' with plain public names")
+        module, package = m.group(1), info.data.get("package") or ""
+        allowed = [p for p in (package, "nexus_assets.teachers") if p]
+        if not any(module == p or module.startswith(p + ".") for p in allowed):
+            raise ValueError(f"locate {v!r}: the module must be the package {package!r} (or a submodule) "
+                             "or nexus_assets.teachers.*")
+        return v
 
 
 class HfSource(_Strict):
@@ -85,11 +105,12 @@ class ExtractionSettings(_Strict):
 
 
 class TeacherSpec(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    name: str = Field(pattern=NAME_PATTERN)
     enabled: bool = True
     modality: Modality
-    tower: str = Field(description="student tower that learns from this teacher")
-    family: str = Field(description="adapter in nexus_assets/teachers that loads and runs it")
+    tower: str = Field(pattern=NAME_PATTERN, description="student tower that learns from this teacher "
+                       "(a folder name under NEXUS_HOME, so the same pattern as teacher names)")
+    family: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="adapter in nexus_assets/teachers that loads and runs it")
     capabilities: list[str] = Field(min_length=1)
     dataset: str = Field(description="probe dataset name (registry) this teacher is run over")
     source: Source
@@ -105,7 +126,7 @@ class DatasetSize(_Strict):
 
 
 class DatasetSpec(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    name: str = Field(pattern=NAME_PATTERN)
     modality: Modality
     sources: list[str] = Field(min_length=1, description="source names, see nexus_assets/probes/probe_data.py")
     heldout_sources: list[str] = Field(

@@ -26,29 +26,24 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from nexus_assets.core.atomic import sha256_file
-from nexus_assets.student.quantize import dynamic_int8, file_scheme, load_state, to_nf4_linear
+from nexus_assets.student.quantize import dynamic_int8, to_nf4_linear
 from nexus_assets.student.router import Router, RoutingError
-from nexus_assets.student.tower import StudentTower, load_tower
 from nexus_assets.student.config import TowerConfig
+from nexus_assets.student.tower import StudentTower
 from nexus_assets.student.carved import audio_input_features
+from .files import MANIFEST, BundleError, hash_checked, read_checked, read_manifest, snapshot, tree_files
 from .inputs import (MAX_NEW_TOKENS, MAX_TOP_K, InputError, check_count, check_text, check_texts,
                      image_tensor, max_audio_samples, waveform)
 
 __all__ = ["Bundle", "TowerRuntime", "BundleError", "RoutingError", "load_tower_dir", "MANIFEST",
            "CAPABILITY_METHODS", "input_modality"]
 
-MANIFEST = "manifest.json"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 AUDIO_SUFFIXES = {".wav", ".wave"}
 CAPABILITY_METHODS = {
     "text.generate": "text_generate", "text.embed": "text_embed", "vision.classify": "vision_classify",
     "audio.speaker_embed": "audio_speaker_embed", "audio.transcribe": "audio_transcribe",
 }
-
-
-class BundleError(RuntimeError):
-    """A bundle or tower folder is missing, incomplete or corrupted; the message names the file."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,21 +84,12 @@ def input_modality(x: Any) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _load_student(directory: Path) -> StudentTower:
-    """`towers.load_tower` for fp32 folders; for quantized ones the same steps with dequantized weights."""
-    cfg_file = directory / "config.json"
-    if not cfg_file.exists():
-        raise BundleError(f"{cfg_file}: missing (not a tower folder written by save_tower)")
-    backbone, heads = directory / "backbone.safetensors", directory / "heads.safetensors"
-    for f in (backbone, heads):
-        if not f.exists():
-            raise BundleError(f"{f}: missing file")
-    if file_scheme(backbone) == "none" and file_scheme(heads) == "none":
-        return load_tower(directory)
-    try:
-        return load_tower(directory, read_state=load_state)  # int8 / nf4 files: dequantized on read
-    except ValueError as e:
-        raise BundleError(str(e)) from e
+def _load_student(directory: str | os.PathLike) -> StudentTower:
+    """The checked tower of a folder (fp32 or int8 / nf4, dequantized), without tokenizer or classes:
+    kept for bench/ and tests that compare towers directly."""
+    from .towerload import load_student
+
+    return load_student(Path(directory))[0]
 
 
 class TowerRuntime:
@@ -112,13 +98,16 @@ class TowerRuntime:
     Every method takes plain Python / numpy inputs and returns numpy arrays or strings.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, int8_compute: str = "dequantize", device: str = "cpu"):
+    def __init__(self, directory: str | os.PathLike, *, int8_compute: str = "dequantize", device: str = "cpu",
+                 source: str | os.PathLike | None = None):
+        """directory: the folder read now; source: where it came from, if a verified copy (the bundle's)."""
         if int8_compute not in ("dequantize", "dynamic"):
             raise ValueError(f"int8_compute: {int8_compute!r} is not 'dequantize' or 'dynamic'")
-        self.directory = Path(directory)
-        self.scheme = file_scheme(self.directory / "backbone.safetensors") \
-            if (self.directory / "backbone.safetensors").exists() else "none"
-        tower = _load_student(self.directory)
+        from .towerload import load_student
+
+        folder = Path(directory)
+        self.directory = Path(source) if source is not None else folder
+        tower, self.scheme = load_student(folder)
         if device.startswith("cuda") and self.scheme == "nf4":
             tower = to_nf4_linear(tower, device)
         elif int8_compute == "dynamic" and device == "cpu":
@@ -127,20 +116,37 @@ class TowerRuntime:
         self.device = device
         self.cfg: TowerConfig = tower.cfg
         self.name = self.cfg.name
-        self.tokenizer = None
-        tok = self.directory / "tokenizer" / "tokenizer.json"
-        if self.cfg.modality in ("text", "audio"):
-            if not tok.exists():
-                raise BundleError(f"{tok}: missing (the {self.name} tower needs its tokenizer)")
-            from tokenizers import Tokenizer
+        self.tokenizer = self._tokenizer(folder) if self.cfg.modality in ("text", "audio") else None
+        self.classes: list[str] | None = self._classes(folder) if self.cfg.modality == "vision" else None
 
-            self.tokenizer = Tokenizer.from_file(str(tok))
-        self.classes: list[str] | None = None
-        if self.cfg.modality == "vision":
-            cls = self.directory / "classes.json"
-            if not cls.exists():
-                raise BundleError(f"{cls}: missing (the vision tower needs its class names)")
-            self.classes = list(json.loads(cls.read_text()))
+    def _tokenizer(self, folder: Path):
+        """tokenizer/tokenizer.json, read through the same no-symlink, size-capped reader as the weights."""
+        from tokenizers import Tokenizer
+
+        rel = "tokenizer/tokenizer.json"
+        if not (folder / rel).is_file():
+            raise BundleError(f"{self.directory / rel}: missing (the {self.name} tower needs its tokenizer)")
+        try:
+            return Tokenizer.from_str(read_checked(folder, rel, None, limit=256 << 20).decode("utf-8"))
+        except BundleError:
+            raise
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on bad JSON
+            raise BundleError(f"{self.directory / rel}: not a readable tokenizer ({type(e).__name__}: {e})") from None
+
+    def _classes(self, folder: Path) -> list[str]:
+        """classes.json: one name per class of the tower's classify head."""
+        f = self.directory / "classes.json"
+        if not (folder / "classes.json").is_file():
+            raise BundleError(f"{f}: missing (the vision tower needs its class names)")
+        try:
+            classes = json.loads(read_checked(folder, "classes.json", None, limit=64 << 20).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"{f}: not valid UTF-8 JSON ({e})") from None
+        n = max((h.out_dim for h in self.cfg.capabilities.values() if h.kind == "classes"), default=None)
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or \
+                (n is not None and len(classes) != n):
+            raise BundleError(f"{f}: must be a list of {n} class names")
+        return classes
 
     @property
     def capabilities(self) -> list[str]:
@@ -272,51 +278,58 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, int8_compute: str = "dequantize", device: str = "cpu") -> "Bundle":
+        """Read and check the manifest, then load the router from its verified bytes (towers load lazily)."""
         path = Path(path)
-        mf = path / MANIFEST
-        if not mf.exists():
-            raise BundleError(f"{mf}: missing (not a NEXUS bundle folder)")
-        try:
-            manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{mf}: not valid JSON: {e}") from e
-        for key in ("files", "towers", "router"):
-            if key not in manifest:
-                raise BundleError(f"{mf}: no {key!r} entry")
+        manifest = read_manifest(path)
         b = cls(path, manifest, None, int8_compute=int8_compute, device=device)  # type: ignore[arg-type]
-        b._verify(manifest["router"]["path"])
-        b.router = Router.load(path / manifest["router"]["path"])
+        rel = manifest["router"]["path"]
+        with snapshot(b._read_verified(rel)) as snap:
+            try:
+                b.router = Router.load(snap / rel)
+            except Exception as e:  # noqa: BLE001 - a hashed but malformed router is still a bad bundle
+                raise BundleError(f"{path / rel}: cannot load the router ({type(e).__name__}: {e})") from None
         return b
 
     # -- integrity -------------------------------------------------------------------------------------
 
-    def _verify(self, prefix: str) -> list[str]:
-        """Check the sha256 of every manifest file under `prefix/`; refuse unlisted files there too."""
+    def _listed(self, prefix: str) -> dict[str, dict]:
+        """The manifest entries under `prefix/`; unlisted files and symlinks there are refused."""
         prefix = prefix.rstrip("/") + "/"
         listed = {rel: f for rel, f in self.manifest["files"].items() if rel.startswith(prefix)}
         if not listed:
             raise BundleError(f"{self.path / MANIFEST}: lists no file under {prefix}")
-        for rel, f in sorted(listed.items()):
-            p = self.path / rel
-            if not p.is_file():
-                raise BundleError(f"{p}: missing file (listed in {MANIFEST})")
-            got = sha256_file(p)
-            if got != f["sha256"]:
-                raise BundleError(f"{p}: sha256 mismatch (manifest {f['sha256'][:16]}..., file {got[:16]}...): "
-                                  "the file was changed or corrupted after the bundle was built")
-        on_disk = {str(p.relative_to(self.path)) for p in (self.path / prefix).rglob("*") if p.is_file()}
-        extra = sorted(on_disk - set(listed))
+        if not (self.path / prefix).is_dir():
+            raise BundleError(f"{self.path / prefix}: missing folder (listed in {MANIFEST})")
+        extra = sorted(tree_files(self.path, prefix.rstrip("/")) - set(listed))
         if extra:
             raise BundleError(f"{self.path / prefix}: files not listed in {MANIFEST}: {extra}")
+        return listed
+
+    def _read_verified(self, prefix: str) -> dict[str, bytes]:
+        """Every file under `prefix/`, read once and checked against its sha256: the bytes then loaded
+        are the bytes hashed (they used to be hashed, then reopened: a window to swap them)."""
+        return {rel: read_checked(self.path, rel, f) for rel, f in sorted(self._listed(prefix).items())}
+
+    def _verify(self, prefix: str) -> list[str]:
+        """Stream-check the sha256 of every manifest file under `prefix/` (nothing kept in memory)."""
+        listed = self._listed(prefix)
+        for rel, f in sorted(listed.items()):
+            hash_checked(self.path, rel, f)
         return sorted(listed)
 
     def verify_all(self) -> dict[str, str]:
-        """Check every file now (the CLI's `info --verify`): {prefix: 'ok'} or raises BundleError."""
-        out = {self.manifest["router"]["path"]: "ok"}
-        self._verify(self.manifest["router"]["path"])
-        for name, t in self.manifest["towers"].items():
-            self._verify(t["path"])
-            out[t["path"]] = "ok"
+        """Check every file now (the CLI's `info --verify`): {prefix: 'ok'} or raises BundleError. Files
+        listed outside the router and towers are checked too."""
+        prefixes = [self.manifest["router"]["path"]] + [t["path"] for t in self.manifest["towers"].values()]
+        out = {}
+        for prefix in prefixes:
+            self._verify(prefix)
+            out[prefix] = "ok"
+        covered = {p.rstrip("/") + "/" for p in prefixes}
+        for rel, f in sorted(self.manifest["files"].items()):
+            if not any(rel.startswith(c) for c in covered):
+                hash_checked(self.path, rel, f)
+                out[rel] = "ok"
         return out
 
     # -- towers ----------------------------------------------------------------------------------------
@@ -334,8 +347,12 @@ class Bundle:
             entry = self.manifest["towers"].get(name)
             if entry is None:
                 raise RoutingError(f"the bundle has no tower {name!r}; it has {sorted(self.manifest['towers'])}")
-            self._verify(entry["path"])
-            self._towers[name] = TowerRuntime(self.path / entry["path"], **self._kw)
+            rel = entry["path"]
+            with snapshot(self._read_verified(rel)) as snap:
+                try:
+                    self._towers[name] = TowerRuntime(snap / rel, source=self.path / rel, **self._kw)
+                except BundleError as e:  # name the bundle's file, not the private copy
+                    raise BundleError(str(e).replace(str(snap), str(self.path))) from None
         return self._towers[name]
 
     def route(self, capability: str, x: Any):

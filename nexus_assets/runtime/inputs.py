@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,14 @@ def read_input_file(path: str | os.PathLike, what: str, limit: int = MAX_FILE_BY
             size = os.fstat(f.fileno()).st_size
             if size > limit:
                 raise InputError(f"{what} file {str(p)!r} is {size:,} bytes; the limit is {limit:,}")
-            data = f.read(limit + 1)
+            if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                data = f.read(min(size, limit) + 1)  # read(n) allocates n bytes up front
+            else:  # a pipe (`<(cat voice.wav)`): no size to trust, read in chunks up to the limit
+                chunks, total = [], 0
+                while total <= limit and (chunk := f.read(1 << 20)):
+                    chunks.append(chunk)
+                    total += len(chunk)
+                data = b"".join(chunks)
     except OSError as e:
         raise InputError(f"{what} file {str(p)!r} cannot be read: {e.strerror or e}") from e
     if len(data) > limit:

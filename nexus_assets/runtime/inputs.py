@@ -72,6 +72,10 @@ def check_text(text: Any, what: str = "text") -> str:
                          f"the limit is {MAX_TEXT_CHARS:,}")
     if not text.strip():
         raise InputError(f"{what} input is empty or only whitespace")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: the tokenizer would raise a bare TypeError
+        raise InputError(f"{what} input is not valid Unicode ({e.reason} at character {e.start})") from None
     return text
 
 
@@ -167,11 +171,13 @@ def image_tensor(image: Any, size: int):
         data, name = read_input_file(image, "image"), repr(str(image))
     else:
         raise InputError(f"image input must be a path, bytes or an HxWx3 uint8 array, got {type(image).__name__}")
-    _check_image_header(data, name)
-    try:
-        return preprocess_image(data, size, name)
-    except Exception as e:  # a valid header over a corrupt body fails only here
-        raise InputError(f"image {name} is not a readable image ({type(e).__name__}: {e})") from None
+    with warnings.catch_warnings():  # PIL warns per corrupt TIFF tag / EXIF field: noise, not information
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        _check_image_header(data, name)
+        try:
+            return preprocess_image(data, size, name)
+        except Exception as e:  # a valid header over a corrupt body fails only here
+            raise InputError(f"image {name} is not a readable image ({type(e).__name__}: {e})") from None
 
 
 # -- audio --------------------------------------------------------------------------------------------

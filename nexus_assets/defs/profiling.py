@@ -95,7 +95,9 @@ class ArchitectureConfig(dg.Config):
                                                           "vocab_mass": 0.999},
                                                  "audio": {"decoder_layers": [0, 1, 2, 3], "max_seconds": 10,
                                                            "vocab_mass": 0.999},
-                                                 "vision": {"keep_fraction": 0.5}},
+                                                 # measured on the default data, same steps: keep 0.5 (3.2M) held-out
+                                                 # agreement 0.34, never-seen 0.03; keep 0.75 (4.8M) 0.54, 0.20
+                                                 "vision": {"keep_fraction": 0.75}},
                         description="per-family carve targets: text (training/carve_text.py TextCarveTarget), "
                         "vision, audio (their carvers' settings)")
     carved_lora_rank: int = Field(16, description="LoRA rank of each capability adapter of a carved tower")

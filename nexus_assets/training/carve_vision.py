@@ -99,7 +99,7 @@ def taylor_scores(state: dict, pixels: torch.Tensor, batch: int = 16) -> tuple[l
     return [sums[i] for i in range(len(blocks))], sums["head"]
 
 
-def plan_vision_carve(pth: Path, sample_pixels: torch.Tensor, *, keep_fraction: float = 0.5,
+def plan_vision_carve(pth: Path, sample_pixels: torch.Tensor, *, keep_fraction: float = 0.75,
                       min_channels: int = 8, anchor_layers: Sequence[str] = ("blocks.5", "blocks.10", "features"),
                       log: Callable[[str], None] = print) -> dict:
     """The carve plan (JSON-able) of the vision tower: kept inner / head channel indices and the report."""

@@ -27,14 +27,17 @@ from .config import HeadSpec, TowerConfig
 def vocab_maps(vocab: list[int], teacher_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(old_to_new (teacher_vocab,), new_to_old (len(vocab) + 1,)); dropped ids -> fallback len(vocab),
     whose own entry in new_to_old is -1 (it is no teacher token)."""
-    kept = torch.as_tensor(vocab, dtype=torch.long)
-    if kept.numel() == 0 or int(kept.min()) < 0 or int(kept.max()) >= teacher_vocab:
-        raise ValueError(f"carve.vocab: ids must lie in [0, {teacher_vocab}), got {kept.numel()} ids")
-    if kept.unique().numel() != kept.numel():
+    # checked in Python and built on the CPU explicitly: index maps, not weights, so they must hold real
+    # values even when the tower is built under torch.device("meta") (the runtime's size check)
+    ids = [int(t) for t in vocab]
+    if not ids or min(ids) < 0 or max(ids) >= teacher_vocab:
+        raise ValueError(f"carve.vocab: ids must lie in [0, {teacher_vocab}), got {len(ids)} ids")
+    if len(set(ids)) != len(ids):
         raise ValueError("carve.vocab: ids must be distinct")
-    old_to_new = torch.full((teacher_vocab,), len(vocab), dtype=torch.long)
-    old_to_new[kept] = torch.arange(len(vocab))
-    new_to_old = torch.cat([kept, torch.tensor([-1])])
+    kept = torch.tensor(ids, dtype=torch.long, device="cpu")
+    old_to_new = torch.full((teacher_vocab,), len(ids), dtype=torch.long, device="cpu")
+    old_to_new[kept] = torch.arange(len(ids), device="cpu")
+    new_to_old = torch.cat([kept, torch.tensor([-1], device="cpu")])
     return old_to_new, new_to_old
 
 

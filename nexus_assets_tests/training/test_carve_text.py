@@ -130,6 +130,12 @@ def test_carve_to_budget_drops_low_influence_blocks_and_trims_vocab(tiny_llama, 
         a = tower.eval()({"input_ids": ids}, "text.generate")["out"]
         b = back({"input_ids": ids}, "text.generate")["out"]
     torch.testing.assert_close(a, b)
+    # the runtime's checked loader (sizes compared on the meta device first) reads the same tower
+    from nexus_assets.runtime.towerload import load_student
+
+    checked, _ = load_student(tmp_path / "t")
+    with torch.no_grad():
+        torch.testing.assert_close(a, checked({"input_ids": ids}, "text.generate")["out"])
 
 
 def test_remap_topk_merges_dropped_ids_into_the_fallback():

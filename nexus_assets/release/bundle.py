@@ -28,6 +28,10 @@ __all__ = ["build_bundle", "gate_reports", "failures_message", "BUNDLE_FORMAT", 
 
 BUNDLE_FORMAT = "1"
 QUANTIZED_FILES = ("backbone.safetensors", "heads.safetensors")
+# a carved text tower keeps its backbone as a stock transformers folder: in the bundle it is quantized like
+# the rest (the runtime reads it through the same dequantizing reader); the fp32 stock folder that
+# `AutoModelForCausalLM.from_pretrained` loads stays in the tower_adapter artifact
+CARVED_STOCK_FILES = ("hf/model.safetensors",)
 
 
 def package_versions() -> dict[str, str]:
@@ -65,8 +69,9 @@ def failures_message(failures: list[dict], stage: str) -> str:
 def _copy_tower(src: Path, dst: Path, scheme: str) -> dict:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".*"))
     out = {}
-    for name in QUANTIZED_FILES:
-        out[name] = quantize_file(src / name, dst / name, scheme)
+    for name in QUANTIZED_FILES + CARVED_STOCK_FILES:
+        if name in QUANTIZED_FILES or (src / name).exists():
+            out[name] = quantize_file(src / name, dst / name, scheme)
     return out
 
 

@@ -136,6 +136,20 @@ def test_carve_to_budget_drops_low_influence_blocks_and_trims_vocab(tiny_llama, 
     checked, _ = load_student(tmp_path / "t")
     with torch.no_grad():
         torch.testing.assert_close(a, checked({"input_ids": ids}, "text.generate")["out"])
+    # in a bundle the stock backbone is int8 like the rest: fewer bytes, outputs within int8 error
+    from nexus_assets.release.bundle import _copy_tower
+    from nexus_assets.student.quantize import file_scheme
+
+    stats = _copy_tower(tmp_path / "t", tmp_path / "q", "int8")
+    assert stats["hf/model.safetensors"]["quantized_tensors"] > 0
+    assert file_scheme(tmp_path / "q" / "hf" / "model.safetensors") == "int8"
+    assert (tmp_path / "q" / "hf" / "model.safetensors").stat().st_size < \
+        0.5 * (tmp_path / "t" / "hf" / "model.safetensors").stat().st_size
+    q, scheme = load_student(tmp_path / "q")
+    with torch.no_grad():
+        qa = q({"input_ids": ids}, "text.generate")["out"]
+    assert scheme == "int8" and not torch.equal(qa, a)
+    torch.testing.assert_close(qa, a, atol=0.1, rtol=0.05)
 
 
 def test_remap_topk_merges_dropped_ids_into_the_fallback():

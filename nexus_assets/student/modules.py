@@ -185,7 +185,11 @@ class PooledHead(nn.Module):
         self.normalise = normalise
 
     def forward(self, h, mask):
-        y = self.fc(self.ln(_pool(h, mask)))
+        return self.from_pooled(_pool(h, mask))
+
+    def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head on already pooled states (B, W): lets a linear probe train on cached pooled features."""
+        y = self.fc(self.ln(pooled))
         return F.normalize(y, dim=-1) if self.normalise else y
 
 

@@ -46,6 +46,13 @@ class TrainConfig:
     """Weight of the cosine loss of embedding heads."""
     w_lwf: float = 0.5
     """Weight of the learning-without-forgetting loss in phase (b)."""
+    head_probe_epochs: int = 100
+    """Linear-probe warm start of a pooled head (embedding / classes) at the start of its phase (b):
+    epochs over the training rows' cached pooled states, backbone frozen, the head's own losses (LP-FT,
+    Kumar et al. 2022: probe first, then fine-tune, distorts the features less and transfers better out
+    of distribution). The few phase steps alone leave such a head far from converged; 0 = off."""
+    head_probe_lr: float = 1e-3
+    """AdamW learning rate of the linear-probe warm start."""
     teacher_weights: dict[str, float] = field(default_factory=dict)
     """Teacher name -> multiplier of all of that teacher's losses (multi-teacher towers); missing = 1."""
     alpha_start: float = 1.0
@@ -88,12 +95,13 @@ class TrainConfig:
     def __post_init__(self):
         ints = {"phase_a_steps": 0, "phase_b_steps": 0, "batch_size": 1, "warmup_steps": 0, "eval_every": 1,
                 "val_batches": 1, "patience": 1, "spike_window": 2, "spike_min_history": 2, "max_rollbacks": 0,
-                "max_nan_skips": 0, "checkpoint_every": 1, "keep_checkpoints": 1, "log_every": 1, "num_threads": 0}
+                "max_nan_skips": 0, "checkpoint_every": 1, "keep_checkpoints": 1, "log_every": 1, "num_threads": 0,
+                "head_probe_epochs": 0}
         for name, lo in ints.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name}: must be an int >= {lo}, got {v!r}")
-        pos = ("lr", "adapter_lr", "temperature", "grad_clip", "spike_factor", "anchor_escalation")
+        pos = ("lr", "adapter_lr", "head_probe_lr", "temperature", "grad_clip", "spike_factor", "anchor_escalation")
         nonneg = ("weight_decay", "w_kd", "w_anchor", "w_gram", "w_cosine", "w_lwf", "alpha_start", "alpha_end",
                   "min_delta")
         for name in pos + nonneg:

@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nexus_assets.student.config import adapter_name
+from nexus_assets.student.modules import PooledHead, _pool
 from nexus_assets.student.tower import StudentTower
 
 from .config import TrainConfig
-from .objective import TowerObjective, task_losses
+from .objective import _KIND_WEIGHT, TowerObjective, task_losses
 from .tower_data import INPUT_KEYS, TowerData
 
 
@@ -171,6 +173,68 @@ def params_sha256(module: nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+_PROBE_TARGET = {"embedding": "embedding", "classes": "logits"}
+
+
+def probe_pooled_head(tower: StudentTower, cap: str, data: TowerData, tc: TrainConfig, device,
+                      chunk: int = 32, minibatch: int = 64) -> dict | None:
+    """Linear-probe warm start of `cap`'s pooled head (LP-FT): pool the last block of the (frozen) backbone
+    over every training row once, then fit the head alone on those cached states with its own weighted
+    losses for `tc.head_probe_epochs` epochs. Deterministic (seeded shuffles, row-order features), so a run
+    resumed at the phase start repeats it bit for bit.
+
+    Returns {rows, epochs, loss_before, loss_after, seconds}, or None when the head is not a PooledHead
+    (a carved backbone's own head, an LM or ASR head) or probing is off.
+    """
+    import time
+
+    spec = tower.cfg.capabilities[cap]
+    head = tower.heads[adapter_name(cap)]
+    if tc.head_probe_epochs == 0 or not isinstance(head, PooledHead) or spec.kind not in _PROBE_TARGET:
+        return None
+    t0 = time.time()
+    key = f"{cap}:{_PROBE_TARGET[spec.kind]}"
+    was_training = tower.training
+    tower.eval()
+    pooled, targets = [], []
+    with torch.no_grad():
+        for start in range(0, len(data), chunk):
+            batch = to_device(data.batch(list(range(start, min(start + chunk, len(data))))), device)
+            hiddens, mask = tower.encode({k: v for k, v in batch.items() if k in INPUT_KEYS})
+            pooled.append(_pool(hiddens[-1], mask).float())  # (B, W)
+            targets.append(batch[key])
+    feats, target = torch.cat(pooled), torch.cat(targets)  # (N, W), (N, D | C)
+
+    def loss_of(rows: torch.Tensor) -> torch.Tensor:
+        parts = task_losses(cap, spec.kind, {"out": head.from_pooled(feats[rows])}, {key: target[rows]}, tc)
+        return sum(getattr(tc, _KIND_WEIGHT[n]) * v for n, v in parts.items())
+
+    every = torch.arange(len(feats), device=feats.device)
+    with torch.no_grad():
+        before = float(loss_of(every))
+    params = list(head.parameters())
+    grads = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=tc.head_probe_lr, weight_decay=tc.weight_decay)
+    gen = torch.Generator().manual_seed(tc.seed)
+    with torch.enable_grad():
+        for _ in range(tc.head_probe_epochs):
+            order = torch.randperm(len(feats), generator=gen).to(feats.device)
+            for i in range(0, len(order), minibatch):
+                loss = loss_of(order[i:i + minibatch])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    for p, g in zip(params, grads):
+        p.requires_grad_(g)
+    with torch.no_grad():
+        after = float(loss_of(every))
+    tower.train(was_training)
+    return {"rows": len(feats), "epochs": tc.head_probe_epochs, "loss_before": before, "loss_after": after,
+            "seconds": round(time.time() - t0, 2)}
 
 
 @torch.no_grad()

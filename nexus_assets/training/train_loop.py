@@ -50,8 +50,8 @@ from nexus_assets.student.tower import StudentTower, save_tower
 
 from .checkpoints import CHECKPOINT_DIR, latest_checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from .config import TrainConfig, TrainHooks, TrainingDiverged, cpu_train_config
-from .loop_parts import (Dist, Phase, TrainState, batch_indices, evaluate, guard_step, params_sha256, setup_dist,
-                         setup_phase, to_device, training_curve)
+from .loop_parts import (Dist, Phase, TrainState, batch_indices, evaluate, guard_step, params_sha256,
+                         probe_pooled_head, setup_dist, setup_phase, to_device, training_curve)
 from .objective import TowerObjective, anchor_context
 from .tower_data import TowerData
 
@@ -189,6 +189,13 @@ def _run_phase(run: _Run, phase_idx: int, data_train: TowerData, data_val: Tower
     """One phase's steps, resuming at st.phase_step; stops early on the validation loss."""
     st, tc, dd = run.st, run.tc, run.dd
     ph = setup_phase(run.phases[phase_idx], run.tower, run.objective, run.caps, tc)
+    probe = None
+    if ph.name.startswith("b:") and st.phase_step == 0 and run.opt_state is None:
+        probe = probe_pooled_head(run.tower, ph.name[2:], data_train, tc, dd.device)
+        if probe is not None:
+            run.say(f"[{run.cfg.name}] phase {ph.name}: linear-probe warm start of the head on {probe['rows']} rows, "
+                    f"{probe['epochs']} epochs, loss {probe['loss_before']:.4f} -> {probe['loss_after']:.4f} "
+                    f"({probe['seconds']:.1f} s)")
     if run.opt_state is not None:
         ph.opt.load_state_dict(run.opt_state)
         ph.sched.load_state_dict(run.sched_state)
@@ -201,6 +208,8 @@ def _run_phase(run: _Run, phase_idx: int, data_train: TowerData, data_val: Tower
                     find_unused_parameters=True)
     run.snapshot(ph)
     plog = st.phase_log.setdefault(ph.name, {"steps_run": 0, "stopped_early": False, "start_step": st.global_step})
+    if probe is not None:
+        plog["head_probe"] = probe
     run.tower.train()
     run.say(f"[{run.cfg.name}] phase {ph.name}: {ph.steps} steps, {sum(p.numel() for p in ph.params):,} trainable params")
     gb = tc.batch_size * dd.world

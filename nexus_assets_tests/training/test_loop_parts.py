@@ -63,3 +63,57 @@ def test_a_checkpoint_that_needs_pickle_is_refused(tmp_path):
     torch.save({"x": Evil()}, bad)
     with pytest.raises(ValueError, match="ckpt-0000001-p0.pt: not a loadable checkpoint"):
         read_checkpoint(bad, "cpu")
+
+
+def _probe_case(seed: int = 0):
+    """A tiny text tower and rows whose teacher embedding the head can reach exactly: a fixed random
+    linear map of the (LayerNorm-ed) pooled last-block states, normalised."""
+    import torch.nn.functional as F
+
+    from nexus_assets.student.modules import _pool
+    from nexus_assets.student.tower import StudentTower
+    from nexus_assets.training.tower_data import INPUT_KEYS, synthetic_tower_data
+    from nexus_assets_tests.student.test_towers import tiny_config
+
+    torch.manual_seed(seed)
+    cfg = tiny_config("text")
+    tower = StudentTower(cfg)
+    data = synthetic_tower_data(cfg, 96, seed)
+    batch = data.batch(list(range(len(data))))
+    with torch.no_grad():
+        tower.eval()
+        hiddens, mask = tower.encode({k: v for k, v in batch.items() if k in INPUT_KEYS})
+        pooled = F.layer_norm(_pool(hiddens[-1], mask), (cfg.width,))
+        w = torch.randn(cfg.width, 16, generator=torch.Generator().manual_seed(7))
+        data.tensors["text.embed:embedding"] = F.normalize(pooled @ w, dim=-1)
+        tower.train()
+    return tower, data
+
+
+def test_linear_probe_reaches_a_head_target_that_is_a_linear_map_and_leaves_the_backbone():
+    from nexus_assets.training.loop_parts import params_sha256, probe_pooled_head
+
+    tower, data = _probe_case()
+    backbone = params_sha256(tower.backbone)
+    tc = TrainConfig(head_probe_epochs=150, head_probe_lr=1e-2, w_gram=0.0)
+    rep = probe_pooled_head(tower, "text.embed", data, tc, torch.device("cpu"))
+    assert rep["rows"] == 96 and rep["epochs"] == 150
+    assert rep["loss_before"] > 0.3  # a random head is far from the map
+    assert rep["loss_after"] < 0.05 * rep["loss_before"]  # the probe finds it (cosine loss near 0)
+    assert params_sha256(tower.backbone) == backbone  # only the head moved
+    assert tower.training  # the mode it was called in
+
+
+def test_linear_probe_is_deterministic_and_skips_heads_it_cannot_probe():
+    from nexus_assets.training.loop_parts import probe_pooled_head
+
+    tc = TrainConfig(head_probe_epochs=5)
+    heads = []
+    for _ in range(2):
+        tower, data = _probe_case()
+        probe_pooled_head(tower, "text.embed", data, tc, torch.device("cpu"))
+        heads.append({k: v.clone() for k, v in tower.heads["text_embed"].state_dict().items()})
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+    tower, data = _probe_case()
+    assert probe_pooled_head(tower, "text.generate", data, tc, torch.device("cpu")) is None  # an LM head
+    assert probe_pooled_head(tower, "text.embed", data, TrainConfig(head_probe_epochs=0), torch.device("cpu")) is None

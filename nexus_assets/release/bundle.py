@@ -190,7 +190,7 @@ def build_bundle(
         manifest: dict[str, Any] = {
             "format_version": BUNDLE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": package_versions(),
-            "quantization": {"scheme": scheme, "load": "dequantize to fp32 (int8_compute='dynamic' optional)",
+            "quantization": {"scheme": scheme, "load": "dequantize to fp32 (int8_compute='dynamic' optional, per tower where it keeps the outputs)",
                              "requested": quantization},
             "router": {"path": "router"}, "towers": _write_towers(tower_dirs, tmp, scheme, caps),
             "contracts": contracts.to_json(), "verified": False, "files": _file_table(tmp)}

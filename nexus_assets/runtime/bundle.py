@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from nexus_assets.student.quantize import dynamic_int8, to_nf4_linear
+from nexus_assets.student.quantize import DYNAMIC_MAX_REL_ERR, dynamic_int8, dynamic_int8_error, to_nf4_linear
 from nexus_assets.student.router import Router, RoutingError
 from nexus_assets.student.config import TowerConfig
 from nexus_assets.student.tower import StudentTower
@@ -92,6 +93,10 @@ def _load_student(directory: str | os.PathLike) -> StudentTower:
     return load_student(Path(directory))[0]
 
 
+class Int8FallbackWarning(UserWarning):
+    """`int8_compute="dynamic"` was asked for a tower it would change too much; it runs dequantized."""
+
+
 class TowerRuntime:
     """One loaded tower plus what its inputs and outputs need (tokenizer, class names).
 
@@ -110,8 +115,17 @@ class TowerRuntime:
         tower, self.scheme = load_student(folder)
         if device.startswith("cuda") and self.scheme == "nf4":
             tower = to_nf4_linear(tower, device)
-        elif int8_compute == "dynamic" and device == "cpu":
-            tower = dynamic_int8(tower)
+        self.int8_compute = "dequantize"  # what runs: "dynamic" only where it keeps the outputs
+        if int8_compute == "dynamic" and device == "cpu":
+            dynamic = dynamic_int8(tower)
+            err = dynamic_int8_error(tower.eval(), dynamic.eval())
+            worst = max(err, key=err.get)
+            if err[worst] > DYNAMIC_MAX_REL_ERR:  # int8 activations would change the answers: say so, keep fp32
+                warnings.warn(f"tower {tower.cfg.name!r}: dynamic int8 changes {worst}'s outputs by "
+                              f"{err[worst]:.2f} (relative, > {DYNAMIC_MAX_REL_ERR}) on a calibration batch; "
+                              f"running it dequantized to fp32 instead", Int8FallbackWarning, stacklevel=2)
+            else:
+                tower, self.int8_compute = dynamic, "dynamic"
         self.tower = tower.to(device).eval()
         self.device = device
         self.cfg: TowerConfig = tower.cfg

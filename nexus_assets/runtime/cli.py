@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=_bounded("--top-k", MAX_TOP_K), default=5,
                    help=f"vision.classify: classes to print (1-{MAX_TOP_K})")
     r.add_argument("--int8-compute", choices=["dequantize", "dynamic"], default="dequantize",
-                   help="int8 bundles: dequantize to fp32 (default) or torch dynamic int8 matmuls")
+                   help="int8 bundles: dequantize to fp32 (default) or torch dynamic int8 matmuls (a tower whose "
+                        "outputs that would change by > 10%% runs dequantized, with a warning)")
     i = sub.add_parser("info", help="towers, sizes, quantization, retention, verified")
     i.add_argument("--bundle", required=True)
     i.add_argument("--verify", action="store_true", help="also check the sha256 of every file now")
@@ -128,8 +129,11 @@ def _one_line(e: BaseException) -> str:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """Input warnings (audio cut to max_frames) as one `nexus: warning:` line; others as Python prints them."""
-    if issubclass(category, InputWarning):
+    """Input warnings (audio cut to max_frames) and the int8 fallback as one `nexus: warning:` line; others
+    as Python prints them."""
+    from .bundle import Int8FallbackWarning
+
+    if issubclass(category, (InputWarning, Int8FallbackWarning)):
         print(f"nexus: warning: {_one_line(message)}", file=sys.stderr)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))

@@ -1,6 +1,8 @@
 """Quantization: error bounds, real size reduction, and quantized towers that match their fp32 source."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -74,3 +76,42 @@ def test_quantized_tower_file_shrinks_and_matches(tmp_path):
     la = a({"input_ids": ids}, "text.generate")["out"]
     lb = b({"input_ids": ids}, "text.generate")["out"]
     assert ((la - lb).norm() / la.norm()) < 0.05
+
+
+def test_dynamic_int8_error_is_small_on_plain_towers_and_large_with_activation_outliers():
+    """Per-tensor int8 activations keep a tower with ordinary activations (error < 0.1) and lose one whose
+    hidden states carry a huge outlier dimension (the carved SmolLM2 case): the error measure sees both."""
+    from nexus_assets.student.tower import StudentTower
+    from nexus_assets_tests.student.test_towers import tiny_config
+
+    torch.manual_seed(0)
+    plain = StudentTower(tiny_config("text")).eval()
+    err = Q.dynamic_int8_error(plain, Q.dynamic_int8(plain).eval())
+    assert set(err) == {"text.generate", "text.embed"} and max(err.values()) < Q.DYNAMIC_MAX_REL_ERR
+    outlier = StudentTower(tiny_config("text")).eval()
+    head = outlier.heads["text_embed"]
+    with torch.no_grad():  # dimension 0 of every token state is ~1000 and the embed head ignores it: its
+        outlier.backbone.tok_emb.weight[:, 0] += 1000.0  # answer lives in the small dimensions, which an
+        head.ln = outlier.backbone.ln_f = torch.nn.Identity()  # int8 scale of 1000/127 rounds to 0
+        head.fc.weight[:, 0] = 0.0
+        head.fc.bias.zero_()
+    err = Q.dynamic_int8_error(outlier, Q.dynamic_int8(outlier).eval())
+    assert err["text.embed"] > 0.5
+
+
+def test_runtime_keeps_fp32_where_dynamic_int8_would_change_the_answers(tmp_path, monkeypatch):
+    from nexus_assets.runtime import bundle as RB
+    from nexus_assets.student.tower import StudentTower, save_tower
+    from nexus_assets_tests.student.test_towers import tiny_config
+
+    torch.manual_seed(0)
+    save_tower(StudentTower(tiny_config("vision")), tmp_path / "t")
+    (tmp_path / "t" / "classes.json").write_text(json.dumps([f"class {i}" for i in range(10)]))
+    assert RB.TowerRuntime(tmp_path / "t", int8_compute="dynamic").int8_compute == "dynamic"
+    monkeypatch.setattr(RB, "DYNAMIC_MAX_REL_ERR", 0.0)  # any change is too much
+    with pytest.warns(RB.Int8FallbackWarning, match=r"tower 'vision': dynamic int8 changes vision.classify"):
+        rt = RB.TowerRuntime(tmp_path / "t", int8_compute="dynamic")
+    assert rt.int8_compute == "dequantize"
+    x = torch.randn(2, 3, 32, 32)
+    ref = RB.TowerRuntime(tmp_path / "t").tower({"pixels": x}, "vision.classify")["out"]
+    assert torch.equal(rt.tower({"pixels": x}, "vision.classify")["out"], ref)

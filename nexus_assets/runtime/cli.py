@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"vision.classify: classes to print (1-{MAX_TOP_K})")
     r.add_argument("--int8-compute", choices=["dequantize", "dynamic"], default="dequantize",
                    help="int8 bundles: dequantize to fp32 (default) or torch dynamic int8 matmuls (a tower whose "
-                        "outputs that would change by > 10%% runs dequantized, with a warning)")
+                        "outputs would change by > 10%% runs dequantized, with a warning)")
     i = sub.add_parser("info", help="towers, sizes, quantization, retention, verified")
     i.add_argument("--bundle", required=True)
     i.add_argument("--verify", action="store_true", help="also check the sha256 of every file now")

@@ -18,7 +18,7 @@ from nexus_assets.student.modules import PooledHead, _pool
 from nexus_assets.student.tower import StudentTower
 
 from .config import TrainConfig
-from .objective import _KIND_WEIGHT, TowerObjective, task_losses
+from .objective import TowerObjective, task_loss_weight, task_losses
 from .tower_data import INPUT_KEYS, TowerData
 
 
@@ -209,7 +209,7 @@ def probe_pooled_head(tower: StudentTower, cap: str, data: TowerData, tc: TrainC
 
     def loss_of(rows: torch.Tensor) -> torch.Tensor:
         parts = task_losses(cap, spec.kind, {"out": head.from_pooled(feats[rows])}, {key: target[rows]}, tc)
-        return sum(getattr(tc, _KIND_WEIGHT[n]) * v for n, v in parts.items())
+        return sum(task_loss_weight(n, tc) * v for n, v in parts.items())
 
     every = torch.arange(len(feats), device=feats.device)
     with torch.no_grad():

@@ -70,6 +70,11 @@ def task_losses(cap: str, kind: str, res: dict, batch: dict, tc: TrainConfig) ->
 _KIND_WEIGHT = {"kd": "w_kd", "cosine": "w_cosine", "gram": "w_gram"}
 
 
+def task_loss_weight(name: str, tc: TrainConfig, teacher_weight: float = 1.0) -> float:
+    """The TrainConfig weight of one `task_losses` entry ("kd", "cosine", "gram") times the teacher's."""
+    return getattr(tc, _KIND_WEIGHT[name]) * teacher_weight
+
+
 def lwf_view(kind: str, cap: str, out: torch.Tensor, batch: dict) -> torch.Tensor:
     """Head output as rows for lwf_loss: sequence logits keep only counted positions -> (N, V)."""
     if kind in ("lm", "asr"):
@@ -103,7 +108,7 @@ class TowerObjective(nn.Module):
             res = tower.head_forward(cap, enc, inputs)
             for name, loss in task_losses(cap, spec.kind, res, batch, tc).items():
                 losses[f"{cap}.{name}"] = loss
-                weights[f"{cap}.{name}"] = getattr(tc, _KIND_WEIGHT[name]) * tw
+                weights[f"{cap}.{name}"] = task_loss_weight(name, tc, tw)
             if spec.anchor_layers:
                 per_layer = []
                 for layer in spec.anchor_layers:

@@ -42,17 +42,10 @@ def _time(fn, reps: int) -> float:
 
 
 def _inputs(cfg, cap: str, b: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    if cfg.modality == "text":
-        return {"input_ids": torch.randint(0, cfg.vocab_size, (b, cfg.max_len), generator=g)}
-    if cfg.modality == "vision":
-        return {"pixels": torch.randn(b, 3, cfg.image_size, cfg.image_size, generator=g)}
-    f = min(300, cfg.max_frames)  # 3 s of audio
-    x = {"mels": torch.randn(b, f, cfg.n_mels, generator=g), "mel_mask": torch.ones(b, f, dtype=torch.bool)}
-    if cap.endswith("transcribe"):
-        dec = torch.tensor(cfg.asr_prompt_ids + [100] * 16).expand(b, -1)
-        x.update(dec_ids=dec, dec_mask=torch.ones_like(dec, dtype=torch.bool))
-    return x
+    """Full-length text, 3 s of audio, a 16-token transcript prefix."""
+    from nexus_assets.student.quantize import calibration_inputs
+
+    return calibration_inputs(cfg, cap, b, text_len=cfg.max_len, dec_tokens=16)
 
 
 def _tower_dirs(args, tmp: Path) -> dict[str, Path]:
@@ -73,7 +66,7 @@ def _tower_dirs(args, tmp: Path) -> dict[str, Path]:
 
 
 def _student_rows(dirs: dict[str, Path], tmp: Path, reps: int) -> dict:
-    from nexus_assets.student.quantize import dynamic_int8, file_scheme, quantize_file
+    from nexus_assets.student.quantize import dynamic_int8, file_scheme, output_rel_error, quantize_file
     from nexus_assets.runtime.bundle import _load_student
 
     rows = {}
@@ -101,9 +94,8 @@ def _student_rows(dirs: dict[str, Path], tmp: Path, reps: int) -> dict:
                         r[f"ms_{name}_b{b}"] = _time(lambda: m(x, cap), reps)
             with torch.no_grad():
                 x = _inputs(fp32.cfg, cap, 4)
-                ref = fp32(x, cap)["out"]
-                r["int8_deq_rel_err"] = float((deq(x, cap)["out"] - ref).norm() / ref.norm())
-                r["int8_dyn_rel_err"] = float((dyn(x, cap)["out"] - ref).norm() / ref.norm())
+                r["int8_deq_rel_err"] = output_rel_error(fp32, deq, cap, x)
+                r["int8_dyn_rel_err"] = output_rel_error(fp32, dyn, cap, x)
             rows[cap] = r
     return rows
 

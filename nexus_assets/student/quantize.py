@@ -33,7 +33,8 @@ from torch import nn
 
 __all__ = ["SCHEMES", "MIN_NUMEL", "quantize_tensor_int8", "dequantize_tensor_int8", "quantize_state_dict",
            "dequantize_state_dict", "quantize_file", "load_state", "file_scheme", "default_scheme",
-           "dynamic_int8", "dynamic_int8_error", "DYNAMIC_MAX_REL_ERR", "to_nf4_linear"]
+           "dynamic_int8", "dynamic_int8_error", "DYNAMIC_MAX_REL_ERR", "calibration_inputs", "output_rel_error",
+           "to_nf4_linear"]
 
 SCHEMES = ("none", "int8", "nf4")
 MIN_NUMEL = 1024
@@ -171,31 +172,34 @@ vision 0.02, speaker 0.04, transcribe 0.08, text.generate 0.21, text.embed 0.77:
 activation outliers do not survive per-tensor int8 activations (its embeddings keep cosine 0.5 with fp32)."""
 
 
-def _calibration_inputs(cfg, capability: str, b: int = 4) -> dict:
-    """A fixed, seeded batch of model inputs of the right shapes (token ids / pixels / log-mels)."""
+def calibration_inputs(cfg, capability: str, b: int = 4, *, text_len: int = 64, dec_tokens: int = 8) -> dict:
+    """A fixed, seeded batch of model inputs of the right shapes (token ids / pixels / log-mels), for
+    measuring what quantization changes and how fast a tower runs (bench/student_vs_teacher.py)."""
     g = torch.Generator().manual_seed(0)
     if cfg.modality == "text":
-        return {"input_ids": torch.randint(0, cfg.vocab_size, (b, min(cfg.max_len, 64)), generator=g)}
+        return {"input_ids": torch.randint(0, cfg.vocab_size, (b, min(cfg.max_len, text_len)), generator=g)}
     if cfg.modality == "vision":
         return {"pixels": torch.randn(b, 3, cfg.image_size, cfg.image_size, generator=g)}
-    f = min(300, cfg.max_frames)
+    f = min(300, cfg.max_frames)  # 3 s of audio
     x = {"mels": torch.randn(b, f, cfg.n_mels, generator=g), "mel_mask": torch.ones(b, f, dtype=torch.bool)}
     if cfg.capabilities[capability].kind == "asr":
-        dec = torch.tensor(list(cfg.asr_prompt_ids) + [100] * 8).expand(b, -1)
+        dec = torch.tensor(list(cfg.asr_prompt_ids) + [100] * dec_tokens).expand(b, -1)
         x.update(dec_ids=dec, dec_mask=torch.ones_like(dec, dtype=torch.bool))
     return x
 
 
 @torch.no_grad()
+def output_rel_error(reference: nn.Module, other: nn.Module, capability: str, inputs: dict) -> float:
+    """|other - reference| / |reference| of one capability's head output (two StudentTowers, same inputs)."""
+    ref = reference(inputs, capability)["out"].float()
+    return float((other(inputs, capability)["out"].float() - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
 def dynamic_int8_error(reference: nn.Module, dynamic: nn.Module) -> dict[str, float]:
-    """Per capability, |dynamic - reference| / |reference| of the head output on a calibration batch:
-    whether int8 compute keeps what the tower says (`reference` and `dynamic` are StudentTowers)."""
-    out = {}
-    for cap in reference.cfg.capabilities:
-        x = _calibration_inputs(reference.cfg, cap)
-        ref = reference(x, cap)["out"].float()
-        out[cap] = float((dynamic(x, cap)["out"].float() - ref).norm() / ref.norm().clamp_min(1e-12))
-    return out
+    """Per capability, `output_rel_error` on a calibration batch: whether int8 compute keeps what the
+    tower says (`reference` and `dynamic` are StudentTowers)."""
+    return {cap: output_rel_error(reference, dynamic, cap, calibration_inputs(reference.cfg, cap))
+            for cap in reference.cfg.capabilities}
 
 
 def to_nf4_linear(module: nn.Module, device: str = "cuda") -> nn.Module:

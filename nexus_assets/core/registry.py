@@ -80,6 +80,33 @@ class PathSource(_Strict):
 Source = Annotated[Union[PackageSource, HfSource, PathSource], Field(discriminator="kind")]
 
 
+class TeacherWrittenSettings(_Strict):
+    """Sequence-level KD data (Kim & Rush): the LM teacher continues prompts cut from its own train rows,
+    sampled, and the continuations are cached as one more train source (`teacher_written`) whose top-k
+    logits the student learns like any other row. Never drawn from held-out or never-seen rows."""
+
+    prompts: dict[str, int] = Field(description="prompts per size profile (NEXUS_PROFILE), e.g. {default: 600}; "
+                                    "a profile not listed writes none")
+    prompt_tokens: int = Field(16, ge=1, description="leading tokens of a train row used as the prompt")
+    max_new_tokens: int = Field(48, ge=1, description="tokens the teacher writes per prompt")
+    temperature: float = Field(0.8, gt=0.0, le=5.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    seed: int = 0
+    batch_size: int = Field(16, ge=1, le=4096, description="prompts per generate call")
+    chunk_prompts: int = Field(64, ge=1, description="prompts per cached file (the resume granularity)")
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_non_negative(cls, v):
+        bad = {k: n for k, n in v.items() if n < 0}
+        if bad:
+            raise ValueError(f"prompts must be >= 0 per profile, got {bad}")
+        return v
+
+    def prompts_for(self, profile: str) -> int:
+        return int(self.prompts.get(profile, 0))
+
+
 class ExtractionSettings(_Strict):
     """How the frozen teacher is run over its probe data."""
 
@@ -93,6 +120,9 @@ class ExtractionSettings(_Strict):
     chunk_rows: int = Field(256, ge=1, description="items per Parquet chunk (the resume granularity)")
     stream_layers: Literal["auto", "always", "never"] = Field(
         "auto", description="layer-streamed extraction when weights exceed the memory budget"
+    )
+    teacher_written: TeacherWrittenSettings | None = Field(
+        None, description="LM teachers: continuations the teacher writes, cached as an extra train source"
     )
 
     @field_validator("token_layers")

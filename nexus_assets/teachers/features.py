@@ -5,8 +5,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nexus_assets.core.atomic import atomic_path, sha256_json
 from nexus_assets.core.feature_store import cache_features, cache_key
-from nexus_assets.core.registry import TeacherSpec
+from nexus_assets.core.registry import TeacherSpec, active_profile
 from nexus_assets.teachers.base import load_teacher
 from nexus_assets.teachers.snapshot import verify_snapshot
 
@@ -17,8 +21,84 @@ FEATURE_CODE_VERSION = "3"
 COMPACT_CACHE = True
 
 
-def feature_cache_key(spec: TeacherSpec, snapshot_hash: str, data_hash: str) -> str:
-    return cache_key(snapshot_hash, data_hash, spec.extraction.model_dump(), f"{spec.family}:{FEATURE_CODE_VERSION}")
+TEACHER_WRITTEN = "teacher_written"  # the source name, the row_id prefix and the folder inside a cache entry
+
+
+def feature_cache_key(spec: TeacherSpec, snapshot_hash: str, data_hash: str, profile: str | None = None) -> str:
+    """exclude_none keeps the keys of teachers without optional settings (teacher_written) unchanged;
+    with teacher_written, the profile's prompt count is part of the key (it changes the cached rows)."""
+    extraction = spec.extraction.model_dump(exclude_none=True)
+    tw = spec.extraction.teacher_written
+    if tw is not None:
+        extraction["teacher_written_prompts"] = tw.prompts_for(profile or active_profile())
+    return cache_key(snapshot_hash, data_hash, extraction, f"{spec.family}:{FEATURE_CODE_VERSION}")
+
+
+def teacher_written_prompts(spec: TeacherSpec, probe_rows, n: int) -> list[tuple[str, str]]:
+    """(row_id, text) of the train rows the teacher continues: a seeded draw, never val / held-out rows."""
+    tw = spec.extraction.teacher_written
+    if tw is None or n == 0:
+        return []
+    if "text" not in probe_rows.column_names:
+        raise ValueError(f"teacher {spec.name!r}: teacher_written needs a 'text' column in its probe data, "
+                         f"found {probe_rows.column_names}")
+    train = [(r, t) for r, s, t in zip(probe_rows.column("row_id").to_pylist(), probe_rows.column("split").to_pylist(),
+                                       probe_rows.column("text").to_pylist()) if s == "train" and t and t.strip()]
+    if not train:
+        raise ValueError(f"teacher {spec.name!r}: teacher_written asks for {n} prompts but the probe data has "
+                         "no non-empty train row")
+    train.sort(key=lambda rt: sha256_json([tw.seed, rt[0]]))
+    return train[:n]
+
+
+def write_teacher_text(teacher, spec: TeacherSpec, prompts: list[tuple[str, str]], folder: Path,
+                       log: Callable[[str], None] = print) -> pa.Table:
+    """The teacher's sampled continuations of `prompts` as probe-like rows (row_id, split=train, source,
+    prompt_row_id, prompt, text = prompt + continuation as the teacher decodes it). Cached in `folder` one chunk file at a time,
+    each written atomically, so a killed run resumes at the first missing chunk with the same text."""
+    tw = spec.extraction.teacher_written
+    if not hasattr(teacher, "write_continuations"):
+        raise ValueError(f"teacher {spec.name!r}: family {spec.family!r} cannot write text "
+                         f"({type(teacher).__name__} has no write_continuations); remove extraction.teacher_written")
+    starts = list(range(0, len(prompts), tw.chunk_prompts))
+    parts, t0, written, tokens = [], time.time(), 0, 0
+    for ci, start in enumerate(starts):
+        path = Path(folder) / f"part-{ci:05d}.parquet"
+        if path.exists():
+            parts.append(pq.read_table(path))
+            continue
+        chunk = prompts[start:start + tw.chunk_prompts]
+        heads = teacher.prompt_prefixes([t for _, t in chunk], tw.prompt_tokens)
+        texts: list[str] = []
+        for b in range(0, len(chunk), tw.batch_size):
+            texts += teacher.write_continuations(heads[b:b + tw.batch_size], max_new_tokens=tw.max_new_tokens,
+                                                 temperature=tw.temperature, top_p=tw.top_p,
+                                                 seed=tw.seed * 1_000_003 + start + b)
+        table = pa.table({
+            "row_id": [f"{TEACHER_WRITTEN}/{rid}" for rid, _ in chunk],
+            "split": ["train"] * len(chunk),
+            "source": [f"{TEACHER_WRITTEN}:{spec.name}"] * len(chunk),
+            "prompt_row_id": [rid for rid, _ in chunk],
+            "prompt": heads,
+            "text": texts,
+        })
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+        parts.append(table)
+        written += len(chunk)
+        tokens += len(chunk) * tw.max_new_tokens
+        dt = max(time.time() - t0, 1e-9)
+        log(f"[{spec.name}] teacher-written text: {start + len(chunk)}/{len(prompts)} prompts "
+            f"({written / dt:.2f} prompts/s, <= {tokens / dt:.0f} new tokens/s)")
+    return pa.concat_tables(parts) if parts else None
+
+
+def with_teacher_text(probe_rows, written) -> "pa.Table":
+    """Probe rows + teacher-written rows, on the columns the feature cache reads."""
+    if written is None or written.num_rows == 0:
+        return probe_rows
+    cols = ["row_id", "split", "text"]
+    return pa.concat_tables([probe_rows.select(cols), written.select(cols)])
 
 
 def extract_teacher_features(
@@ -35,15 +115,27 @@ def extract_teacher_features(
     """Verify the snapshot, load the teacher, cache its outputs; resumes a killed run chunk by chunk."""
     t0 = time.time()
     snap = verify_snapshot(snapshot_dir)
-    key = feature_cache_key(spec, snap["content_hash"], data_hash)
+    profile = active_profile()
+    key = feature_cache_key(spec, snap["content_hash"], data_hash, profile)
     entry = Path(teacher_dir) / key
     teacher = load_teacher(spec, snapshot_dir, device, memory_budget_bytes)
     streamed = getattr(teacher, "streamed", False)
     load_s = time.time() - t0
     log(f"[{spec.name}] loaded in {load_s:.1f} s ({teacher.num_parameters() / 1e6:.1f} M params"
         f"{', layer-streamed: weights exceed the memory budget' if streamed else ''}); cache key {key}")
+    tw = spec.extraction.teacher_written
+    prompts = teacher_written_prompts(spec, probe_rows, tw.prompts_for(profile)) if tw is not None else []
+    written = None
+    if prompts and streamed:  # one block in memory at a time: token-by-token sampling would re-read every shard
+        log(f"[{spec.name}] teacher-written text skipped: a layer-streamed teacher cannot generate "
+            f"({len(prompts)} prompts asked)")
+        prompts = []
+    if prompts:
+        t1 = time.time()
+        written = write_teacher_text(teacher, spec, prompts, entry / TEACHER_WRITTEN, log=log)
+        log(f"[{spec.name}] teacher-written text: {written.num_rows} rows in {time.time() - t1:.1f} s")
     manifest = cache_features(
-        teacher.forward, probe_rows, entry, teacher=spec.name,
+        teacher.forward, with_teacher_text(probe_rows, written), entry, teacher=spec.name,
         # a streamed teacher reads every block once per call: give it a whole chunk at once
         batch_size=spec.extraction.chunk_rows if streamed else spec.extraction.batch_size,
         chunk_rows=spec.extraction.chunk_rows,
@@ -51,7 +143,8 @@ def extract_teacher_features(
         compact=COMPACT_CACHE,
         manifest_extra={"cache_key": key, "snapshot_hash": snap["content_hash"], "data_hash": data_hash,
                         "extraction": spec.extraction.model_dump(), "teacher_params": teacher.num_parameters(),
-                        "load_seconds": round(load_s, 2), "device": device, "layer_streamed": streamed},
+                        "load_seconds": round(load_s, 2), "device": device, "layer_streamed": streamed,
+                        "teacher_written_rows": written.num_rows if written is not None else 0},
         log=log,
     )
     return entry, manifest

@@ -18,7 +18,7 @@ from nexus_assets.student.modules import PooledHead, _pool
 from nexus_assets.student.tower import StudentTower
 
 from .config import TrainConfig
-from .objective import TowerObjective, task_loss_weight, task_losses
+from .objective import TowerObjective, capability_rows, task_loss_weight, task_losses
 from .tower_data import INPUT_KEYS, TowerData
 
 
@@ -203,8 +203,9 @@ def probe_pooled_head(tower: StudentTower, cap: str, data: TowerData, tc: TrainC
         for start in range(0, len(data), chunk):
             batch = to_device(data.batch(list(range(start, min(start + chunk, len(data))))), device)
             hiddens, mask = tower.encode({k: v for k, v in batch.items() if k in INPUT_KEYS})
-            pooled.append(_pool(hiddens[-1], mask).float())  # (B, W)
-            targets.append(batch[key])
+            rows = batch.get(f"{cap}:rows", torch.ones(len(mask), dtype=torch.bool, device=mask.device))
+            pooled.append(_pool(hiddens[-1], mask).float()[rows])  # (B', W): rows with the teacher's targets
+            targets.append(batch[key][rows])
     feats, target = torch.cat(pooled), torch.cat(targets)  # (N, W), (N, D | C)
 
     def loss_of(rows: torch.Tensor) -> torch.Tensor:
@@ -245,7 +246,7 @@ def evaluate(tower: StudentTower, caps: list[str], data: TowerData, tc: TrainCon
     was_training = tower.training
     tower.eval()
     sums: dict[str, float] = {}
-    count = 0
+    counts: dict[str, int] = {}
     for b in range(min(tc.val_batches, math.ceil(len(data) / tc.batch_size))):
         idx = list(range(b * tc.batch_size, min((b + 1) * tc.batch_size, len(data))))
         batch = to_device(data.batch(idx), device)
@@ -253,12 +254,15 @@ def evaluate(tower: StudentTower, caps: list[str], data: TowerData, tc: TrainCon
         for cap in caps:
             if tower.adapters:
                 tower.set_capability(cap)
-            res = tower.head_forward(cap, tower.encode(inputs), inputs)
-            for name, loss in task_losses(cap, tower.cfg.capabilities[cap].kind, res, batch, tc).items():
+            kept = capability_rows(cap, tower.head_forward(cap, tower.encode(inputs), inputs), batch)
+            if kept is None:
+                continue
+            res, cb = kept
+            for name, loss in task_losses(cap, tower.cfg.capabilities[cap].kind, res, cb, tc).items():
                 sums[f"{cap}.{name}"] = sums.get(f"{cap}.{name}", 0.0) + float(loss)
-        count += 1
+                counts[f"{cap}.{name}"] = counts.get(f"{cap}.{name}", 0) + 1
     tower.train(was_training)
-    means = {k: v / max(count, 1) for k, v in sums.items()}
+    means = {k: v / counts[k] for k, v in sums.items()}
     return means if per_part else float(sum(means.values()))
 
 

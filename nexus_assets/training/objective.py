@@ -32,6 +32,9 @@ def anchor_context(cfg: TowerConfig, data: TowerData, pca, importance) -> dict[t
     for cap, spec in cfg.capabilities.items():
         for layer, ht in spec.anchor_layers.items():
             h = data.tensors[f"{cap}:hidden.{layer}"].double()  # (N, Ht)
+            rows = data.tensors.get(f"{cap}:rows")
+            if rows is not None:  # rows the teacher has no features for are zeros: leave them out
+                h = h[rows]
             key = (spec.teacher, layer)
             if pca and key in pca and pca[key] is not None:
                 mean, comps = (torch.as_tensor(np.asarray(t), dtype=torch.float32) for t in pca[key])
@@ -47,6 +50,20 @@ def anchor_context(cfg: TowerConfig, data: TowerData, pca, importance) -> dict[t
             ms = float((scores**2).mean())
             out[(cap, layer)] = Anchor(mean, comps, imp, 1.0 / max(ms, 1e-8))
     return out
+
+
+def capability_rows(cap: str, res: dict, batch: dict) -> tuple[dict, dict] | None:
+    """The head output and batch restricted to the rows `cap`'s teacher has features for ("<cap>:rows",
+    see tower_data); unchanged when there is no mask, None when the batch holds none of its rows."""
+    rows = batch.get(f"{cap}:rows")
+    if rows is None:
+        return res, batch
+    if not bool(rows.any()):
+        return None
+    sub = {k: (v[rows] if k.startswith(f"{cap}:") else v) for k, v in batch.items()}
+    out = {k: v[rows] for k, v in res.items() if k in ("out", "hidden")}
+    out["anchors"] = {layer: a[rows] for layer, a in res.get("anchors", {}).items()}
+    return out, sub
 
 
 def task_losses(cap: str, kind: str, res: dict, batch: dict, tc: TrainConfig) -> dict[str, torch.Tensor]:
@@ -105,8 +122,11 @@ class TowerObjective(nn.Module):
         for cap in self.phase_caps:
             spec = tower.cfg.capabilities[cap]
             tw = tc.teacher_weights.get(spec.teacher, 1.0)
-            res = tower.head_forward(cap, enc, inputs)
-            for name, loss in task_losses(cap, spec.kind, res, batch, tc).items():
+            kept = capability_rows(cap, tower.head_forward(cap, enc, inputs), batch)
+            if kept is None:  # no row of this batch has the capability's teacher features
+                continue
+            res, cb = kept
+            for name, loss in task_losses(cap, spec.kind, res, cb, tc).items():
                 losses[f"{cap}.{name}"] = loss
                 weights[f"{cap}.{name}"] = task_loss_weight(name, tc, tw)
             if spec.anchor_layers:
@@ -114,7 +134,7 @@ class TowerObjective(nn.Module):
                 for layer in spec.anchor_layers:
                     a = self.anchors[(cap, layer)]
                     per_layer.append(a.scale * anchoring_loss(res["anchors"][layer], nn.Identity(),
-                                                              batch[f"{cap}:hidden.{layer}"], a.mean, a.components,
+                                                              cb[f"{cap}:hidden.{layer}"], a.mean, a.components,
                                                               a.importance))
                 losses[f"{cap}.anchor"] = torch.stack(per_layer).mean()
                 weights[f"{cap}.anchor"] = tc.w_anchor * self.anchor_mult * tw
@@ -130,5 +150,7 @@ class TowerObjective(nn.Module):
                                       tower.head_forward(cap, enc0, inputs)["out"], batch) for cap in self.lwf_caps}
             losses["lwf"] = lwf_loss(new, old, kinds, tc.temperature)
             weights["lwf"] = tc.w_lwf
+        if not losses:  # every phase capability skipped this batch: a zero step that still backpropagates
+            return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad), {}
         total, values = weighted_sum(losses, weights)
         return total, values

@@ -3,7 +3,10 @@
 Every capability of a tower is trained on the same rows at once (phase (a) is joint), so the rows
 kept are those every teacher of the tower has cached for the requested splits *and* the probe table
 holds; they are sorted by row_id so the order never depends on chunking. heldout/ood rows are never
-read unless a caller asks for those splits.
+read unless a caller asks for those splits. One exception: a text tower's inputs are its "lm" teacher's
+cached token ids, so its rows are every row that teacher cached (the probe rows plus the text the teacher
+wrote itself, `teacher_written`); a capability whose teacher lacks some of them gets a row mask
+"<cap>:rows" (N,) bool, its item targets are zero there and the objective skips those rows.
 
 `TowerData.tensors` is one flat dict whose every tensor has first dim N (rows), so batching and DDP
 sharding are plain indexing. Keys:
@@ -17,6 +20,7 @@ sharding are plain indexing. Keys:
               "<cap>:embedding" (N, D)             for "embedding" heads
               "<cap>:logits" (N, C)                for "classes" heads
               "<cap>:hidden.<layer>" (N, Ht)       for every anchored teacher layer (mean-pooled)
+              "<cap>:rows" (N,) bool               only when the capability's teacher lacks some rows
 
 Text inputs for every text capability are the SmolLM2 token ids cached by the "lm" teacher (the same
 text the sentence encoder read), so training never loads a tokenizer. Imports pyarrow (via the feature
@@ -190,10 +194,14 @@ def load_tower_data(
 
     items = {t: read_features(Path(teacher_features[t]), "items", filter_splits=list(splits))
              for t in sorted({h.teacher for h in caps.values()})}
-    common = set(probe)
-    for t, table in items.items():
-        common &= set(table.column("row_id").to_pylist())
-    row_ids = sorted(common)
+    lm = [h.teacher for h in caps.values() if h.kind == "lm"]
+    if tower_cfg.modality == "text" and lm:  # inputs are the lm teacher's token ids: all of its rows
+        row_ids = sorted(items[lm[0]].column("row_id").to_pylist())
+    else:
+        common = set(probe)
+        for t, table in items.items():
+            common &= set(table.column("row_id").to_pylist())
+        row_ids = sorted(common)
     if not row_ids:
         raise ValueError(f"tower {tower_cfg.name!r}: no row of splits {list(splits)} is common to the "
                          f"teachers {sorted(items)} and the probe rows")
@@ -219,13 +227,22 @@ class _Sources:
     def __post_init__(self):
         self.n, self.rows = len(self.row_ids), _row_index(self.row_ids)
 
+    def row_mask(self, teacher: str) -> torch.Tensor:
+        """(N,) bool: which of the tower's rows this teacher has cached items for."""
+        have = set(self.items[teacher].column("row_id").to_pylist())
+        return torch.tensor([r in have for r in self.row_ids], dtype=torch.bool)
+
     def item_matrix(self, teacher: str, column: str) -> torch.Tensor:
+        """(N, D) float32 in row order; zeros where the teacher has no row (see `row_mask`)."""
         table = self.items[teacher]
         if column not in table.column_names:
             raise FeatureCacheError(f"teacher {teacher!r}: column {column!r} not cached; have {table.column_names}")
         order = _row_index(table.column("row_id").to_pylist())
         m = column_matrix(table.column(column))
-        return torch.from_numpy(np.ascontiguousarray(m[[order[r] for r in self.row_ids]], dtype=np.float32))
+        at = np.array([order.get(r, -1) for r in self.row_ids], dtype=np.int64)
+        out = np.zeros((self.n,) + m.shape[1:], dtype=np.float32)
+        out[at >= 0] = m[at[at >= 0]]
+        return torch.from_numpy(out)
 
     def tokens_of(self, teacher: str):
         import pyarrow as pa
@@ -296,6 +313,13 @@ def _audio_inputs(src: _Sources, tensors: dict, trim: dict) -> None:
 def _item_targets(src: _Sources, tensors: dict) -> None:
     """Embeddings, class logits and the pooled hidden states of every anchored teacher layer."""
     for cap, h in src.cfg.capabilities.items():
+        if h.kind in ("embedding", "classes") or h.anchor_layers:
+            rows = src.row_mask(h.teacher)
+            if not bool(rows.all()):
+                if not bool(rows.any()):
+                    raise ValueError(f"tower {src.cfg.name!r}: teacher {h.teacher!r} ({cap}) has none of the "
+                                     f"{src.n} rows of the tower's splits")
+                tensors[f"{cap}:rows"] = rows
         if h.kind == "embedding":
             tensors[f"{cap}:embedding"] = src.item_matrix(h.teacher, "embedding")
         elif h.kind == "classes":

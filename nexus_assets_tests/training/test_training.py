@@ -224,6 +224,60 @@ def test_load_tower_data_text(tmp_path):
         load_tower_data(cfg, {"lmT": tmp_path / "lm"}, probe)
 
 
+def test_text_rows_only_the_lm_teacher_has_are_kept_and_masked_for_the_others(tmp_path):
+    """Teacher-written rows exist only in the LM teacher's cache: they train text.generate, while
+    text.embed's losses (and anchoring) see exactly the rows its own teacher has."""
+    from nexus_assets.training.config import TrainConfig as TC
+    from nexus_assets.training.objective import TowerObjective, anchor_context
+    from nexus_assets.student.tower import StudentTower
+
+    cfg = tiny_config("text")
+    probe_ids = ["t0", "t1", "t2", "t3"]
+    lm_ids = probe_ids + ["teacher_written/t0", "teacher_written/t2"]
+    rng = np.random.default_rng(1)
+    lm_items = pa.table({"row_id": lm_ids, "split": ["train"] * 6,
+                         "hidden.l.1": _fsl(rng.normal(size=(6, 24)).astype(np.float32)),
+                         "hidden.l.2": _fsl(rng.normal(size=(6, 24)).astype(np.float32))})
+    tok_rows = [(r, p) for r in lm_ids for p in range(4)]
+    tokens = pa.table({"row_id": [r for r, _ in tok_rows], "position": np.array([p for _, p in tok_rows], np.int32),
+                       "token_id": rng.integers(0, 100, len(tok_rows)).astype(np.int32),
+                       "topk_ids": _fsl(np.tile(np.arange(4, dtype=np.int32), (len(tok_rows), 1))),
+                       "topk_logits": _fsl(rng.normal(size=(len(tok_rows), 4)).astype(np.float32)),
+                       "logsumexp": np.full(len(tok_rows), 5.0, np.float32)})
+    write_chunk(tmp_path / "lm", 0, lm_items, tokens)
+    emb = rng.normal(size=(4, 16)).astype(np.float32)
+    write_chunk(tmp_path / "enc", 0, pa.table({"row_id": probe_ids, "split": ["train"] * 4, "embedding": _fsl(emb),
+                                               "hidden.e.1": _fsl(rng.normal(size=(4, 8)).astype(np.float32))}), None)
+    probe = {"text-probe": pa.table({"row_id": probe_ids, "text": ["a", "b", "c", "d"]})}
+    data = load_tower_data(cfg, {"lmT": tmp_path / "lm", "encT": tmp_path / "enc"}, probe)
+    assert data.row_ids == sorted(lm_ids)
+    rows = data.tensors["text.embed:rows"]
+    assert rows.tolist() == [not r.startswith("teacher_written/") for r in data.row_ids]
+    assert "text.generate:rows" not in data.tensors  # its teacher has every row
+    assert float(data.tensors["text.embed:embedding"][~rows].abs().sum()) == 0.0
+
+    torch.manual_seed(0)
+    tower = StudentTower(cfg)
+    tc = TC(batch_size=6)
+    obj = TowerObjective(tower, tc, anchor_context(cfg, data, None, None))
+    obj.phase_caps = ["text.embed"]
+    tower.eval()
+    _, full = obj(data.batch(list(range(6))))
+    kept = [i for i, r in enumerate(rows.tolist()) if r]
+    only = data.subset(kept)
+    only.tensors.pop("text.embed:rows")
+    _, ref = obj(only.batch(list(range(len(kept)))))
+    assert full.keys() == ref.keys() and all(abs(full[k] - ref[k]) < 1e-5 for k in full)
+    # a batch of teacher-written rows only: text.embed has nothing to learn there, text.generate does
+    written = [i for i, r in enumerate(rows.tolist()) if not r]
+    obj.phase_caps = ["text.generate", "text.embed"]
+    total, parts = obj(data.batch(written))
+    assert set(parts) == {"text.generate.kd", "text.generate.anchor"} and torch.isfinite(total)
+    obj.phase_caps = ["text.embed"]
+    total, parts = obj(data.batch(written))
+    assert parts == {} and float(total.detach()) == 0.0 and total.requires_grad
+
+
 def test_load_tower_data_audio(tmp_path):
     cfg = tiny_config("audio")
     rows = ["a0", "a1"]

@@ -87,6 +87,29 @@ class CausalLMTeacher:
         return lm_outputs(out.logits, out.hidden_states, ids, mask, self.spec)
 
 
+    def prompt_prefixes(self, texts: list[str], prompt_tokens: int) -> list[str]:
+        """The first `prompt_tokens` tokens of each text, decoded back to text (whole texts if shorter)."""
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=prompt_tokens)["input_ids"]
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+    @torch.inference_mode()
+    def write_continuations(self, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
+                            seed: int) -> list[str]:
+        """Each prompt followed by the teacher's sampled continuation, decoded as one text (so word
+        boundaries between prompt and continuation survive any tokenizer). One batch, left-padded for
+        generation; deterministic for a given seed (re-seeded per call)."""
+        torch.manual_seed(seed)
+        self.tokenizer.padding_side = "left"
+        try:
+            enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        finally:
+            self.tokenizer.padding_side = "right"
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
+                                  top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+
     def layer_module(self, name: str):
         """hidden_states[i] is block i-1's output (i >= 1); the last index is after the final norm."""
         i = int(name.split(".")[1])

@@ -47,6 +47,7 @@ __all__ = ["TowerData", "load_tower_data", "synthetic_tower_data", "INPUT_KEYS"]
 
 INPUT_KEYS = ("input_ids", "attention_mask", "pixels", "mels", "mel_mask", "dec_ids", "dec_mask")
 _PROBE_COLUMN = {"text": "text", "vision": "image", "audio": "wav"}
+_TOKEN_COLUMNS = ("row_id", "position", "token_id", "topk_ids", "topk_logits", "logsumexp")
 
 
 @dataclass
@@ -248,7 +249,9 @@ class _Sources:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        t = read_features(Path(self.entries[teacher]), "tokens")
+        # only what the sequence targets use: the per-token hidden layers (1.1 kB/token for SmolLM2, the
+        # bulk of the table) are for profiling, and reading them would cost GBs on the larger profiles
+        t = read_features(Path(self.entries[teacher]), "tokens", columns=list(_TOKEN_COLUMNS))
         return t.filter(pc.is_in(t.column("row_id"), value_set=pa.array(self.row_ids)))
 
 

@@ -117,3 +117,18 @@ def test_linear_probe_is_deterministic_and_skips_heads_it_cannot_probe():
     tower, data = _probe_case()
     assert probe_pooled_head(tower, "text.generate", data, tc, torch.device("cpu")) is None  # an LM head
     assert probe_pooled_head(tower, "text.embed", data, TrainConfig(head_probe_epochs=0), torch.device("cpu")) is None
+
+
+def test_linear_probe_fits_only_rows_the_head_teacher_has():
+    """Rows without the embedding teacher's features (teacher-written text) hold zero targets: the
+    probe must leave them out, or it would fit a head that maps to zero."""
+    from nexus_assets.training.loop_parts import probe_pooled_head
+
+    tc = TrainConfig(head_probe_epochs=150, head_probe_lr=1e-2, w_gram=0.0)
+    tower, data = _probe_case()
+    rows = torch.arange(len(data)) % 3 != 0
+    data.tensors["text.embed:embedding"][~rows] = 0.0
+    data.tensors["text.embed:rows"] = rows
+    rep = probe_pooled_head(tower, "text.embed", data, tc, torch.device("cpu"))
+    assert rep["rows"] == int(rows.sum())
+    assert rep["loss_after"] < 0.05 * rep["loss_before"]

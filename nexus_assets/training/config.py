@@ -120,8 +120,22 @@ class TrainConfig:
         return asdict(self)
 
 
-def cpu_train_config(tower: str, init: str = "random", **overrides) -> TrainConfig:
-    """The 2-core CPU default per tower, sized so the three towers train in about 6 minutes together.
+# Phase-(a) / phase-(b) steps and batch of a carved tower per size profile (NEXUS_PROFILE). The default
+# trains about 1.3 epochs of its text rows: there, steps, not distinct data, bound retention, so a profile
+# with 10-100x the data must also train longer or its extra data is never seen. `full` is hours on the
+# same 2 cores (text ~1.5 s a step: ~2 h of text steps, 0.4 epoch of its 96k train rows; vision 1.25
+# epochs of 51k views; audio 0.75 epoch of 16k utterances); `gpu`: about 3 epochs at a GPU's batch
+# (not yet measured on one). tiny (tests) uses the default table.
+CARVED_STEPS = {
+    "default": {"text": (320, 30, 8), "vision": (200, 40, 32), "audio": (120, 30, 8)},
+    "full": {"text": (4800, 300, 8), "vision": (2000, 200, 32), "audio": (1500, 200, 8)},
+    "gpu": {"text": (3000, 300, 32), "vision": (1200, 200, 128), "audio": (1500, 200, 32)},
+}
+
+
+def cpu_train_config(tower: str, init: str = "random", profile: str | None = None, **overrides) -> TrainConfig:
+    """The 2-core CPU default per tower, sized so the three towers train in about 6 minutes together
+    (carved towers: per size profile, `CARVED_STEPS`; None = NEXUS_PROFILE).
 
     bench/training.py measured (2 cores, idle machine) text 9 / vision 110 / audio 30 samples/s in
     phase (a): about 3 minutes of pure steps; validation passes, checkpoints and a busy machine bring
@@ -142,8 +156,9 @@ def cpu_train_config(tower: str, init: str = "random", **overrides) -> TrainConf
         # washing out what the weights already know (1e-3 would); the embedded default's step counts
         # text phase (a) 160 -> 320 steps (measured, same carve and data: text.generate retention held-out
         # 0.39 -> 0.44, never-seen 0.28 -> 0.31; text.embed 0.33 -> 0.42 / 0.56 -> 0.59; ~4 more minutes)
-        carved = {"text": (320, 30, 8), "vision": (200, 40, 32), "audio": (120, 30, 8)}
-        a, b, bs = carved[tower]
+        from nexus_assets.core.registry import active_profile
+
+        a, b, bs = CARVED_STEPS.get(profile or active_profile(), CARVED_STEPS["default"])[tower]
         # anchoring pulls pooled states towards the teacher's, which a carved tower starts at: a light
         # weight (0.05; measured on the text tower: next-token accuracy 0.102 at 0.5 vs 0.132 at 0.05)
         base = {"phase_a_steps": a, "phase_b_steps": b, "batch_size": bs, "lr": 2e-4, "adapter_lr": 1e-3,

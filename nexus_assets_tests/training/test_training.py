@@ -46,6 +46,18 @@ def test_train_config_validation_names_field(field, value):
         TrainConfig(**{field: value})
 
 
+def test_carved_steps_grow_with_the_profile_and_overrides_win(monkeypatch):
+    from nexus_assets.training.config import cpu_train_config
+
+    for tower in ("text", "vision", "audio"):
+        d, f = cpu_train_config(tower, "carved", "default"), cpu_train_config(tower, "carved", "full")
+        assert f.phase_a_steps * f.batch_size >= 5 * d.phase_a_steps * d.batch_size
+        assert cpu_train_config(tower, "carved", "tiny").phase_a_steps == d.phase_a_steps
+    monkeypatch.setenv("NEXUS_PROFILE", "full")
+    assert cpu_train_config("text", "carved").phase_a_steps == cpu_train_config("text", "carved", "full").phase_a_steps
+    assert cpu_train_config("text", "carved", phase_a_steps=7).phase_a_steps == 7
+
+
 def test_training_reduces_loss(tmp_path):
     cfg = tiny_config("vision")
     s = train_tower(cfg, _data("vision", 64), _data("vision", 16, 0), _tc(phase_a_steps=60, phase_b_steps=5,

@@ -5,8 +5,10 @@
     .venv/bin/python bench/feature_cache.py --teachers minilm-l6 --rows 64
 
 Prints the ratio (goal <= 1.05), bytes per cached row and, for sequence teachers (LM, ASR decoder), bytes
-per token row of the token table: float32 (`--no-compact` layout, the cache before code version 3) next
-to the compact cache (per-token hidden layers as float16), both measured on the same rows in this run.
+per token on disk (token table + sampled per-token hidden table): float32 with every item's per-token
+layers (the cache before code version 3), float16 with every item's (code version 3), and the registry's
+layout (float16, per-token layers for `token_hidden_fraction` of the items only), all on the same rows in
+this run. Use --rows 256 or more for the sampled layout: on few rows the sampled fraction is noisy.
 Snapshots and probe data are built into a temporary folder first (not timed); the teacher is loaded once
 and shared by every measurement. `--profile` picks the probe-data size profile the rows are drawn from.
 """
@@ -43,7 +45,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="nexus-bench-"))
     probes: dict = {}
     print(f"{'teacher':20s} {'rows':>5s} {'bare s':>8s} {'cached s':>9s} {'ratio':>6s} {'bytes/row':>10s} "
-          f"{'tokens':>7s} {'B/token f32':>12s} {'B/token compact':>16s}")
+          f"{'tokens':>7s} {'B/token f32':>12s} {'B/token f16':>12s} {'B/token cached':>15s}")
     for name in names:
         spec = reg.teacher(name)
         ds = reg.dataset(spec.dataset)
@@ -71,17 +73,19 @@ def main() -> None:
             t0 = time.perf_counter()
             m = cache_features(teacher.forward, rows, tmp / "feat" / name / str(r), teacher=name, batch_size=bs,
                                chunk_rows=spec.extraction.chunk_rows, input_columns=INPUT_COLUMNS[spec.modality],
-                               log=lambda s: None, compact=COMPACT_CACHE)
+                               log=lambda s: None, compact=COMPACT_CACHE,
+                               token_hidden_fraction=spec.extraction.token_hidden_fraction)
             cached.append(time.perf_counter() - t0)
             nbytes = m["bytes"]
         b, c = min(bare), min(cached)
         line = f"{name:20s} {rows.num_rows:5d} {b:8.2f} {c:9.2f} {c / b:6.3f} {nbytes / rows.num_rows:10.0f}"
         if m["token_rows"]:
-            wide = cache_features(teacher.forward, rows, tmp / "feat" / name / "f32", teacher=name, batch_size=bs,
-                                  chunk_rows=spec.extraction.chunk_rows, input_columns=INPUT_COLUMNS[spec.modality],
-                                  log=lambda s: None, compact=False)
-            line += (f" {m['token_rows']:7d} {wide['token_bytes'] / wide['token_rows']:12.0f}"
-                     f" {m['token_bytes'] / m['token_rows']:16.0f}")
+            per_token = lambda x: (x["token_bytes"] + x.get("token_hidden_bytes", 0)) / x["token_rows"]
+            layouts = [per_token(cache_features(
+                teacher.forward, rows, tmp / "feat" / name / f"all-{half}", teacher=name, batch_size=bs,
+                chunk_rows=spec.extraction.chunk_rows, input_columns=INPUT_COLUMNS[spec.modality],
+                log=lambda s: None, compact=half)) for half in (False, True)]
+            line += f" {m['token_rows']:7d} {layouts[0]:12.0f} {layouts[1]:12.0f} {per_token(m):15.0f}"
         print(line, flush=True)
         del teacher
 

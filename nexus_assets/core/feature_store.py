@@ -8,6 +8,12 @@ Layout of one cache entry (`<teacher dir>/<cache_key>/`):
 The cache key covers teacher hash + data hash + extraction config, so a change to any of them lands in a
 new entry and stale features are never reused.
 
+Sampled per-token layers (`token_hidden_fraction`): the per-token hidden layers are 80% of an LM token
+row even in float16 (1,152 of ~1,400 B for SmolLM2) and only profiling reads them (a PCA needs tens of
+thousands of tokens, not every token), so they can go to their own table, token_hidden-00000.parquet
+(row_id, position, hidden.*), for a seeded fraction of the items (all of an item's tokens or none).
+The tokens table then holds what students and validation read: top-k, logsumexp, ids.
+
 Compact storage: the bulk of a token row (its per-token hidden layers) is written as float16
 (`compact=True`, what extract_teacher_features uses) and widened back to float32 by every reader here
 (`read_features`, `iter_matrix`, `column_matrix`), so consumers see the same column names, shapes and
@@ -16,6 +22,7 @@ float32 dtype either way. A column whose values exceed float16's range stays flo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -84,25 +91,49 @@ def widen(table: pa.Table | pa.RecordBatch):
     return table if wide.equals(schema) else table.cast(wide)
 
 
+def sampled_items(row_ids: Sequence[str], fraction: float) -> np.ndarray:
+    """(n,) bool: the items whose per-token hidden layers are kept, a pure function of the row id (so a
+    resumed or re-chunked run keeps the same ones)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"token_hidden_fraction must lie in (0, 1], got {fraction}")
+    cut = fraction * 2**32
+    return np.array([int(hashlib.sha256(r.encode()).hexdigest()[:8], 16) < cut for r in row_ids], dtype=bool)
+
+
 def outputs_to_tables(row_ids: Sequence[str], splits: Sequence[str], outputs, teacher: str,
-                      compact: bool = False) -> tuple[pa.Table, pa.Table | None]:
-    """Turn one batch's TeacherOutputs into (items table, tokens table) keyed by row_id; compact stores
-    the token table's top-k logits and hidden layers as float16."""
+                      compact: bool = False, token_hidden_fraction: float | None = None
+                      ) -> tuple[pa.Table, pa.Table | None, pa.Table | None]:
+    """Turn one batch's TeacherOutputs into (items, tokens, token_hidden) tables keyed by row_id; compact
+    stores the token table's top-k logits and hidden layers as float16. token_hidden_fraction: move the
+    per-token hidden layers into the token_hidden table, for that fraction of the items only (None: they
+    stay in the tokens table, every item, and token_hidden is None)."""
     for name, v in {**outputs.items, **(outputs.tokens or {})}.items():
         if not isinstance(v, list) and not np.isfinite(np.asarray(v)).all():
             raise FeatureCacheError(f"teacher {teacher!r}: non-finite values in output {name!r} for rows "
                                     f"{list(row_ids)[:3]}...")
     items = {"row_id": pa.array(list(row_ids)), "split": pa.array(list(splits))}
     items.update({name: _column(v) for name, v in outputs.items.items()})
-    tokens = None
+    tokens = hidden = None
     if outputs.tokens is not None:
         idx = np.asarray(outputs.tokens["item_index"])
         cols = {"row_id": pa.array([row_ids[i] for i in idx])}
+        split_off = {}
         for name, v in outputs.tokens.items():
-            if name != "item_index":
-                cols[name] = _column(v, half=compact and is_compact_column(name))
+            if name == "item_index":
+                continue
+            if token_hidden_fraction is not None and name.startswith("hidden."):
+                split_off[name] = np.asarray(v)
+                continue
+            cols[name] = _column(v, half=compact and is_compact_column(name))
         tokens = pa.table(cols)
-    return pa.table(items), tokens
+        if split_off:
+            keep = sampled_items(row_ids, token_hidden_fraction)[idx]  # per token row: its item's draw
+            hcols = {"row_id": pa.array([row_ids[i] for i in idx[keep]], type=pa.string())}
+            if "position" in outputs.tokens:
+                hcols["position"] = pa.array(np.asarray(outputs.tokens["position"])[keep])
+            hcols.update({name: _column(v[keep], half=compact) for name, v in split_off.items()})
+            hidden = pa.table(hcols)
+    return pa.table(items), tokens, hidden
 
 
 @dataclass
@@ -114,7 +145,7 @@ class ChunkPlan:
 
 def _chunk_files(folder: Path, i: int) -> dict[str, Path]:
     return {"items": folder / f"items-{i:05d}.parquet", "tokens": folder / f"tokens-{i:05d}.parquet",
-            "marker": folder / f"chunk-{i:05d}.json"}
+            "token_hidden": folder / f"token_hidden-{i:05d}.parquet", "marker": folder / f"chunk-{i:05d}.json"}
 
 
 def chunk_is_complete(folder: Path, i: int) -> bool:
@@ -134,10 +165,11 @@ def chunk_is_complete(folder: Path, i: int) -> bool:
     return True
 
 
-def write_chunk(folder: Path, i: int, items: pa.Table, tokens: pa.Table | None) -> dict:
+def write_chunk(folder: Path, i: int, items: pa.Table, tokens: pa.Table | None,
+                token_hidden: pa.Table | None = None) -> dict:
     files = _chunk_files(folder, i)
     meta: dict[str, Any] = {"index": i, "rows": items.num_rows, "files": {}}
-    for kind, table in (("items", items), ("tokens", tokens)):
+    for kind, table in (("items", items), ("tokens", tokens), ("token_hidden", token_hidden)):
         if table is None:
             continue
         with atomic_path(files[kind]) as tmp:
@@ -163,17 +195,20 @@ def cache_features(
     manifest_extra: dict | None = None,
     log: Callable[[str], None] = print,
     compact: bool = False,
+    token_hidden_fraction: float | None = None,
 ) -> dict:
     """Run `forward` over every probe row, chunk by chunk, resuming from the last complete chunk.
 
     rows: the probe table (row_id, split, + the input columns). compact: token top-k logits and hidden
-    layers as float16 (read back as float32). Returns the manifest.
+    layers as float16 (read back as float32). token_hidden_fraction: per-token hidden layers in their own
+    table for that fraction of the items (module docstring). Returns the manifest.
     """
     folder.mkdir(parents=True, exist_ok=True)
     with _entry_lock(folder, teacher, log):
         return _cache_features_locked(forward, rows, folder, teacher=teacher, batch_size=batch_size,
                                       chunk_rows=chunk_rows, input_columns=input_columns,
-                                      manifest_extra=manifest_extra, log=log, compact=compact)
+                                      manifest_extra=manifest_extra, log=log, compact=compact,
+                                      token_hidden_fraction=token_hidden_fraction)
 
 
 @contextlib.contextmanager
@@ -195,7 +230,7 @@ def _entry_lock(folder: Path, teacher: str, log):
 
 
 def _cache_features_locked(forward, rows, folder, *, teacher, batch_size, chunk_rows, input_columns,
-                           manifest_extra, log, compact) -> dict:
+                           manifest_extra, log, compact, token_hidden_fraction) -> dict:
     n = rows.num_rows
     plans = [ChunkPlan(i, s, min(s + chunk_rows, n)) for i, s in enumerate(range(0, n, chunk_rows))]
     done = [p.index for p in plans if chunk_is_complete(folder, p.index)]
@@ -208,18 +243,20 @@ def _cache_features_locked(forward, rows, folder, *, teacher, batch_size, chunk_
             chunks.append(json.loads(_chunk_files(folder, p.index)["marker"].read_text()))
             continue
         part = rows.slice(p.start, p.stop - p.start).select(["row_id", "split", *input_columns]).to_pylist()
-        item_tables, token_tables = [], []
+        item_tables, token_tables, hidden_tables = [], [], []
         for b in range(0, len(part), batch_size):
             batch = part[b:b + batch_size]
             out = forward(batch)
-            it, tk = outputs_to_tables([r["row_id"] for r in batch], [r["split"] for r in batch], out, teacher,
-                                       compact=compact)
+            it, tk, th = outputs_to_tables([r["row_id"] for r in batch], [r["split"] for r in batch], out, teacher,
+                                           compact=compact, token_hidden_fraction=token_hidden_fraction)
             item_tables.append(it)
             if tk is not None:
                 token_tables.append(tk)
+            if th is not None:
+                hidden_tables.append(th)
         items = _concat(item_tables)
         tokens = _concat(token_tables) if token_tables else None
-        chunks.append(write_chunk(folder, p.index, items, tokens))
+        chunks.append(write_chunk(folder, p.index, items, tokens, _concat(hidden_tables) if hidden_tables else None))
         processed += len(part)
         rate = processed / max(time.time() - t0, 1e-9)
         log(f"[{teacher}] chunk {p.index + 1}/{len(plans)}: {p.stop}/{n} rows, {rate:.1f} rows/s")
@@ -230,6 +267,9 @@ def _cache_features_locked(forward, rows, folder, *, teacher, batch_size, chunk_
         "token_rows": sum(c["files"].get("tokens", {}).get("rows", 0) for c in chunks),
         "bytes": sum(m["bytes"] for c in chunks for m in c["files"].values()),
         "token_bytes": sum(c["files"].get("tokens", {}).get("bytes", 0) for c in chunks),
+        "token_hidden_bytes": sum(c["files"].get("token_hidden", {}).get("bytes", 0) for c in chunks),
+        "token_hidden_rows": sum(c["files"].get("token_hidden", {}).get("rows", 0) for c in chunks),
+        "token_hidden_fraction": token_hidden_fraction,
         "compact": compact,
         "content_hash": sha256_json([sorted((k, m["sha256"]) for k, m in c["files"].items()) for c in chunks]),
         "seconds_this_run": round(time.time() - t0, 2),

@@ -121,6 +121,10 @@ class ExtractionSettings(_Strict):
     stream_layers: Literal["auto", "always", "never"] = Field(
         "auto", description="layer-streamed extraction when weights exceed the memory budget"
     )
+    token_hidden_fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="cache the per-token hidden layers (token_layers) for this fraction "
+        "of the items only, in their own table (profiling needs a sample, not every token); None = every item"
+    )
     teacher_written: TeacherWrittenSettings | None = Field(
         None, description="LM teachers: continuations the teacher writes, cached as an extra train source"
     )

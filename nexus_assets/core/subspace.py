@@ -24,10 +24,11 @@ def profile_subspaces(entry: Path, teacher: str, layers: list[str], token_layers
 
     out_dir.mkdir(parents=True, exist_ok=True)
     layers_out, curves = {}, {}
+    sampled = any(Path(entry).glob("token_hidden-*.parquet"))  # per-token layers of a sample of items
     for layer in layers:
-        kind = "tokens" if layer in token_layers else "items"
+        kind = ("token_hidden" if sampled else "tokens") if layer in token_layers else "items"
         column = f"hidden.{layer}"
-        skip = FIRST_TOKEN_SKIP if kind == "tokens" else 0
+        skip = FIRST_TOKEN_SKIP if kind != "items" else 0
         batches = iter_matrix(entry, column, kind=kind, batch_rows=batch_rows, teacher=teacher, splits=["train"],
                               min_position=skip)
         first = next(batches, None)

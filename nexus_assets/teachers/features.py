@@ -141,6 +141,7 @@ def extract_teacher_features(
         chunk_rows=spec.extraction.chunk_rows,
         input_columns=INPUT_COLUMNS[spec.modality],
         compact=COMPACT_CACHE,
+        token_hidden_fraction=spec.extraction.token_hidden_fraction,
         manifest_extra={"cache_key": key, "snapshot_hash": snap["content_hash"], "data_hash": data_hash,
                         "extraction": spec.extraction.model_dump(), "teacher_params": teacher.num_parameters(),
                         "load_seconds": round(load_s, 2), "device": device, "layer_streamed": streamed,

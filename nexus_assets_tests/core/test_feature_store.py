@@ -99,9 +99,9 @@ def test_values_beyond_float16_range_stay_float32(tmp_path):
 
 def test_outputs_to_tables_compacts_only_when_asked():
     out = lm_forward([{"row_id": "a"}, {"row_id": "b"}])
-    _, tok = outputs_to_tables(["a", "b"], ["train", "train"], out, "fake-lm")
-    assert tok.schema.field("hidden.layers.1").type.value_type == pa.float32()
-    _, tok = outputs_to_tables(["a", "b"], ["train", "train"], out, "fake-lm", compact=True)
+    _, tok, hid = outputs_to_tables(["a", "b"], ["train", "train"], out, "fake-lm")
+    assert tok.schema.field("hidden.layers.1").type.value_type == pa.float32() and hid is None
+    _, tok, _ = outputs_to_tables(["a", "b"], ["train", "train"], out, "fake-lm", compact=True)
     assert tok.schema.field("hidden.layers.1").type.value_type == pa.float16()
 
 
@@ -128,3 +128,40 @@ def test_duckdb_views_read_compact_columns_as_float(tmp_path):
                  [(r[0], r[1]) for r in con.execute('DESCRIBE SELECT * FROM "fake-lm_tokens"').fetchall()])
     assert types["hidden.layers.1"].startswith("FLOAT") and con.execute(
         'SELECT count(*) FROM "fake-lm_tokens"').fetchone()[0] == 60
+
+
+def test_sampled_token_hidden_table_holds_a_stable_fraction_of_items_and_feeds_profiling(tmp_path):
+    """token_hidden_fraction moves the per-token hidden layers out of the tokens table, for a row-id-seeded
+    fraction of the items (all of an item's tokens or none); everything else in the tokens table is the same."""
+    n = 300
+    rows = pa.table({"row_id": [f"src/i{i}/0" for i in range(n)], "split": ["train"] * n,
+                     "text": [f"t{i}" for i in range(n)]})
+    kw = dict(teacher="fake-lm", batch_size=16, chunk_rows=64, input_columns=["text"], log=lambda s: None,
+              compact=True)
+    full = cache_features(lm_forward, rows, tmp_path / "full", **kw)
+    part = cache_features(lm_forward, rows, tmp_path / "part", token_hidden_fraction=0.25, **kw)
+    tok = read_features(tmp_path / "part", "tokens")
+    assert "hidden.layers.1" not in tok.column_names and tok.num_rows == 5 * n
+    ref = read_features(tmp_path / "full", "tokens")
+    for col in tok.column_names:
+        assert tok[col].equals(ref[col]), col
+    hid = read_features(tmp_path / "part", "token_hidden")
+    items = sorted(set(hid["row_id"].to_pylist()))
+    assert 0.15 * n < len(items) < 0.35 * n and hid.num_rows == 5 * len(items)  # whole items
+    assert part["token_hidden_rows"] == hid.num_rows
+    keep = fs.sampled_items(rows["row_id"].to_pylist(), 0.25)
+    assert items == sorted(r for r, k in zip(rows["row_id"].to_pylist(), keep) if k)
+    # the same values as the full cache's, on those items
+    by_key = {(r, p): i for i, (r, p) in enumerate(zip(ref["row_id"].to_pylist(), ref["position"].to_pylist()))}
+    at = [by_key[(r, p)] for r, p in zip(hid["row_id"].to_pylist(), hid["position"].to_pylist())]
+    np.testing.assert_array_equal(column_matrix(hid["hidden.layers.1"]), column_matrix(ref["hidden.layers.1"])[at])
+    per_token = lambda m: (m["token_bytes"] + m["token_hidden_bytes"]) / m["token_rows"]
+    assert per_token(part) < 0.5 * per_token(full)
+
+    from nexus_assets.core.subspace import profile_subspaces
+    summary = profile_subspaces(tmp_path / "part", "fake-lm", ["layers.1"], ["layers.1"], tmp_path / "sub",
+                                log=lambda s: None)
+    assert summary["layers"]["layers.1"]["kind"] == "token_hidden"
+    assert summary["layers"]["layers.1"]["rows"] == 4 * len(items)  # position 0 skipped
+    with pytest.raises(ValueError, match="token_hidden_fraction"):
+        fs.sampled_items(["a"], 0.0)

@@ -121,3 +121,18 @@ def test_registry_smollm2_writes_text_on_every_profile_but_tiny():
     tw = load_registry().teacher("smollm2-135m").extraction.teacher_written
     assert tw is not None and tw.prompts_for("default") > 0 and tw.prompts_for("full") >= tw.prompts_for("default")
     assert tw.prompt_tokens + tw.max_new_tokens <= load_registry().teacher("smollm2-135m").extraction.max_length
+
+
+def test_sampled_per_token_layers_from_the_registry_setting(llama_dir, tmp_path):
+    """extraction.token_hidden_fraction reaches the cache: per-token layers leave the tokens table and are
+    kept for about that fraction of the items; 0 or > 1 is refused by the registry."""
+    spec = spec_for(llama_dir, teacher_written=None, token_hidden_fraction=0.5)
+    build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    rows = probe_rows()
+    entry, m = extract_teacher_features(spec, tmp_path / "snap", rows, "d", tmp_path / "feat", log=lambda s: None)
+    assert "hidden.layers.1" not in read_features(entry, "tokens").column_names
+    hidden = read_features(entry, "token_hidden")
+    assert 0 < len(set(hidden["row_id"].to_pylist())) < rows.num_rows and m["token_hidden_rows"] == hidden.num_rows
+    for bad in (0.0, 1.5):
+        with pytest.raises(Exception, match="token_hidden_fraction"):
+            spec_for(llama_dir, token_hidden_fraction=bad)

@@ -134,7 +134,9 @@ def _teacher_rows(reps: int) -> dict:
     from nexus_assets.teachers.snapshot import build_snapshot
 
     reg = load_registry()
-    text = "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest at night."
+    # long enough that every text teacher truncates it at its extraction.max_length (64 tokens), the
+    # length the student is timed at (`_inputs`): both sides see the same number of tokens
+    text = " ".join(["The quick brown fox jumps over the lazy dog, and then it runs far away into the forest."] * 6)
     row = {"text": {"text": text}, "vision": {"image": png_bytes(0, 224)}, "audio": {"wav": wav_bytes(3.0)}}
     out = {}
     for spec in reg.enabled_teachers():

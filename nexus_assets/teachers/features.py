@@ -98,7 +98,9 @@ def with_teacher_text(probe_rows, written) -> "pa.Table":
     if written is None or written.num_rows == 0:
         return probe_rows
     cols = ["row_id", "split", "text"]
-    return pa.concat_tables([probe_rows.select(cols), written.select(cols)])
+    probe = probe_rows.select(cols)
+    # the probe table's schema wins (its fields are non-null): a written row with a null fails here, by name
+    return pa.concat_tables([probe, written.select(cols).cast(probe.schema)])
 
 
 def extract_teacher_features(

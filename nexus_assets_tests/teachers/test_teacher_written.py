@@ -9,6 +9,7 @@ import pytest
 
 from nexus_assets.core.feature_store import read_features
 from nexus_assets.core.registry import RegistryError, TeacherSpec, load_registry
+from nexus_assets.probes.probe_data import SCHEMAS
 from nexus_assets.teachers.features import (TEACHER_WRITTEN, extract_teacher_features, feature_cache_key,
                                             teacher_written_prompts, write_teacher_text)
 from nexus_assets.teachers.snapshot import build_snapshot
@@ -37,7 +38,10 @@ def probe_rows(n=12) -> pa.Table:
     rng = np.random.default_rng(1)
     texts = [" ".join(f"w{i}" for i in rng.integers(0, 290, size=rng.integers(4, 10))) for _ in range(n)]
     splits = (["train"] * 8 + ["val", "heldout", "ood", "train"])[:n]
-    return pa.table({"row_id": [f"t/{i}/0" for i in range(n)], "split": splits, "text": texts})
+    ids = [f"t/{i}/0" for i in range(n)]
+    # the probe dataset's own schema (non-null fields): written rows must be concatenated onto it
+    return pa.table({"row_id": ids, "source": ["t"] * n, "item": ids, "view": [0] * n, "split": splits,
+                     "content_sha": ["0" * 64] * n, "text": texts}, schema=SCHEMAS["text"])
 
 
 def test_prompts_come_from_train_rows_only_and_are_a_stable_seeded_draw(llama_dir):

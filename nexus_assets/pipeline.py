@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     from nexus_assets.definitions import defs
 
     instance = _instance()
+    for run_id in release_orphaned_runs(instance):
+        print(f"released run {run_id}: its pipeline process is gone (killed?), so its concurrency slots "
+              f"are freed and the run is marked failed", flush=True)
     assets = list(defs.assets)
     checks = list(defs.asset_checks or [])
     t_all = time.time()
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             result = dg.materialize(
                 assets + checks, selection=[key], partition_key=p, instance=instance,
                 resources=defs.resources, raise_on_error=False,
-                tags={"nexus/source": "pipeline"},
+                tags={"nexus/source": "pipeline", PID_TAG: str(os.getpid())},
             )
             dt = time.time() - t0
             status = "ok" if result.success else ("BLOCKED" if _gated_by_contracts(result) else "FAILED")
@@ -94,6 +97,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 ROOTS = ("teacher_config", "probe_dataset")  # cheap, content-hashed: re-reading them changes nothing unless edited
+
+
+PID_TAG = "nexus/pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_orphaned_runs(instance) -> list[str]:
+    """Runs this command started whose process is gone: marked failed, their concurrency slots freed.
+
+    A pipeline killed by SIGKILL leaves its run STARTED and its `gpu` pool slot claimed, and the next
+    pipeline's GPU steps then wait for it forever (seen: 23 minutes of "Step blocked by limit for pool gpu").
+    There is no daemon here to run Dagster's run monitoring, so the command does it for its own runs.
+    """
+    from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
+
+    released = []
+    runs = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED], tags={"nexus/source": "pipeline"}))
+    for run in runs:
+        pid = run.tags.get(PID_TAG, "")
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        instance.report_run_failed(run, message=f"pipeline process {pid} is gone; released by a later pipeline")
+        released.append(run.run_id)
+    return released
 
 
 def needs_update(defs, instance, key: str, partition: str | None) -> bool:

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             result = dg.materialize(
                 assets + checks, selection=[key], partition_key=p, instance=instance,
                 resources=defs.resources, raise_on_error=False,
-                tags={"nexus/source": "pipeline", PID_TAG: str(os.getpid())},
+                tags={**SOURCE_TAGS, PID_TAG: str(os.getpid())},
             )
             dt = time.time() - t0
             status = "ok" if result.success else ("BLOCKED" if _gated_by_contracts(result) else "FAILED")
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 ROOTS = ("teacher_config", "probe_dataset")  # cheap, content-hashed: re-reading them changes nothing unless edited
 
 
+SOURCE_TAGS = {"nexus/source": "pipeline"}  # on every run this command starts; release_orphaned_runs filters on it
 PID_TAG = "nexus/pid"
 
 
@@ -107,8 +108,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # exists, owned by another user
+        pass
     return True
 
 
@@ -122,7 +123,7 @@ def release_orphaned_runs(instance) -> list[str]:
     from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
 
     released = []
-    runs = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED], tags={"nexus/source": "pipeline"}))
+    runs = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED], tags=SOURCE_TAGS))
     for run in runs:
         pid = run.tags.get(PID_TAG, "")
         if not pid.isdigit() or _alive(int(pid)):

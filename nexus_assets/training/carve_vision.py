@@ -63,9 +63,11 @@ def _plan_dict(blocks, head, keep, anchor_layers):
             "anchor_layers": list(anchor_layers)}
 
 
-def taylor_scores(state: dict, pixels: torch.Tensor, batch: int = 16) -> tuple[list[torch.Tensor], torch.Tensor]:
+def taylor_scores(state: dict, pixels: torch.Tensor, batch: int = 16, *, with_means: bool = False):
     """Per block (inner,) and head (1280,) importance: sum over images and positions of |a * dL/da|, L =
-    log p(teacher's top-1 class); the network is the full-width teacher (BN folded)."""
+    log p(teacher's top-1 class); the network is the full-width teacher (BN folded). `with_means` also
+    returns each channel's mean activation over images and positions (block list, head), the constant a
+    pruned channel is replaced by (`compensation_shifts`)."""
     from nexus_assets.student.carved_vision import CarvedEfficientNetBackbone
     from nexus_assets.student.config import HeadSpec, TowerConfig
 
@@ -88,6 +90,8 @@ def taylor_scores(state: dict, pixels: torch.Tensor, batch: int = 16) -> tuple[l
 
     net.taps = {i: tap(i) for i in range(len(blocks))} | {"head": tap("head")}
     sums = {k: torch.zeros(b["inner"]) for k, b in enumerate(blocks)} | {"head": torch.zeros(1280)}
+    means = {k: torch.zeros_like(v) for k, v in sums.items()}
+    positions = {k: 0 for k in sums}
     for s in range(0, len(pixels), batch):
         x = pixels[s:s + batch]
         logits = fc(net.features(x).mean((2, 3)))
@@ -95,12 +99,37 @@ def taylor_scores(state: dict, pixels: torch.Tensor, batch: int = 16) -> tuple[l
         logp.gather(1, logits.argmax(-1, keepdim=True)).sum().backward()
         for k, a in acts.items():
             sums[k] += (a.detach() * a.grad).abs().sum((0, 2, 3))
+            means[k] += a.detach().sum((0, 2, 3))
+            positions[k] += a.shape[0] * a.shape[2] * a.shape[3]
         net.zero_grad(set_to_none=True)
-    return [sums[i] for i in range(len(blocks))], sums["head"]
+    out = [sums[i] for i in range(len(blocks))], sums["head"]
+    if with_means:
+        mu = {k: v / max(positions[k], 1) for k, v in means.items()}
+        out += ([mu[i] for i in range(len(blocks))], mu["head"])
+    return out
+
+
+def compensation_shifts(state: dict, keep: dict, block_means: Sequence[torch.Tensor],
+                        head_means: torch.Tensor) -> dict[str, list[float]]:
+    """Bias shifts that replace each pruned channel by its mean activation instead of by zero ("mean
+    replacement"): a pruned inner channel c of block i feeds `project` through W[:, c] (1x1 conv, linear),
+    so its average contribution W[:, c] * mean_c moves into project's bias; a pruned head channel's, through
+    the classifier (after mean pooling, linear too), into the classifier's bias. Exact for a channel that
+    is constant over inputs; what is left is only its variation, which is what importance ranks."""
+    shifts = {}
+    for i, mu in enumerate(block_means):
+        drop = torch.ones(len(mu), dtype=torch.bool)
+        drop[torch.as_tensor(keep[str(i)], dtype=torch.long)] = False
+        w = state[f"blocks.{i}.project.weight"].flatten(1)  # (out, inner)
+        shifts[f"blocks.{i}"] = (w[:, drop] @ mu[drop]).tolist()
+    drop = torch.ones(len(head_means), dtype=torch.bool)
+    drop[torch.as_tensor(keep["head"], dtype=torch.long)] = False
+    shifts["fc"] = (state["fc.weight"][:, drop] @ head_means[drop]).tolist()
+    return shifts
 
 
 def plan_vision_carve(pth: Path, sample_pixels: torch.Tensor, *, keep_fraction: float = 0.75,
-                      min_channels: int = 8, anchor_layers: Sequence[str] = ("blocks.5", "blocks.10", "features"),
+                      min_channels: int = 8, mean_replacement: bool = True, anchor_layers: Sequence[str] = ("blocks.5", "blocks.10", "features"),
                       log: Callable[[str], None] = print) -> dict:
     """The carve plan (JSON-able) of the vision tower: kept inner / head channel indices and the report."""
     if not (isinstance(keep_fraction, (int, float)) and 0 < keep_fraction <= 1):
@@ -110,7 +139,7 @@ def plan_vision_carve(pth: Path, sample_pixels: torch.Tensor, *, keep_fraction: 
     state = folded_state(pth)
     full = lite0_blocks()
     teacher_params = _params(full, 1280)
-    block_scores, head_scores = taylor_scores(state, sample_pixels)
+    block_scores, head_scores, block_means, head_means = taylor_scores(state, sample_pixels, with_means=True)
 
     def shape(r: float):
         # a block without an expansion conv reads its input channels directly: nothing to prune there
@@ -136,13 +165,17 @@ def plan_vision_carve(pth: Path, sample_pixels: torch.Tensor, *, keep_fraction: 
     keep["head"] = sorted(hidx.tolist())
     mass["head"] = round(float(head_scores[hidx].sum() / head_scores.sum().clamp_min(1e-30)), 4)
     plan = _plan_dict(blocks, head, keep, anchor_layers)
+    if mean_replacement:
+        plan["bias_shift"] = compensation_shifts(state, keep, block_means, head_means)
     student_params = _params(blocks, head)
     plan["report"] = {"teacher_params": teacher_params, "student_params": student_params,
                       "param_fraction": student_params / teacher_params,
                       "inner_channels_kept": {f"blocks.{i}": f"{b['inner']}/{f['inner']}" for i, (b, f) in
                                               enumerate(zip(blocks, full))},
                       "head_channels_kept": f"{head}/1280", "importance_mass_kept": mass,
-                      "classifier": "the teacher's, on the kept head channels", "batchnorm": "folded into the convs"}
+                      "classifier": "the teacher's, on the kept head channels", "batchnorm": "folded into the convs",
+                      "pruned_channels": "replaced by their mean activation (bias shift)" if mean_replacement
+                      else "replaced by zero"}
     log(f"[vision carve] {student_params / 1e6:.2f}M of {teacher_params / 1e6:.2f}M params; head {head}/1280; "
         f"importance mass kept min {min(mass.values()):.3f}")
     return plan
@@ -162,6 +195,12 @@ def carved_vision_config(base, plan: dict, lora_rank: int):
                                lora_rank={c: lora_rank for c in base.capabilities}, init="carved", carve=plan)
 
 
+def _shift(plan: dict, key: str):
+    """The plan's mean-replacement bias shift of `key` (0 for a plan without one)."""
+    v = plan.get("bias_shift", {}).get(key)
+    return 0.0 if v is None else torch.tensor(v, dtype=torch.float32)
+
+
 def carved_vision_state(plan: dict, snapshot_dir: Path) -> dict[str, torch.Tensor]:
     """StudentTower state-dict entries ("backbone.*", "heads.<classes head>.fc.*") sliced by the plan."""
     pths = sorted(Path(snapshot_dir).glob("*.pth"))
@@ -178,11 +217,11 @@ def carved_vision_state(plan: dict, snapshot_dir: Path) -> dict[str, torch.Tenso
         out["backbone." + p + "dw.weight"] = st[p + "dw.weight"][k]
         out["backbone." + p + "dw.bias"] = st[p + "dw.bias"][k]
         out["backbone." + p + "project.weight"] = st[p + "project.weight"][:, k]
-        out["backbone." + p + "project.bias"] = st[p + "project.bias"]
+        out["backbone." + p + "project.bias"] = st[p + "project.bias"] + _shift(plan, f"blocks.{i}")
     h = torch.as_tensor(plan["keep"]["head"], dtype=torch.long)
     out["backbone.head_conv.weight"], out["backbone.head_conv.bias"] = st["head_conv.weight"][h], st["head_conv.bias"][h]
     head = plan.get("classes_head", "vision_classify")
-    out[f"heads.{head}.fc.weight"], out[f"heads.{head}.fc.bias"] = st["fc.weight"][:, h], st["fc.bias"]
+    out[f"heads.{head}.fc.weight"], out[f"heads.{head}.fc.bias"] = st["fc.weight"][:, h], st["fc.bias"] + _shift(plan, "fc")
     return {k: v.contiguous() for k, v in out.items()}
 
 

@@ -53,6 +53,10 @@ class TrainConfig:
     was measured to help on never-seen data (the text tower), not where it overfits (the speaker head)."""
     head_probe_lr: float = 1e-3
     """AdamW learning rate of the linear-probe warm start."""
+    carved_lr_scale: float = 1.0
+    """Multiplier of the learning rate (both phases) of the parameters a carved tower took from its
+    teacher; new parameters (fresh heads, anchor projections, LoRA adapters) keep the full rate. A
+    pretrained network fine-tunes at a small fraction of the rate a fresh head needs."""
     teacher_weights: dict[str, float] = field(default_factory=dict)
     """Teacher name -> multiplier of all of that teacher's losses (multi-teacher towers); missing = 1."""
     alpha_start: float = 1.0
@@ -101,7 +105,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name}: must be an int >= {lo}, got {v!r}")
-        pos = ("lr", "adapter_lr", "head_probe_lr", "temperature", "grad_clip", "spike_factor", "anchor_escalation")
+        pos = ("lr", "adapter_lr", "head_probe_lr", "carved_lr_scale", "temperature", "grad_clip", "spike_factor", "anchor_escalation")
         nonneg = ("weight_decay", "w_kd", "w_anchor", "w_gram", "w_cosine", "w_lwf", "alpha_start", "alpha_end",
                   "min_delta")
         for name in pos + nonneg:

@@ -83,3 +83,36 @@ def test_pruned_carve_fits_the_budget_keeps_important_channels_and_round_trips(t
                                    back({"pixels": x}, "vision.classify")["out"])
     with pytest.raises(ValueError, match="keep_fraction"):
         plan_vision_carve(d / "lite0.pth", _images(2), keep_fraction=0.0, log=lambda s: None)
+
+
+def test_mean_replacement_is_exact_for_constant_channels_and_brings_pruned_outputs_closer(teacher):
+    from nexus_assets.training.carve_vision import compensation_shifts
+
+    # known answer: a dropped channel that is constant over inputs loses nothing once its mean moves into the bias
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 6, 1, 1, generator=g)
+    h = torch.randn(4, 6, generator=g)
+    h[:, [1, 4]] = torch.tensor([0.7, 2.0])  # the two dropped channels are constant
+    state = {"blocks.0.project.weight": w, "fc.weight": torch.randn(3, 8, generator=g)}
+    head = torch.rand(8, generator=g)
+    keep = {"0": [0, 2, 3, 5], "head": [0, 1, 2, 3, 4, 5]}
+    shifts = compensation_shifts(state, keep, [h.mean(0)], head)
+    full = h @ w.flatten(1).T
+    kept = h[:, keep["0"]] @ w.flatten(1)[:, keep["0"]].T
+    torch.testing.assert_close(kept + torch.tensor(shifts["blocks.0"]), full)
+    torch.testing.assert_close(torch.tensor(shifts["fc"]), state["fc.weight"][:, 6:] @ head[6:])
+    # on the real teacher: the pruned network with the shifts is closer to the full one than with zeros
+    model, d = teacher
+    x = _images(8, seed=3)
+    with torch.no_grad():
+        ref = model(x)
+    err = {}
+    for mr in (True, False):
+        plan = plan_vision_carve(d / "lite0.pth", x, keep_fraction=0.85, mean_replacement=mr, log=lambda s: None)
+        assert ("bias_shift" in plan) == mr
+        cfg = carved_vision_config(_base(), plan, 4)
+        tower = StudentTower(cfg)
+        tower.load_state_dict(carved_vision_state(cfg.carve, d), strict=False)
+        with torch.no_grad():
+            err[mr] = float((tower.eval()({"pixels": x}, "vision.classify")["out"] - ref).pow(2).mean())
+    assert err[True] < err[False]

@@ -132,3 +132,28 @@ def test_linear_probe_fits_only_rows_the_head_teacher_has():
     rep = probe_pooled_head(tower, "text.embed", data, tc, torch.device("cpu"))
     assert rep["rows"] == int(rows.sum())
     assert rep["loss_after"] < 0.05 * rep["loss_before"]
+
+
+def test_carved_parameters_train_at_the_scaled_rate_and_new_ones_at_the_full_rate():
+    from nexus_assets.student.tower import StudentTower
+    from nexus_assets.training.loop_parts import setup_phase
+    from nexus_assets.training.objective import TowerObjective
+    from nexus_assets_tests.student.test_towers import tiny_config
+
+    torch.manual_seed(0)
+    tower = StudentTower(tiny_config("vision"))
+    carved = {n for n in dict(tower.named_parameters()) if n.startswith("backbone.")}
+    tower.carved_names = frozenset(carved)
+    tc = TrainConfig(lr=1e-2, carved_lr_scale=0.01, warmup_steps=0)
+    ph = setup_phase("a", tower, TowerObjective(tower, tc, {}), list(tower.cfg.capabilities), tc)
+    ids = {id(p): n for n, p in tower.named_parameters()}
+    by_lr = {round(g["lr"], 9): {ids[id(p)] for p in g["params"]} for g in ph.opt.param_groups}
+    assert by_lr == {1e-2: set(ids.values()) - carved, 1e-4: carved}
+    before = {n: p.detach().clone() for n, p in tower.named_parameters()}
+    for p in ph.params:
+        p.grad = torch.ones_like(p)
+    ph.opt.step()  # Adam's first step moves every weight by ~lr (before weight decay)
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in tower.named_parameters()}
+    assert max(moved[n] for n in carved) < 2e-4 and min(moved[n] for n in set(moved) - carved) > 5e-3
+    with pytest.raises(ValueError, match="carved_lr_scale"):
+        TrainConfig(carved_lr_scale=0.0)

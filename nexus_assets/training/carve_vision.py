@@ -63,11 +63,11 @@ def _plan_dict(blocks, head, keep, anchor_layers):
             "anchor_layers": list(anchor_layers)}
 
 
-def taylor_scores(state: dict, pixels: torch.Tensor, batch: int = 16, *, with_means: bool = False):
+def taylor_scores(state: dict, pixels: torch.Tensor, batch: int = 16):
     """Per block (inner,) and head (1280,) importance: sum over images and positions of |a * dL/da|, L =
-    log p(teacher's top-1 class); the network is the full-width teacher (BN folded). `with_means` also
-    returns each channel's mean activation over images and positions (block list, head), the constant a
-    pruned channel is replaced by (`compensation_shifts`)."""
+    log p(teacher's top-1 class); the network is the full-width teacher (BN folded). Returns (block scores,
+    head scores, block means, head means): each channel's mean activation over images and positions is the
+    constant a pruned channel is replaced by (`compensation_shifts`)."""
     from nexus_assets.student.carved_vision import CarvedEfficientNetBackbone
     from nexus_assets.student.config import HeadSpec, TowerConfig
 
@@ -102,11 +102,8 @@ def taylor_scores(state: dict, pixels: torch.Tensor, batch: int = 16, *, with_me
             means[k] += a.detach().sum((0, 2, 3))
             positions[k] += a.shape[0] * a.shape[2] * a.shape[3]
         net.zero_grad(set_to_none=True)
-    out = [sums[i] for i in range(len(blocks))], sums["head"]
-    if with_means:
-        mu = {k: v / max(positions[k], 1) for k, v in means.items()}
-        out += ([mu[i] for i in range(len(blocks))], mu["head"])
-    return out
+    mu = {k: v / max(positions[k], 1) for k, v in means.items()}
+    return [sums[i] for i in range(len(blocks))], sums["head"], [mu[i] for i in range(len(blocks))], mu["head"]
 
 
 def compensation_shifts(state: dict, keep: dict, block_means: Sequence[torch.Tensor],
@@ -116,15 +113,14 @@ def compensation_shifts(state: dict, keep: dict, block_means: Sequence[torch.Ten
     so its average contribution W[:, c] * mean_c moves into project's bias; a pruned head channel's, through
     the classifier (after mean pooling, linear too), into the classifier's bias. Exact for a channel that
     is constant over inputs; what is left is only its variation, which is what importance ranks."""
-    shifts = {}
-    for i, mu in enumerate(block_means):
+    def shift(weight: torch.Tensor, mu: torch.Tensor, kept) -> list[float]:  # weight (out, in) -> (out,)
         drop = torch.ones(len(mu), dtype=torch.bool)
-        drop[torch.as_tensor(keep[str(i)], dtype=torch.long)] = False
-        w = state[f"blocks.{i}.project.weight"].flatten(1)  # (out, inner)
-        shifts[f"blocks.{i}"] = (w[:, drop] @ mu[drop]).tolist()
-    drop = torch.ones(len(head_means), dtype=torch.bool)
-    drop[torch.as_tensor(keep["head"], dtype=torch.long)] = False
-    shifts["fc"] = (state["fc.weight"][:, drop] @ head_means[drop]).tolist()
+        drop[torch.as_tensor(kept, dtype=torch.long)] = False
+        return (weight.flatten(1)[:, drop] @ mu[drop]).tolist()
+
+    shifts = {f"blocks.{i}": shift(state[f"blocks.{i}.project.weight"], mu, keep[str(i)])
+              for i, mu in enumerate(block_means)}
+    shifts["fc"] = shift(state["fc.weight"], head_means, keep["head"])
     return shifts
 
 
@@ -139,7 +135,7 @@ def plan_vision_carve(pth: Path, sample_pixels: torch.Tensor, *, keep_fraction: 
     state = folded_state(pth)
     full = lite0_blocks()
     teacher_params = _params(full, 1280)
-    block_scores, head_scores, block_means, head_means = taylor_scores(state, sample_pixels, with_means=True)
+    block_scores, head_scores, block_means, head_means = taylor_scores(state, sample_pixels)
 
     def shape(r: float):
         # a block without an expansion conv reads its input channels directly: nothing to prune there

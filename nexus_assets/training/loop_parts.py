@@ -156,11 +156,10 @@ def setup_phase(phase: str, tower: StudentTower, objective: TowerObjective, caps
             p.requires_grad_(False)
         for p in tower.lora_parameters(cap) + tower.head_parameters(cap):
             p.requires_grad_(True)
-    named = [(n, p) for n, p in tower.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    carved = getattr(tower, "carved_names", frozenset())
-    groups = [{"params": [p for n, p in named if n not in carved], "lr": lr},
-              {"params": [p for n, p in named if n in carved], "lr": lr * tc.carved_lr_scale}]
+    params = [p for p in tower.parameters() if p.requires_grad]
+    carved = getattr(tower, "carved_param_ids", frozenset())
+    groups = [{"params": [p for p in params if id(p) not in carved], "lr": lr},
+              {"params": [p for p in params if id(p) in carved], "lr": lr * tc.carved_lr_scale}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_for(tc.warmup_steps, max(steps, 1)))
     return Phase(phase, steps, params, opt, sched)

@@ -155,7 +155,8 @@ def _start(cfg, data_train, tc, out_dir, pca, importance, log, hooks, init_state
         if missing or unexpected:
             raise ValueError(f"init_state for tower {cfg.name!r}: missing backbone keys {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        tower.carved_names = frozenset(init_state)  # their learning rate is scaled by tc.carved_lr_scale
+        # tc.carved_lr_scale applies to these; by identity, since peft renames the backbone's weights
+        tower.carved_param_ids = frozenset(id(p) for n, p in tower.named_parameters() if n in init_state)
     tower = tower.to(dd.device)
     anchors = anchor_context(cfg, data_train, pca, importance)
     for a in anchors.values():

@@ -143,7 +143,7 @@ def test_carved_parameters_train_at_the_scaled_rate_and_new_ones_at_the_full_rat
     torch.manual_seed(0)
     tower = StudentTower(tiny_config("vision"))
     carved = {n for n in dict(tower.named_parameters()) if n.startswith("backbone.")}
-    tower.carved_names = frozenset(carved)
+    tower.carved_param_ids = frozenset(id(p) for n, p in tower.named_parameters() if n in carved)
     tc = TrainConfig(lr=1e-2, carved_lr_scale=0.01, warmup_steps=0)
     ph = setup_phase("a", tower, TowerObjective(tower, tc, {}), list(tower.cfg.capabilities), tc)
     ids = {id(p): n for n, p in tower.named_parameters()}

@@ -6,7 +6,9 @@ features and metrics are unchanged); inside, `old_to_new` maps them to the kept 
 (`carve["vocab"]`, new id = index) and every dropped id to one extra fallback slot (new id = len(vocab)).
 The "lm" head therefore predicts len(vocab) + 1 classes; `to_teacher_vocab` spreads the fallback's
 probability evenly over the dropped ids, giving a proper distribution over the teacher's vocabulary for
-perplexity and accuracy. Generation never emits the fallback.
+perplexity and accuracy. Generation never emits the fallback. As INPUT, a dropped id reads as its nearest
+kept token (`carve["input_map"]`, teacher id -> new id, chosen at carve time); a plan without one reads
+dropped ids as the fallback slot.
 
 Runtime-safe: torch + transformers only.
 """
@@ -41,6 +43,22 @@ def vocab_maps(vocab: list[int], teacher_vocab: int) -> tuple[torch.Tensor, torc
     return old_to_new, new_to_old
 
 
+def reading_map(plan: Mapping, old_to_new: torch.Tensor, fallback: int) -> torch.Tensor:
+    """(teacher_vocab,) teacher id -> the new id the backbone READS: the plan's nearest-kept-token map, or
+    `old_to_new` (dropped ids -> the fallback slot) for a plan without one."""
+    given = plan.get("input_map")
+    if given is None:
+        return old_to_new.clone()
+    m = torch.tensor([int(i) for i in given], dtype=torch.long, device="cpu")
+    if m.shape != old_to_new.shape or int(m.min()) < 0 or int(m.max()) > fallback:
+        raise ValueError(f"carve.input_map: expected one id in [0, {fallback}] per teacher id "
+                         f"({old_to_new.numel()}), got {m.numel()} ids")
+    kept = old_to_new < fallback
+    if not torch.equal(m[kept], old_to_new[kept]):
+        raise ValueError("carve.input_map: a kept teacher id must read as itself")
+    return m
+
+
 class _TiedLMHead(nn.Module):
     """Logits over the kept vocabulary + fallback: the final norm is already applied by the backbone."""
 
@@ -68,6 +86,7 @@ class CarvedLlamaBackbone(nn.Module):
         old_to_new, new_to_old = vocab_maps(vocab, int(plan["teacher_vocab"]))
         self.register_buffer("old_to_new", old_to_new, persistent=False)
         self.register_buffer("new_to_old", new_to_old, persistent=False)
+        self.register_buffer("input_map", reading_map(plan, old_to_new, len(vocab)), persistent=False)
         self.n_dropped = int(plan["teacher_vocab"]) - len(vocab)
         self.eos_new = [int(old_to_new[e]) for e in plan.get("eos_ids", []) if int(old_to_new[e]) < len(vocab)]
         # teacher layer "layers.i" (its hidden_states[i]) -> index into this backbone's hidden_states
@@ -79,7 +98,7 @@ class CarvedLlamaBackbone(nn.Module):
     # -- contract ------------------------------------------------------------------------------------
 
     def forward(self, inputs: Mapping[str, torch.Tensor]):
-        ids = self.old_to_new[inputs["input_ids"]]  # (B, T) new ids
+        ids = self.input_map[inputs["input_ids"]]  # (B, T) new ids
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         out = self.lm.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
@@ -110,7 +129,7 @@ class CarvedLlamaBackbone(nn.Module):
     def generate_ids(self, input_ids: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
         """transformers' `generate` (greedy, KV cache, EOS, no 4-gram repeats) on the teacher ids of a
         prompt (B, T); returns the new teacher ids per row, EOS excluded."""
-        ids = self.old_to_new[input_ids[:, -self.max_len:]]
+        ids = self.input_map[input_ids[:, -self.max_len:]]
         budget = max(1, min(max_new_tokens, self.hf_config.max_position_embeddings - ids.shape[1]))
         out = self.lm.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False,
@@ -141,7 +160,8 @@ class CarvedLlamaBackbone(nn.Module):
         cfg["architectures"] = ["LlamaForCausalLM"]
         (folder / "config.json").write_text(json.dumps(cfg, indent=2))
         (folder / "vocab.json").write_text(json.dumps({"teacher_ids": self.new_to_old[:-1].tolist(),
-                                                       "fallback": len(self.new_to_old) - 1}))
+                                                       "fallback": len(self.new_to_old) - 1,
+                                                       "input_ids": self.input_map.tolist()}))
         return keys | {"lm.lm_head.weight"}
 
     def import_stock(self, folder: Path, read_state: Callable[[Path], dict]) -> dict:

@@ -8,6 +8,11 @@ and tokens to keep, measured on the cached probe tokens, and the teacher weights
 * tokens: the fewest ids covering `vocab_mass` of a combined mass: the train tokens themselves plus the
   teacher's cached next-token probabilities (top-k), so tokens the teacher predicts but the small probe
   corpus never spells still count; plus the special tokens.
+* dropped tokens as INPUT: each reads as its nearest kept token (cosine of the teacher's input embedding
+  rows), not as the one fallback slot. Measured with the teacher itself on held-out / never-seen rows
+  (5% of their input tokens outside a 99.9%-mass vocabulary): teacher-forced top-1 agreement 0.78 / 0.79
+  with the fallback's mean embedding, 0.86 / 0.86 with the nearest kept token, 0.84 / 0.84 with a rank-128
+  embedding of every dropped row (3.2M more parameters); 0.99 / 0.97 with no token dropped.
 * size: blocks x MLP width chosen to fit `param_fraction` of the teacher's parameters.
 
 Reads the teacher's safetensors with transformers' stock Llama classes: no teacher package is imported.
@@ -102,6 +107,25 @@ def vocab_by_coverage(counts: np.ndarray, mass: float, always: list[int]) -> lis
     cum = np.cumsum(counts[order]) / total
     n = int(np.searchsorted(cum, mass - 1e-12) + 1)
     return sorted(set(order[:n].tolist()) | set(always))
+
+
+def nearest_kept(embedding: torch.Tensor, vocab: list[int], chunk: int = 4096) -> list[int]:
+    """Input map over the teacher's ids: a kept id -> its new id (its index in `vocab`), a dropped id -> the
+    new id of the kept token whose embedding row is closest in cosine. embedding: (V_teacher, H)."""
+    kept = torch.as_tensor(vocab, dtype=torch.long)
+    if kept.numel() == 0:
+        raise ValueError("text carve: the kept vocabulary is empty")
+    unit = torch.nn.functional.normalize(embedding.float(), dim=-1)
+    out = torch.empty(embedding.shape[0], dtype=torch.long)
+    out[kept] = torch.arange(kept.numel())
+    dropped = torch.ones(embedding.shape[0], dtype=torch.bool)
+    dropped[kept] = False
+    ids = torch.nonzero(dropped).squeeze(1)
+    kept_unit = unit[kept].T
+    for i in range(0, ids.numel(), chunk):
+        part = ids[i:i + chunk]
+        out[part] = (unit[part] @ kept_unit).argmax(-1)
+    return out.tolist()
 
 
 def layer_budget(teacher_cfg: dict, vocab_size: int, target: TextCarveTarget, teacher_params: int) -> tuple[int, int]:
@@ -240,6 +264,7 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
     with torch.device("meta"):  # the carved shape, to count its parameters exactly
         shape = LlamaForCausalLM(LlamaConfig(**{**hf, "vocab_size": len(vocab) + 1, "tie_word_embeddings": True}))
     student_params = sum(p.numel() for p in shape.parameters())
+    input_map = nearest_kept(model.get_input_embeddings().weight.detach(), vocab)
     report = {
         "teacher_params": int(teacher_params), "student_params": int(student_params),
         "param_fraction": student_params / teacher_params,
@@ -250,6 +275,7 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
         "mlp_neurons_kept": f"{inter}/{tcfg['intermediate_size']} per block",
         "mlp_importance_mass_kept": {k: round(v, 4) for k, v in mass.items()},
         "vocab_kept": len(vocab), "vocab_teacher": teacher_vocab,
+        "dropped_input_tokens": "read as their nearest kept token (teacher input-embedding cosine)",
         "train_token_coverage": float(counts[vocab].sum() / max(counts.sum(), 1.0)),
         "teacher_next_token_mass_covered": float(soft[vocab].sum() / max(soft.sum(), 1e-12)),
         "heads": f"all {tcfg['num_attention_heads']} query / {tcfg['num_key_value_heads']} kv heads kept",
@@ -258,7 +284,7 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
         f"{teacher_params / 1e6:.1f}M params ({report['param_fraction']:.2f})")
     return {"family": "llama", "teacher_vocab": teacher_vocab, "vocab": vocab, "hf_config": hf,
             "blocks": kept_blocks, "mlp_neurons": kept_neurons, "anchor_map": anchor_map, "eos_ids": eos_ids,
-            "target": asdict(target), "report": report}
+            "input_map": input_map, "target": asdict(target), "report": report}
 
 
 def carved_text_config(base, plan: dict, lora_rank: int):

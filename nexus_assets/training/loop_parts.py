@@ -147,7 +147,7 @@ def setup_phase(phase: str, tower: StudentTower, objective: TowerObjective, caps
             p.requires_grad_(True)
     else:
         cap = phase[2:]
-        steps, lr = tc.phase_b_steps, tc.adapter_lr
+        steps, lr = tc.phase_b_steps_by_capability.get(cap, tc.phase_b_steps), tc.adapter_lr
         if cap not in tower.adapters:
             tower.add_adapter(cap)
         tower.set_capability(cap)

@@ -6,7 +6,7 @@ import torch
 from nexus_assets.student.config import HeadSpec, TowerConfig
 from nexus_assets.student.tower import StudentTower, load_tower, save_tower
 from nexus_assets.training.carve_text import (TextCarveTarget, block_influence, carved_text_state, layer_budget,
-                                              plan_text_carve, vocab_by_coverage)
+                                              nearest_kept, plan_text_carve, vocab_by_coverage)
 
 V = 96
 
@@ -114,7 +114,15 @@ def test_carve_to_budget_drops_low_influence_blocks_and_trims_vocab(tiny_llama, 
     assert rep["train_token_coverage"] == pytest.approx(1.0)
     tower = StudentTower(_tower(plan))
     tower.load_state_dict(carved_text_state(plan, d), strict=False)
-    # a dropped teacher id is read as the fallback slot; generation returns teacher ids only
+    # a dropped teacher id reads as its nearest kept token: the same outputs as that token itself
+    dropped_id = next(i for i in range(3, V) if i not in set(plan["vocab"]))
+    stand_in = plan["vocab"][plan["input_map"][dropped_id]]
+    with torch.no_grad():
+        via_map = tower.eval()({"input_ids": torch.tensor([[5, dropped_id, 7]])}, "text.generate")["out"]
+        direct = tower({"input_ids": torch.tensor([[5, stand_in, 7]])}, "text.generate")["out"]
+    torch.testing.assert_close(via_map, direct)
+    assert stand_in != dropped_id and stand_in in set(plan["vocab"])
+    # generation returns teacher ids only
     gen = tower.generate({"input_ids": torch.tensor([[5, 6, 7]])}, "text.generate", max_new_tokens=6)[0]
     assert len(gen) <= 6 and all(t in set(plan["vocab"]) for t in gen)
     # save as a stock Llama folder + reload: identical outputs
@@ -182,3 +190,23 @@ def test_carve_statistics_read_the_train_split_only(tmp_path):
     assert rows == {"a": [5, 6]} and topk.reshape(-1).tolist() == [5, 6] and probs.shape == (2, 1)
     t = read_features(entry, "items", columns=["row_id"], filter_splits=["heldout"])
     assert t.column_names == ["row_id"] and t.column("row_id").to_pylist() == ["b"]
+
+
+def test_nearest_kept_maps_a_dropped_row_to_the_closest_kept_row_in_cosine():
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.9, 0.1], [-0.2, 5.0], [-3.0, -0.1]])
+    vocab = [0, 1, 2]
+    assert nearest_kept(emb, vocab, chunk=2) == [0, 1, 2, 0, 1, 2]  # kept ids read as themselves
+    with pytest.raises(ValueError, match="kept vocabulary is empty"):
+        nearest_kept(emb, [])
+
+
+def test_reading_map_falls_back_without_a_plan_map_and_checks_a_given_one():
+    from nexus_assets.student.carved_text import reading_map, vocab_maps
+
+    old_to_new, _ = vocab_maps([0, 2], 4)  # ids 1, 3 dropped; fallback = 2
+    assert reading_map({}, old_to_new, 2).tolist() == [0, 2, 1, 2]
+    assert reading_map({"input_map": [0, 1, 1, 0]}, old_to_new, 2).tolist() == [0, 1, 1, 0]
+    with pytest.raises(ValueError, match="kept teacher id must read as itself"):
+        reading_map({"input_map": [1, 1, 1, 0]}, old_to_new, 2)
+    with pytest.raises(ValueError, match="carve.input_map: expected one id"):
+        reading_map({"input_map": [0, 1, 1]}, old_to_new, 2)

@@ -157,3 +157,23 @@ def test_carved_parameters_train_at_the_scaled_rate_and_new_ones_at_the_full_rat
     assert max(moved[n] for n in carved) < 2e-4 and min(moved[n] for n in set(moved) - carved) > 5e-3
     with pytest.raises(ValueError, match="carved_lr_scale"):
         TrainConfig(carved_lr_scale=0.0)
+
+
+def test_phase_b_steps_by_capability_overrides_one_capability_only():
+    from nexus_assets.student.tower import StudentTower
+    from nexus_assets.training.config import cpu_train_config
+    from nexus_assets.training.loop_parts import setup_phase
+    from nexus_assets.training.objective import TowerObjective
+    from nexus_assets_tests.student.test_towers import tiny_config
+
+    torch.manual_seed(0)
+    tower = StudentTower(tiny_config("audio"))
+    caps = list(tower.cfg.capabilities)
+    tc = TrainConfig(phase_b_steps=7, phase_b_steps_by_capability={caps[0]: 0})
+    obj = TowerObjective(tower, tc, {})
+    assert setup_phase(f"b:{caps[0]}", tower, obj, caps, tc).steps == 0
+    assert [setup_phase(f"b:{c}", tower, obj, caps, tc).steps for c in caps[1:]] == [7] * (len(caps) - 1)
+    with pytest.raises(ValueError, match="phase_b_steps_by_capability: steps of 'x'"):
+        TrainConfig(phase_b_steps_by_capability={"x": -1})
+    carved_audio = cpu_train_config("audio", init="carved", profile="default")
+    assert carved_audio.phase_b_steps_by_capability == {"audio.transcribe": 0} and carved_audio.phase_b_steps > 0

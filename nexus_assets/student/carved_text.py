@@ -94,6 +94,7 @@ class CarvedLlamaBackbone(nn.Module):
         self.layer_widths = {name: self.hf_config.hidden_size for name in self.anchor_map}
         self.layer_states: dict[str, torch.Tensor] = {}
         self.max_len = cfg.max_len
+        self.exit_after: int | None = None  # blocks to run (an early-exit head's pass); None = all
 
     # -- contract ------------------------------------------------------------------------------------
 
@@ -101,11 +102,24 @@ class CarvedLlamaBackbone(nn.Module):
         ids = self.input_map[inputs["input_ids"]]  # (B, T) new ids
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        out = self.lm.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
-        hs = out.hidden_states  # (n_layers + 1) x (B, T, H); the last is after the final norm
+        n = self.hf_config.num_hidden_layers
+        k = n if self.exit_after is None else max(1, min(int(self.exit_after), n))
+        cfg = self.lm.model.config
+        cfg.num_hidden_layers = k  # LlamaModel runs layers[:num_hidden_layers], then its final norm
+        try:
+            out = self.lm.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+        finally:
+            cfg.num_hidden_layers = n
+        hs = out.hidden_states  # (k + 1) x (B, T, H); the last is after the final norm
         m = mask.to(hs[-1].dtype)[..., None]
-        self.layer_states = {name: (hs[i] * m).sum(1) / m.sum(1).clamp_min(1.0) for name, i in self.anchor_map.items()}
+        self.layer_states = {name: (hs[i] * m).sum(1) / m.sum(1).clamp_min(1.0)
+                             for name, i in self.anchor_map.items() if i < len(hs)}
         return list(hs[1:]), mask
+
+    def exit_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """A block's states as an early-exit head reads them: through the final norm, as if the backbone
+        ended there."""
+        return self.lm.model.norm(h)
 
     def make_head(self, capability: str, spec: HeadSpec):
         return _TiedLMHead() if spec.kind == "lm" else None

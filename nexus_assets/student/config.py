@@ -44,18 +44,26 @@ class HeadSpec:
         anchor_layers: teacher layer name -> teacher width Ht, listed shallow to deep. The k-th of n
             layers is matched to student block round((k+1) * depth / n) - 1 (relative depth); for an
             "asr" head, layers named `decoder.*` are matched to the decoder's last block instead.
+        exit_block: 0 = the head reads the last block; k > 0 (a pooled head: "embedding" / "classes") = it
+            reads the first k blocks (a carved backbone's through its final norm), its anchors are matched
+            within them, and a pass for this capability alone runs no further (early exit).
     """
 
     kind: str
     out_dim: int
     teacher: str = ""
     anchor_layers: dict[str, int] = field(default_factory=dict)
+    exit_block: int = 0
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
             raise ValueError(f"kind: {self.kind!r} is not one of {HEAD_KINDS}")
         if not isinstance(self.out_dim, int) or self.out_dim < 1:
             raise ValueError(f"out_dim: must be an int >= 1, got {self.out_dim!r}")
+        if not isinstance(self.exit_block, int) or isinstance(self.exit_block, bool) or self.exit_block < 0:
+            raise ValueError(f"exit_block: must be an int >= 0, got {self.exit_block!r}")
+        if self.exit_block and self.kind not in ("embedding", "classes"):
+            raise ValueError(f"exit_block: only a pooled head (embedding, classes) can exit early, not {self.kind!r}")
         for layer, width in self.anchor_layers.items():
             if not isinstance(width, int) or width < 1:
                 raise ValueError(f"anchor_layers: width of {layer!r} must be an int >= 1, got {width!r}")

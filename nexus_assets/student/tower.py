@@ -186,7 +186,7 @@ class StudentTower(nn.Module):
         """Run one capability's head on an `encode` result (so several heads share one backbone pass)."""
         spec = self.cfg.capabilities[capability]
         hiddens, mask = enc
-        last = hiddens[-1]  # (B, L, W)
+        last = self.head_input(capability, hiddens)  # (B, L, W)
         head = self.heads[adapter_name(capability)]
         dec_hidden = None
         if spec.kind == "lm":
@@ -202,7 +202,7 @@ class StudentTower(nn.Module):
         anchors = {}
         layers = list(spec.anchor_layers)
         enc_layers = [l for l in layers if not (spec.kind == "asr" and l.startswith("decoder"))]
-        depth = len(hiddens)
+        depth = min(len(hiddens), spec.exit_block or len(hiddens))
         kept = getattr(self.base_backbone(), "layer_states", None) or {}  # carved: {teacher layer: (B, Ht)}
         for k, layer in enumerate(enc_layers):
             if layer in kept:
@@ -217,13 +217,34 @@ class StudentTower(nn.Module):
                 anchors[layer] = self.anchor_proj[_anchor_key(capability, layer)](_pool(dec_hidden, dm))
         return {"out": out, "hidden": _pool(last, mask), "anchors": anchors}
 
+    def head_input(self, capability: str, hiddens: list[torch.Tensor]) -> torch.Tensor:
+        """The (B, L, W) states `capability`'s head reads: the last block's, or for an early-exit head
+        (`HeadSpec.exit_block` = k) block k's, through a carved backbone's final norm (`exit_norm`) unless
+        the pass itself stopped there (then the backbone already applied it)."""
+        k = self.cfg.capabilities[capability].exit_block
+        if not k or k >= len(hiddens):
+            return hiddens[-1]
+        norm = getattr(self.base_backbone(), "exit_norm", None)
+        return norm(hiddens[k - 1]) if norm is not None else hiddens[k - 1]
+
     def forward(self, inputs: Mapping[str, torch.Tensor], capability: str | None = None) -> dict:
+        """One capability's outputs; an early-exit head's pass runs only the blocks it reads (a backbone
+        with `exit_after`), every other pass the whole backbone."""
         capability = capability or self.capability
         if capability is None:
             raise ValueError("forward: no capability given and none set (call set_capability first)")
         if capability != self.capability:
             self.set_capability(capability)
-        return self.head_forward(capability, self.encode(inputs), inputs)
+        base = self.base_backbone()
+        k = self.cfg.capabilities[capability].exit_block
+        if not k or not hasattr(base, "exit_after"):
+            return self.head_forward(capability, self.encode(inputs), inputs)
+        base.exit_after = k
+        try:
+            enc = self.encode(inputs)
+        finally:
+            base.exit_after = None
+        return self.head_forward(capability, enc, inputs)
 
     def to_teacher_vocab(self, capability: str, out: torch.Tensor) -> torch.Tensor:
         """A sequence head's logits over the teacher's vocabulary (a carved, vocabulary-trimmed tower

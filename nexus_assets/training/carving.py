@@ -43,6 +43,35 @@ def carve_teacher(tower: str, teachers: Sequence[TeacherSpec]) -> TeacherSpec:
                      f"set student_architecture's init for {tower!r} to 'random'")
 
 
+def _text_exit_blocks(plan: dict, lm: TeacherSpec, teachers: Sequence[TeacherSpec], feature_entries: Mapping[str, Path],
+                      model_dir: Path, token_rows: dict, log: Callable[[str], None]) -> None:
+    """plan["exit_blocks"]: capability -> blocks read, for every embedding teacher of the text tower."""
+    import pyarrow.parquet as pq
+
+    from nexus_assets.core.feature_store import column_matrix, read_features
+
+    from .carve_text import embedding_exit_block
+
+    exits, report = {}, {}
+    for t in teachers:
+        if t.name == lm.name or t.name not in feature_entries:
+            continue
+        entry = Path(feature_entries[t.name])
+        files = sorted(entry.glob("items-*.parquet"))
+        if not files or "embedding" not in pq.read_schema(files[0]).names:
+            continue
+        items = read_features(entry, "items", columns=["row_id", "embedding"], filter_splits=["train"])
+        emb = column_matrix(items.column("embedding"))
+        targets = dict(zip(items.column("row_id").to_pylist(), emb))
+        res = embedding_exit_block(plan, model_dir, token_rows, targets, lm.extraction.max_length)
+        for cap in t.capabilities:
+            exits[cap], report[cap] = res["blocks"], res
+        log(f"[text carve] {t.capabilities} read {res['blocks']} of {len(plan['blocks'])} blocks "
+            f"(ridge fold cosine per block {res['fold_cosine']} on {res['rows']} train rows)")
+    plan["exit_blocks"] = exits
+    plan["report"]["exit_blocks"] = report
+
+
 def plan_tower_carve(tower: str, teachers: Sequence[TeacherSpec], feature_entries: Mapping[str, Path],
                      snapshot_dirs: Mapping[str, Path], settings: CarveSettings,
                      log: Callable[[str], None] = print, probe_dirs: Mapping[str, Path] | None = None) -> dict:
@@ -58,6 +87,7 @@ def plan_tower_carve(tower: str, teachers: Sequence[TeacherSpec], feature_entrie
         rows, topk, probs = token_rows_from_cache(entry)
         plan = plan_text_carve(snap / "hf", token_rows=rows, topk_ids=topk, topk_probs=probs,
                                target=TextCarveTarget(**settings.text), max_len=t.extraction.max_length, log=log)
+        _text_exit_blocks(plan, t, teachers, feature_entries, snap / "hf", rows, log)
     elif kind == "vision":
         from .carve_vision import plan_vision_carve_from_artifacts
 

@@ -210,3 +210,60 @@ def test_reading_map_falls_back_without_a_plan_map_and_checks_a_given_one():
         reading_map({"input_map": [1, 1, 1, 0]}, old_to_new, 2)
     with pytest.raises(ValueError, match="carve.input_map: expected one id"):
         reading_map({"input_map": [0, 1, 1]}, old_to_new, 2)
+
+
+def test_ridge_fold_cosine_and_exit_choice_known_answers():
+    from nexus_assets.training.carve_text import choose_exit_block, ridge_fold_cosine
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g)
+    assert ridge_fold_cosine(x, x @ torch.randn(8, 5, generator=g), alpha=1e-6) > 0.999  # linear in x
+    assert abs(ridge_fold_cosine(x, torch.randn(200, 5, generator=g))) < 0.2  # unrelated to x
+    assert choose_exit_block([0.30, 0.528, 0.50, 0.53]) == 2  # the fewest blocks within 0.005 of the best
+    assert choose_exit_block([0.30, 0.52, 0.50, 0.53], tolerance=0.0) == 4
+    with pytest.raises(ValueError, match="no fit"):
+        ridge_fold_cosine(x[:2], x[:2])
+
+
+def test_embedding_head_exits_early_at_the_measured_block(tiny_llama):
+    """Targets that are a linear map of block 1's pooled (normed) states: the probe picks 1 block; the
+    embedding head then reads block 1 and its own pass runs 1 block, with the same output as reading
+    block 1 of a full pass."""
+    from nexus_assets.training.carve_text import carved_text_config, embedding_exit_block
+
+    model, d = tiny_llama
+    rows = _rows(n=80, t=10, seed=1)
+    plan = plan_text_carve(d, token_rows=rows, topk_ids=np.arange(V), target=TextCarveTarget(1.0, 1.0, 1.0),
+                           max_len=16, log=lambda s: None)
+    with torch.no_grad():
+        proj = torch.randn(32, 6, generator=torch.Generator().manual_seed(2))
+        targets = {}
+        for r, ids in rows.items():
+            hs = model.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+            targets[r] = (model.model.norm(hs[1]).mean(1)[0] @ proj).numpy()
+    res = embedding_exit_block(plan, d, rows, targets, max_len=16)
+    assert res["blocks"] == 1 and res["fold_cosine"][0] > 0.9 and res["fold_cosine"][0] > max(res["fold_cosine"][1:]) + 0.02
+    plan["exit_blocks"] = {"text.embed": res["blocks"]}
+    base = _tower(plan)
+    base.capabilities["text.embed"] = HeadSpec("embedding", 6, "e", {})
+    cfg = carved_text_config(base, plan, lora_rank=4)
+    assert cfg.capabilities["text.embed"].exit_block == 1 and cfg.capabilities["text.generate"].exit_block == 0
+    tower = StudentTower(cfg)
+    tower.load_state_dict(carved_text_state(plan, d), strict=False)
+    tower.eval()
+    ids = torch.tensor([rows["r00"], rows["r01"]])
+    seen = []
+    layers = tower.base_backbone().lm.model.layers
+    hook = [layer.register_forward_hook(lambda m, a, o, i=i: seen.append(i)) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        early = tower({"input_ids": ids}, "text.embed")["out"]
+        assert seen == [0]  # the early-exit pass ran one block
+        full_pass = tower.encode({"input_ids": ids})
+        via_full = tower.head_forward("text.embed", full_pass, {"input_ids": ids})["out"]
+    for h in hook:
+        h.remove()
+    torch.testing.assert_close(early, via_full)
+    last = tower.heads["text_embed"](full_pass[0][-1], full_pass[1])
+    assert not torch.allclose(early, last, atol=1e-3)  # block 1, not the last block
+    with pytest.raises(ValueError, match="only a pooled head"):
+        HeadSpec("lm", V, "t", {}, exit_block=1)

@@ -53,7 +53,7 @@ class TextCarveTarget:
 
     param_fraction: float = 0.26
     mlp_keep: float = 0.5
-    vocab_mass: float = 0.999
+    vocab_mass: float = 0.99
     sample_rows: int = 48
     min_blocks: int = 2
     block_selection: str = "contiguous"

@@ -163,32 +163,33 @@ def choose_exit_block(scores: list[float], tolerance: float = 0.005) -> int:
 def embedding_exit_block(plan: dict, model_dir: Path, token_rows: dict[str, list[int]],
                          targets: dict[str, np.ndarray], max_len: int, rows: int = 1024) -> dict:
     """{"blocks": k, "fold_cosine": per-block scores} for an embedding head over the carved (untrained)
-    backbone of `plan`: ridge_fold_cosine of each block's mean-pooled states (the last through the final
-    norm, as the head reads them) against `targets` (train row_id -> the teacher's embedding)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    backbone of `plan`: ridge_fold_cosine of each block's mean-pooled states, read as an early-exit head
+    reads them (the backbone's own forward and `exit_norm`), against `targets` (train row_id -> the
+    teacher's embedding)."""
+    from nexus_assets.student.carved_text import CarvedLlamaBackbone
+    from nexus_assets.student.config import HeadSpec, TowerConfig
+    from nexus_assets.student.modules import _pool
 
     ids = sorted(r for r in targets if r in token_rows)
     ids = [ids[i] for i in np.random.default_rng(0).permutation(len(ids))[:rows]]
     if len(ids) < 16:
         raise ValueError(f"text carve: {len(ids)} train rows have both LM tokens and embedding targets (< 16)")
-    hf = {**plan["hf_config"], "vocab_size": len(plan["vocab"]) + 1, "tie_word_embeddings": True}
-    model = LlamaForCausalLM(LlamaConfig(**hf)).eval()
-    state = {k[len("backbone.lm."):]: v for k, v in carved_text_state(plan, model_dir).items()}
-    model.load_state_dict(state, strict=False)
-    in_map = torch.as_tensor(plan["input_map"], dtype=torch.long)
-    norm = model.model.norm
+    hf, nv = plan["hf_config"], len(plan["vocab"]) + 1
+    cfg = TowerConfig(name="text", modality="text", width=hf["hidden_size"], depth=len(plan["blocks"]),
+                      n_heads=hf["num_attention_heads"], vocab_size=nv, max_len=max_len,
+                      capabilities={"text.generate": HeadSpec("lm", nv)}, lora_rank={"text.generate": 1},
+                      init="carved", carve=plan)
+    net = CarvedLlamaBackbone(cfg).eval()
+    net.load_state_dict({k[len("backbone."):]: v for k, v in carved_text_state(plan, model_dir).items()})
     pooled: list[list[torch.Tensor]] = []
     for i in range(0, len(ids), 32):
         chunk = [token_rows[r][:max_len] for r in ids[i:i + 32]]
-        t = max(len(c) for c in chunk)
-        x = torch.zeros(len(chunk), t, dtype=torch.long)
-        m = torch.zeros(len(chunk), t, dtype=torch.bool)
+        x = torch.zeros(len(chunk), max(len(c) for c in chunk), dtype=torch.long)  # teacher ids, right padded
+        m = torch.zeros(x.shape, dtype=torch.bool)
         for j, c in enumerate(chunk):
-            x[j, :len(c)], m[j, :len(c)] = in_map[torch.as_tensor(c, dtype=torch.long)], True
-        hs = model.model(input_ids=x, attention_mask=m.long(), output_hidden_states=True).hidden_states[1:]
-        w = m[..., None].float()
-        per = [((norm(h) if k < len(hs) - 1 else h) * w).sum(1) / w.sum(1).clamp_min(1) for k, h in enumerate(hs)]
-        pooled.append(per)
+            x[j, :len(c)], m[j, :len(c)] = torch.as_tensor(c, dtype=torch.long), True
+        hs, mask = net({"input_ids": x, "attention_mask": m})  # the last block's states are already normed
+        pooled.append([_pool(net.exit_norm(h) if k < len(hs) - 1 else h, mask) for k, h in enumerate(hs)])
     y = torch.as_tensor(np.stack([targets[r] for r in ids]), dtype=torch.float32)
     scores = [ridge_fold_cosine(torch.cat([p[k] for p in pooled]), y) for k in range(len(pooled[0]))]
     return {"blocks": choose_exit_block(scores), "fold_cosine": [round(v, 4) for v in scores], "rows": len(ids)}

@@ -46,19 +46,17 @@ def carve_teacher(tower: str, teachers: Sequence[TeacherSpec]) -> TeacherSpec:
 def _text_exit_blocks(plan: dict, lm: TeacherSpec, teachers: Sequence[TeacherSpec], feature_entries: Mapping[str, Path],
                       model_dir: Path, token_rows: dict, log: Callable[[str], None]) -> None:
     """plan["exit_blocks"]: capability -> blocks read, for every embedding teacher of the text tower."""
-    import pyarrow.parquet as pq
-
     from nexus_assets.core.feature_store import column_matrix, read_features
 
     from .carve_text import embedding_exit_block
+    from .tower_spec import _columns
 
     exits, report = {}, {}
     for t in teachers:
         if t.name == lm.name or t.name not in feature_entries:
             continue
         entry = Path(feature_entries[t.name])
-        files = sorted(entry.glob("items-*.parquet"))
-        if not files or "embedding" not in pq.read_schema(files[0]).names:
+        if "embedding" not in _columns(entry, "items"):
             continue
         items = read_features(entry, "items", columns=["row_id", "embedding"], filter_splits=["train"])
         emb = column_matrix(items.column("embedding"))

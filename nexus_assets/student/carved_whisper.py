@@ -86,11 +86,14 @@ class CarvedWhisperBackbone(nn.Module):
         self.layer_states: dict[str, torch.Tensor] = {}
         self.anchor_layers = [l for l in self.plan.get("anchor_layers", []) if l in self.layer_widths]
         self.layer_widths = {l: self.layer_widths[l] for l in self.anchor_layers}
+        self.exit_after: int | None = None  # encoder layers to run (an early-exit head's pass); None = all
 
     def forward(self, inputs: Mapping[str, torch.Tensor]):
         mels = inputs["mels"]  # (B, F, 80)
         mask = inputs.get("mel_mask")
         mask = torch.ones(mels.shape[:2], dtype=torch.bool, device=mels.device) if mask is None else mask.bool()
+        if self.exit_after is not None:
+            return self._exit_pass(mels, mask, max(1, min(int(self.exit_after), len(self.encoder.layers))))
         mels, mask = pad_to_window(mels, mask, self.n_frames)
         out = self.encoder(mels.transpose(1, 2), output_hidden_states=True)
         enc_mask = mask[:, ::2].clone()  # (B, L): conv2 has stride 2
@@ -99,6 +102,31 @@ class CarvedWhisperBackbone(nn.Module):
         self.layer_states = {l: (out.hidden_states[int(l.split(".")[1])] * m).sum(1) / m.sum(1).clamp_min(1.0)
                              for l in self.anchor_layers}
         return list(out.hidden_states[1:]), enc_mask
+
+    def _exit_pass(self, mels: torch.Tensor, mask: torch.Tensor, k: int):
+        """The first k encoder layers over the clip's own frames (padded to the batch's longest clip, not to
+        the window: a 3 s clip costs a third of the window's frames): the pass an early-exit head (the
+        speaker embedding) reads. WhisperEncoder.forward insists on the whole window, so this runs its
+        modules itself; the last state returned is through the final norm, as a full pass's is."""
+        enc = self.encoder
+        frames = int(mask.sum(1).max()) if mask.numel() else 2
+        frames = min(self.n_frames, max(2, frames + frames % 2))  # conv2 has stride 2
+        mels, mask = pad_to_window(mels, mask, frames)
+        h = F.gelu(enc.conv2(F.gelu(enc.conv1(mels.transpose(1, 2))))).permute(0, 2, 1)  # (B, frames / 2, W)
+        h = h + enc.embed_positions.weight[: h.shape[1]]
+        states = []
+        for layer in enc.layers[:k]:
+            h = layer(h, None)
+            states.append(h)
+        states[-1] = enc.layer_norm(states[-1])
+        enc_mask = mask[:, ::2].clone()
+        enc_mask[:, 0] = True
+        self.layer_states = {}  # the ASR anchors' layers are not all run
+        return states, enc_mask
+
+    def exit_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """A layer's states as an early-exit head reads them: through the encoder's final norm."""
+        return self.encoder.layer_norm(h)
 
     def make_head(self, capability: str, spec: HeadSpec):
         return CarvedWhisperDecoder(self.plan, self.hf_config) if spec.kind == "asr" else None

@@ -33,7 +33,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -178,9 +178,20 @@ class StudentTower(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
 
-    def encode(self, inputs: Mapping[str, torch.Tensor]):
-        """Backbone pass with the currently active adapter: (per-block hiddens [(B, L, W)], mask (B, L))."""
-        return self.backbone(inputs)
+    def encode(self, inputs: Mapping[str, torch.Tensor], capabilities: Sequence[str] = ()):
+        """Backbone pass with the currently active adapter: (per-block hiddens [(B, L, W)], mask (B, L)).
+        When every one of `capabilities` is an early-exit head reading the same k blocks (`HeadSpec.exit_block`)
+        and the backbone can stop (`exit_after`), only k blocks run: the pass those heads get at inference."""
+        base = self.base_backbone()
+        ks = {self.cfg.capabilities[c].exit_block for c in capabilities}
+        k = ks.pop() if len(ks) == 1 else 0
+        if not k or not hasattr(base, "exit_after"):
+            return self.backbone(inputs)
+        base.exit_after = k
+        try:
+            return self.backbone(inputs)
+        finally:
+            base.exit_after = None
 
     def head_forward(self, capability: str, enc, inputs: Mapping[str, torch.Tensor]) -> dict:
         """Run one capability's head on an `encode` result (so several heads share one backbone pass)."""
@@ -235,16 +246,7 @@ class StudentTower(nn.Module):
             raise ValueError("forward: no capability given and none set (call set_capability first)")
         if capability != self.capability:
             self.set_capability(capability)
-        base = self.base_backbone()
-        k = self.cfg.capabilities[capability].exit_block
-        if not k or not hasattr(base, "exit_after"):
-            return self.head_forward(capability, self.encode(inputs), inputs)
-        base.exit_after = k
-        try:
-            enc = self.encode(inputs)
-        finally:
-            base.exit_after = None
-        return self.head_forward(capability, enc, inputs)
+        return self.head_forward(capability, self.encode(inputs, [capability]), inputs)
 
     def to_teacher_vocab(self, capability: str, out: torch.Tensor) -> torch.Tensor:
         """A sequence head's logits over the teacher's vocabulary (a carved, vocabulary-trimmed tower

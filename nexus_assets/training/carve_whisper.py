@@ -91,6 +91,9 @@ def carved_whisper_config(base, plan: dict, lora_rank: int):
         raise ValueError(f"tower {base.name!r}: carved from Whisper but has no 'asr' capability")
     nv = len(plan["vocab"]) + 1
     caps = {c: (dataclasses.replace(h, out_dim=nv) if h.kind == "asr" else h) for c, h in base.capabilities.items()}
+    for c, k in plan.get("exit_blocks", {}).items():
+        if c in caps and caps[c].kind in ("embedding", "classes"):
+            caps[c] = dataclasses.replace(caps[c], exit_block=int(k))
     hf = plan["hf_config"]
     plan = {**plan, "asr_head": adapter_name(asr[0])}
     return dataclasses.replace(base, width=hf["d_model"], depth=hf["encoder_layers"],
@@ -132,3 +135,44 @@ def carved_whisper_state(plan: dict, hf_dir: Path) -> dict[str, torch.Tensor]:
             if k.startswith(src):
                 out[f"{head}layers.{j}.{k[len(src):]}"] = v
     return out
+
+
+@torch.no_grad()
+def encoder_exit_block(plan: dict, hf_dir: Path, mels: Sequence[torch.Tensor], targets: np.ndarray,
+                       batch_size: int = 16) -> dict:
+    """{"blocks": k, "fold_cosine": per-layer scores, "rows": n} for an embedding head pooling the carved
+    (untrained) encoder of `plan`: ridge_fold_cosine of each layer's mean-pooled states, read as the
+    early-exit pass reads them (the clip's own frames, `exit_norm`), against `targets` (N, E), the
+    teacher's embeddings of the N clips whose Whisper log-mels (F_i, 80) are `mels`."""
+    from nexus_assets.student.carved_whisper import CarvedWhisperBackbone
+    from nexus_assets.student.config import HeadSpec, TowerConfig
+    from nexus_assets.student.modules import _pool
+
+    from .carve_text import choose_exit_block, ridge_fold_cosine
+
+    if len(mels) != len(targets) or len(mels) < 16:
+        raise ValueError(f"audio carve: {len(mels)} clips and {len(targets)} embedding targets (need >= 16, equal)")
+    hf = plan["hf_config"]
+    cfg = TowerConfig(name="audio", modality="audio", width=hf["d_model"], depth=hf["encoder_layers"],
+                      n_heads=hf["encoder_attention_heads"], n_mels=hf["num_mel_bins"],
+                      capabilities={"audio.embed": HeadSpec("embedding", int(np.shape(targets)[1]))},
+                      lora_rank={"audio.embed": 1}, init="carved", carve=plan)
+    net = CarvedWhisperBackbone(cfg).eval()
+    state = {k[len("backbone."):]: v for k, v in carved_whisper_state({**plan, "asr_head": "asr"}, hf_dir).items()
+             if k.startswith("backbone.")}
+    net.load_state_dict(state)
+    net.exit_after = len(net.encoder.layers)
+    pooled: list[list[torch.Tensor]] = []
+    for i in range(0, len(mels), batch_size):
+        chunk = list(mels[i:i + batch_size])
+        x = torch.zeros(len(chunk), max(m.shape[0] for m in chunk), chunk[0].shape[1])
+        m = torch.zeros(x.shape[:2], dtype=torch.bool)
+        for j, c in enumerate(chunk):
+            x[j, :c.shape[0]], m[j, :c.shape[0]] = c, True
+        hs, mask = net({"mels": x, "mel_mask": m})  # the last layer's states are already normed
+        pooled.append([_pool(net.exit_norm(h) if k < len(hs) - 1 else h, mask) for k, h in enumerate(hs)])
+    y = torch.as_tensor(np.asarray(targets), dtype=torch.float32)
+    order = torch.as_tensor(np.random.default_rng(0).permutation(len(mels)))
+    scores = [ridge_fold_cosine(torch.cat([p[k] for p in pooled])[order], y[order], alpha=10.0)
+              for k in range(len(pooled[0]))]
+    return {"blocks": choose_exit_block(scores), "fold_cosine": [round(v, 4) for v in scores], "rows": len(mels)}

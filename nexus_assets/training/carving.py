@@ -70,6 +70,47 @@ def _text_exit_blocks(plan: dict, lm: TeacherSpec, teachers: Sequence[TeacherSpe
     plan["report"]["exit_blocks"] = report
 
 
+def _audio_exit_blocks(plan: dict, asr: TeacherSpec, teachers: Sequence[TeacherSpec], feature_entries: Mapping[str, Path],
+                       model_dir: Path, probe_dirs: Mapping[str, Path] | None, log: Callable[[str], None],
+                       rows: int = 512) -> None:
+    """plan["exit_blocks"]: capability -> encoder layers read, for every embedding teacher of the audio tower
+    (the speaker embedding pools the shared encoder: measured, the first layer predicts GE2E best)."""
+    import numpy as np
+
+    from nexus_assets.core.feature_store import column_matrix, read_features
+    from nexus_assets.probes.probe_data import read_probe_rows
+    from nexus_assets.student.carved_whisper import whisper_log_mel
+    from nexus_assets.student.transforms import decode_wav
+
+    from .carve_whisper import encoder_exit_block
+    from .tower_spec import _columns
+
+    exits, report = {}, {}
+    for t in teachers:
+        if t.name == asr.name or t.name not in feature_entries:
+            continue
+        entry = Path(feature_entries[t.name])
+        if "embedding" not in _columns(entry, "items"):
+            continue
+        if not probe_dirs or t.dataset not in probe_dirs:
+            raise ValueError(f"tower 'audio' carve: the exit layer of {t.capabilities} needs the probe clips of "
+                             f"dataset {t.dataset!r} (teacher {t.name!r}); probe_dirs has {sorted(probe_dirs or {})}")
+        items = read_features(entry, "items", columns=["row_id", "embedding"], filter_splits=["train"])
+        emb = dict(zip(items.column("row_id").to_pylist(), column_matrix(items.column("embedding"))))
+        table = read_probe_rows(Path(probe_dirs[t.dataset]))
+        wavs = dict(zip(table.column("row_id").to_pylist(), table.column("wav").to_pylist()))
+        ids = sorted(r for r in emb if r in wavs)
+        ids = [ids[i] for i in np.random.default_rng(0).permutation(len(ids))[:rows]]
+        mels = [whisper_log_mel(decode_wav(wavs[r], r), int(plan["max_seconds"])) for r in ids]
+        res = encoder_exit_block(plan, model_dir, mels, np.stack([emb[r] for r in ids]))
+        for cap in t.capabilities:
+            exits[cap], report[cap] = res["blocks"], res
+        log(f"[audio carve] {t.capabilities} read {res['blocks']} of {plan['hf_config']['encoder_layers']} encoder "
+            f"layers (ridge fold cosine per layer {res['fold_cosine']} on {res['rows']} train clips)")
+    plan["exit_blocks"] = exits
+    plan["report"]["exit_blocks"] = report
+
+
 def plan_tower_carve(tower: str, teachers: Sequence[TeacherSpec], feature_entries: Mapping[str, Path],
                      snapshot_dirs: Mapping[str, Path], settings: CarveSettings,
                      log: Callable[[str], None] = print, probe_dirs: Mapping[str, Path] | None = None) -> dict:
@@ -94,5 +135,6 @@ def plan_tower_carve(tower: str, teachers: Sequence[TeacherSpec], feature_entrie
         from .carve_audio import plan_audio_carve_from_artifacts
 
         plan = plan_audio_carve_from_artifacts(snap, entry, log=log, **settings.audio)
+        _audio_exit_blocks(plan, t, teachers, feature_entries, snap / "hf", probe_dirs, log)
     plan["teacher"] = t.name
     return plan

@@ -205,7 +205,7 @@ def probe_pooled_head(tower: StudentTower, cap: str, data: TowerData, tc: TrainC
     with torch.no_grad():
         for start in range(0, len(data), chunk):
             batch = to_device(data.batch(list(range(start, min(start + chunk, len(data))))), device)
-            hiddens, mask = tower.encode({k: v for k, v in batch.items() if k in INPUT_KEYS})
+            hiddens, mask = tower.encode({k: v for k, v in batch.items() if k in INPUT_KEYS}, [cap])
             rows = batch.get(f"{cap}:rows", torch.ones(len(mask), dtype=torch.bool, device=mask.device))
             pooled.append(_pool(tower.head_input(cap, hiddens), mask).float()[rows])  # (B', W): rows with the teacher's targets
             targets.append(batch[key][rows])

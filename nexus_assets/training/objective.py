@@ -117,12 +117,19 @@ class TowerObjective(nn.Module):
     def forward(self, batch: dict):
         tower, tc = self.tower, self.tc
         inputs = {k: v for k, v in batch.items() if k in INPUT_KEYS}
-        enc = tower.encode(inputs)
+        passes: dict[int, tuple] = {}  # exit block -> backbone pass: each head trains on the pass it gets at inference
+
+        def enc(cap: str, cache: dict = passes):
+            k = tower.cfg.capabilities[cap].exit_block
+            if k not in cache:
+                cache[k] = tower.encode(inputs, [cap])
+            return cache[k]
+
         losses, weights = {}, {}
         for cap in self.phase_caps:
             spec = tower.cfg.capabilities[cap]
             tw = tc.teacher_weights.get(spec.teacher, 1.0)
-            kept = capability_rows(cap, tower.head_forward(cap, enc, inputs), batch)
+            kept = capability_rows(cap, tower.head_forward(cap, enc(cap), inputs), batch)
             if kept is None:  # no row of this batch has the capability's teacher features
                 continue
             res, cb = kept
@@ -142,12 +149,13 @@ class TowerObjective(nn.Module):
             new, kinds = {}, {}
             for cap in self.lwf_caps:
                 kind = tower.cfg.capabilities[cap].kind
-                new[cap] = lwf_view(kind, cap, tower.head_forward(cap, enc, inputs)["out"], batch)
+                new[cap] = lwf_view(kind, cap, tower.head_forward(cap, enc(cap), inputs)["out"], batch)
                 kinds[cap] = "embedding" if kind == "embedding" else "logits"
             with torch.no_grad(), tower.adapters_disabled():
-                enc0 = tower.encode(inputs)
+                frozen: dict[int, tuple] = {}
                 old = {cap: lwf_view(tower.cfg.capabilities[cap].kind, cap,
-                                      tower.head_forward(cap, enc0, inputs)["out"], batch) for cap in self.lwf_caps}
+                                      tower.head_forward(cap, enc(cap, frozen), inputs)["out"], batch)
+                       for cap in self.lwf_caps}
             losses["lwf"] = lwf_loss(new, old, kinds, tc.temperature)
             weights["lwf"] = tc.w_lwf
         if not losses:  # every phase capability skipped this batch: a zero step that still backpropagates

@@ -106,3 +106,65 @@ def test_cut_clip_padded_back_equals_whisper_padding():
     np.testing.assert_allclose(padded[0, :100].numpy(), full[:100], atol=1e-5)
     np.testing.assert_allclose(padded[0, 110:].numpy(), full[110:], atol=1e-5)  # the silence floor
     assert mask[0].sum() == 101
+
+
+def test_speaker_head_exits_early_on_the_clip_frames_only(tiny_whisper):
+    """An exit pass runs k encoder layers over the clip's own frames: where the clip fills the window, its
+    states are exactly the full pass's layer k through the final norm; a short clip costs fewer positions."""
+    _, d = tiny_whisper
+    plan = {**_plan(d, [0], seconds=2), "exit_blocks": {"audio.speaker_embed": 1}}
+    cfg = carved_whisper_config(_base(), plan, 4)
+    assert cfg.capabilities["audio.speaker_embed"].exit_block == 1 and cfg.capabilities["audio.transcribe"].exit_block == 0
+    tower = StudentTower(cfg)
+    tower.load_state_dict(carved_whisper_state(cfg.carve, d), strict=False)
+    tower.eval()
+    base = tower.base_backbone()
+    calls = []
+    hooks = [l.register_forward_hook(lambda m, i, o, j=j: calls.append((j, i[0].shape[1])))
+             for j, l in enumerate(base.encoder.layers)]
+    torch.manual_seed(2)
+    full_clip = torch.randn(1, 200, 80)  # fills the 2 s window
+    with torch.no_grad():
+        hs_exit, _ = tower.encode({"mels": full_clip}, ["audio.speaker_embed"])
+        assert calls == [(0, 100)] and len(hs_exit) == 1  # one layer ran
+        calls.clear()
+        hs_full, _ = tower.encode({"mels": full_clip})
+        assert [c[0] for c in calls] == [0, 1]
+        torch.testing.assert_close(hs_exit[0], base.exit_norm(hs_full[0]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tower.head_input("audio.speaker_embed", hs_full), hs_exit[0], atol=1e-5, rtol=1e-5)
+        calls.clear()
+        short = torch.randn(2, 60, 80)
+        mask = torch.zeros(2, 60, dtype=torch.bool)
+        mask[0, :41], mask[1, :23] = True, True
+        out = tower({"mels": short, "mel_mask": mask}, "audio.speaker_embed")["out"]
+    assert calls == [(0, 21)]  # the longest clip's 41 frames, made even, halved by conv2's stride
+    assert out.shape == (2, 8) and torch.isfinite(out).all()
+    for h in hooks:
+        h.remove()
+
+
+def test_encoder_exit_block_finds_the_layer_a_linear_target_reads(tiny_whisper):
+    """Targets that are a linear map of layer 1's pooled states (through the final norm): layer 1 is chosen."""
+    from nexus_assets.student.carved_whisper import CarvedWhisperBackbone
+    from nexus_assets.student.modules import _pool
+    from nexus_assets.training.carve_whisper import encoder_exit_block
+
+    _, d = tiny_whisper
+    plan = _plan(d, [0], seconds=2)
+    rng = np.random.default_rng(3)
+    mels = [torch.as_tensor(rng.standard_normal((int(n), 80)), dtype=torch.float32) for n in rng.integers(40, 200, 64)]
+    cfg = carved_whisper_config(_base(), plan, 4)
+    net = CarvedWhisperBackbone(cfg).eval()
+    net.load_state_dict({k[len("backbone."):]: v for k, v in carved_whisper_state(cfg.carve, d).items()
+                         if k.startswith("backbone.")})
+    net.exit_after = 1
+    with torch.no_grad():
+        pooled = torch.cat([_pool(*[(hs[0], m) for hs, m in [net({"mels": x[None]})]][0]) for x in mels])
+    targets = (pooled @ torch.as_tensor(rng.standard_normal((32, 6)), dtype=torch.float32)).numpy()
+    res = encoder_exit_block(plan, d, mels, targets)
+    assert res["blocks"] == 1 and res["rows"] == 64
+    assert res["fold_cosine"][0] > 0.99
+    noise = encoder_exit_block(plan, d, mels, rng.standard_normal((64, 6)))  # nothing to read: every layer scores low
+    assert max(noise["fold_cosine"]) < 0.5
+    with pytest.raises(ValueError, match="clips and"):
+        encoder_exit_block(plan, d, mels[:8], targets[:8])

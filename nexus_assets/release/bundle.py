@@ -67,11 +67,14 @@ def failures_message(failures: list[dict], stage: str) -> str:
 
 
 def _copy_tower(src: Path, dst: Path, scheme: str) -> dict:
+    from nexus_assets.student.tower import strip_for_runtime
+
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".*"))
+    strip_for_runtime(dst)  # the anchor projections only ever fed a training loss
     out = {}
     for name in QUANTIZED_FILES + CARVED_STOCK_FILES:
         if name in QUANTIZED_FILES or (src / name).exists():
-            out[name] = quantize_file(src / name, dst / name, scheme)
+            out[name] = quantize_file(dst / name, dst / name, scheme)  # the runtime copy, in place
     return out
 
 
@@ -96,7 +99,7 @@ def _write_towers(tower_dirs: Mapping[str, Any], tmp: Path, scheme: str, caps: M
     for tower, d in tower_dirs.items():
         d = Path(d)
         stats = _copy_tower(d, tmp / "towers" / tower, scheme)
-        cfg = json.loads((d / "config.json").read_text())
+        cfg = json.loads((tmp / "towers" / tower / "config.json").read_text())
         towers[tower] = {"path": f"towers/{tower}", "modality": cfg["tower"]["modality"],
                          "capabilities": caps[tower], "parameters": cfg.get("num_parameters"),
                          "bytes_fp32": sum(p.stat().st_size for p in d.rglob("*") if p.is_file()),

@@ -139,6 +139,7 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, scheme: str) -
 
     from nexus_assets.core.atomic import atomic_path
 
+    before = Path(src).stat().st_size  # src may be dst: quantized in place
     with safe_open(str(src), "pt") as f:
         meta = dict(f.metadata() or {})
         sd = {k: f.get_tensor(k) for k in f.keys()}
@@ -147,7 +148,7 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, scheme: str) -
         save_file(tensors, str(tmp), metadata={**meta, **qmeta})
     n_q = len(json.loads(qmeta.get(_META_SHAPES, "{}")))
     return {"scheme": scheme, "tensors": len(sd), "quantized_tensors": n_q,
-            "bytes_before": Path(src).stat().st_size, "bytes_after": Path(dst).stat().st_size}
+            "bytes_before": before, "bytes_after": Path(dst).stat().st_size}
 
 
 def dynamic_int8(module: nn.Module) -> nn.Module:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -171,6 +172,13 @@ class StudentTower(nn.Module):
             params += list(self.anchor_proj[_anchor_key(capability, layer)].parameters())
         return params
 
+    def drop_anchor_projections(self) -> int:
+        """Remove the anchor projections (used only by the anchoring loss in training; no output reads
+        them): a runtime tower does not carry or run them. Returns the parameters removed."""
+        n = sum(p.numel() for p in self.anchor_proj.parameters())
+        self.anchor_proj = nn.ModuleDict()
+        return n
+
     def _check_cap(self, capability: str) -> None:
         if capability not in self.cfg.capabilities:
             raise ValueError(f"tower {self.cfg.name!r} has no capability {capability!r}; "
@@ -211,7 +219,7 @@ class StudentTower(nn.Module):
         else:
             out = head(last, mask)
         anchors = {}
-        layers = list(spec.anchor_layers)
+        layers = [l for l in spec.anchor_layers if _anchor_key(capability, l) in self.anchor_proj]  # none at runtime
         enc_layers = [l for l in layers if not (spec.kind == "asr" and l.startswith("decoder"))]
         depth = min(len(hiddens), spec.exit_block or len(hiddens))
         kept = getattr(self.base_backbone(), "layer_states", None) or {}  # carved: {teacher layer: (B, Ht)}
@@ -361,6 +369,8 @@ def load_tower(directory: str | os.PathLike, read_state: Callable[[Path], dict] 
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{directory}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION!r}")
     tower = StudentTower(TowerConfig.from_dict(meta["tower"]))
+    if meta.get("anchor_projections") == "dropped":  # a runtime copy (`strip_for_runtime`)
+        tower.drop_anchor_projections()
     state = read_state(directory / "backbone.safetensors")
     if hasattr(tower.backbone, "import_stock"):
         state.update(tower.backbone.import_stock(directory / "hf", read_state))
@@ -373,3 +383,30 @@ def load_tower(directory: str | os.PathLike, read_state: Callable[[Path], dict] 
         tower.load_adapter(cap, directory / name)
     tower.capability = None
     return tower.eval()
+
+
+def strip_for_runtime(directory: str | os.PathLike) -> int:
+    """Drop the training-only anchor projections from a `save_tower` folder in place (heads.safetensors
+    and config.json, each replaced atomically): what a bundle ships is what inference runs. Returns the
+    parameters removed (0 if already stripped)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from nexus_assets.core.atomic import atomic_path
+
+    directory = Path(directory)
+    meta = json.loads((directory / "config.json").read_text())
+    if meta.get("anchor_projections") == "dropped":
+        return 0
+    with safe_open(str(directory / "heads.safetensors"), "pt") as f:
+        file_meta = dict(f.metadata() or {})
+        keep = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("anchor_proj.")}
+        dropped = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("anchor_proj."))
+    with atomic_path(directory / "heads.safetensors") as tmp:
+        save_file(keep, str(tmp), metadata=file_meta)
+    meta["anchor_projections"] = "dropped"
+    if meta.get("num_parameters") is not None:
+        meta["num_parameters"] = int(meta["num_parameters"]) - int(dropped)
+    with atomic_path(directory / "config.json") as tmp:
+        Path(tmp).write_text(json.dumps(meta, indent=2))
+    return int(dropped)

@@ -1,0 +1,37 @@
+"""A tower folder made into its runtime copy."""
+import torch
+
+from nexus_assets.student.config import HeadSpec, TowerConfig
+from nexus_assets.student.tower import StudentTower, load_tower, save_tower
+
+
+def test_runtime_copy_drops_anchor_projections_and_keeps_outputs(tmp_path):
+    """strip_for_runtime: the training-only anchor projections leave the folder (parameters counted down),
+    the reloaded tower gives the same outputs and runs no projection."""
+    import json
+
+    from nexus_assets.student.tower import strip_for_runtime
+
+    cfg = TowerConfig(name="text", modality="text", width=32, depth=2, n_heads=2, vocab_size=50, max_len=8,
+                      capabilities={"text.generate": HeadSpec("lm", 50, "t", {"layers.3": 48}),
+                                    "text.embed": HeadSpec("embedding", 16, "e", {"layers.1": 24})},
+                      lora_rank={"text.generate": 2, "text.embed": 2})
+    torch.manual_seed(0)
+    tower = StudentTower(cfg)
+    tower.add_adapter("text.embed")
+    d = save_tower(tower, tmp_path / "t")
+    before = json.loads((d / "config.json").read_text())["num_parameters"]
+    n_proj = sum(p.numel() for p in tower.anchor_proj.parameters())
+    assert n_proj == 32 * 48 + 48 + 32 * 24 + 24
+    x = {"input_ids": torch.randint(0, 50, (2, 8))}
+    with torch.no_grad():
+        ref = {c: load_tower(d)(x, c)["out"] for c in cfg.capabilities}
+    assert strip_for_runtime(d) == n_proj and strip_for_runtime(d) == 0  # idempotent
+    assert json.loads((d / "config.json").read_text())["num_parameters"] == before - n_proj
+    back = load_tower(d)
+    assert len(back.anchor_proj) == 0
+    with torch.no_grad():
+        for c in cfg.capabilities:
+            res = back(x, c)
+            torch.testing.assert_close(res["out"], ref[c])
+            assert res["anchors"] == {}

@@ -385,10 +385,43 @@ def load_tower(directory: str | os.PathLike, read_state: Callable[[Path], dict] 
     return tower.eval()
 
 
+def _trim_exit_adapter(folder: Path, blocks: int) -> int:
+    """An early-exit capability's peft adapter cut to the blocks its pass runs (its LoRA on later blocks
+    never runs): target_modules' block index `\\d+` narrowed to 0..blocks-1, those weights dropped.
+    Returns the parameters removed (0 when the target is not a one-index regex)."""
+    import re
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from nexus_assets.core.atomic import atomic_path
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    regex = cfg.get("target_modules")
+    if not isinstance(regex, str) or regex.count(r"\d+") != 1:
+        return 0
+    narrow = regex.replace(r"\d+", "(?:" + "|".join(str(i) for i in range(blocks)) + ")")
+    weights = folder / "adapter_model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        file_meta = dict(f.metadata() or {})
+        module = {k: re.sub(r"^base_model\.model\.|\.lora_[AB](\.[^.]+)?\.weight$", "", k) for k in f.keys()}
+        keep = {k: f.get_tensor(k) for k in f.keys() if re.fullmatch(narrow, module[k])}
+        dropped = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k not in keep)
+    if not keep:
+        raise ValueError(f"{folder}: narrowing {regex!r} to {blocks} block(s) leaves no LoRA weight")
+    with atomic_path(weights) as tmp:
+        save_file(keep, str(tmp), metadata=file_meta)
+    cfg["target_modules"] = narrow
+    with atomic_path(folder / "adapter_config.json") as tmp:
+        Path(tmp).write_text(json.dumps(cfg, indent=2))
+    return int(dropped)
+
+
 def strip_for_runtime(directory: str | os.PathLike) -> int:
-    """Drop the training-only anchor projections from a `save_tower` folder in place (heads.safetensors
-    and config.json, each replaced atomically): what a bundle ships is what inference runs. Returns the
-    parameters removed (0 if already stripped)."""
+    """Drop what inference never runs from a `save_tower` folder, in place (each file replaced
+    atomically): the training-only anchor projections, and an early-exit capability's LoRA weights on
+    blocks past its exit. What a bundle ships is what inference runs. Returns the parameters removed (0
+    if already stripped)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -404,6 +437,10 @@ def strip_for_runtime(directory: str | os.PathLike) -> int:
         dropped = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("anchor_proj."))
     with atomic_path(directory / "heads.safetensors") as tmp:
         save_file(keep, str(tmp), metadata=file_meta)
+    for cap, name in meta.get("adapters", {}).items():
+        k = int(meta["tower"]["capabilities"][cap].get("exit_block", 0))
+        if k:
+            dropped += _trim_exit_adapter(directory / name, k)
     meta["anchor_projections"] = "dropped"
     if meta.get("num_parameters") is not None:
         meta["num_parameters"] = int(meta["num_parameters"]) - int(dropped)

@@ -6,19 +6,27 @@ from nexus_assets.student.tower import StudentTower, load_tower, save_tower
 
 
 def test_runtime_copy_drops_anchor_projections_and_keeps_outputs(tmp_path):
-    """strip_for_runtime: the training-only anchor projections leave the folder (parameters counted down),
-    the reloaded tower gives the same outputs and runs no projection."""
+    """strip_for_runtime: the training-only anchor projections leave the folder, and the early-exit
+    capability's LoRA on the block it never runs (parameters counted down); the reloaded tower gives the
+    same outputs (every LoRA B non-zero, so a wrongly dropped block would show) and runs no projection."""
     import json
 
     from nexus_assets.student.tower import strip_for_runtime
 
     cfg = TowerConfig(name="text", modality="text", width=32, depth=2, n_heads=2, vocab_size=50, max_len=8,
                       capabilities={"text.generate": HeadSpec("lm", 50, "t", {"layers.3": 48}),
-                                    "text.embed": HeadSpec("embedding", 16, "e", {"layers.1": 24})},
+                                    "text.embed": HeadSpec("embedding", 16, "e", {"layers.1": 24}, exit_block=1)},
                       lora_rank={"text.generate": 2, "text.embed": 2})
     torch.manual_seed(0)
     tower = StudentTower(cfg)
     tower.add_adapter("text.embed")
+    tower.add_adapter("text.generate")
+    lora_b = {n: p for n, p in tower.named_parameters() if "lora_B" in n}
+    with torch.no_grad():
+        for p in lora_b.values():
+            p.normal_()
+    per_block = sum(p.numel() for n, p in tower.named_parameters() if "text_embed" in n and "blocks.1." in n)
+    assert per_block > 0
     d = save_tower(tower, tmp_path / "t")
     before = json.loads((d / "config.json").read_text())["num_parameters"]
     n_proj = sum(p.numel() for p in tower.anchor_proj.parameters())
@@ -26,10 +34,11 @@ def test_runtime_copy_drops_anchor_projections_and_keeps_outputs(tmp_path):
     x = {"input_ids": torch.randint(0, 50, (2, 8))}
     with torch.no_grad():
         ref = {c: load_tower(d)(x, c)["out"] for c in cfg.capabilities}
-    assert strip_for_runtime(d) == n_proj and strip_for_runtime(d) == 0  # idempotent
-    assert json.loads((d / "config.json").read_text())["num_parameters"] == before - n_proj
+    assert strip_for_runtime(d) == n_proj + per_block and strip_for_runtime(d) == 0  # idempotent
+    assert json.loads((d / "config.json").read_text())["num_parameters"] == before - n_proj - per_block
     back = load_tower(d)
     assert len(back.anchor_proj) == 0
+    assert sum(p.numel() for p in back.parameters()) == before - n_proj - per_block
     with torch.no_grad():
         for c in cfg.capabilities:
             res = back(x, c)

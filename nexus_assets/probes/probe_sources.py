@@ -527,7 +527,9 @@ def synth_sox(voice: str, text: str, key: str, workdir: Path) -> tuple[str, Path
     src = workdir / "base.wav"
     base_path.rename(src)
     out = workdir / "out.wav"
-    res = subprocess.run(["sox", str(src), str(out), "pitch", str(cents), "tempo", "-s", f"{tempo / 100:.2f}"],
+    # -R: sox dithers its 16-bit output with a time-seeded generator, so without it every run gave new
+    # bytes, a new speech-probe data version, and the whole audio chain recomputed each time
+    res = subprocess.run(["sox", "-R", str(src), str(out), "pitch", str(cents), "tempo", "-s", f"{tempo / 100:.2f}"],
                          capture_output=True, text=True)
     if res.returncode != 0 or not out.exists():
         raise RuntimeError(f"sox voice {voice!r}: sox failed on {src.name}: {res.stderr.strip()[:300]}")

@@ -98,6 +98,8 @@ def load_student(directory: Path) -> tuple[StudentTower, str]:
     cfg, _ = read_config(directory)
     scheme = check_sizes(directory, cfg)
     try:
-        return load_tower(directory, read_state=load_state), scheme  # int8 / nf4 dequantized on read
+        tower = load_tower(directory, read_state=load_state)  # int8 / nf4 dequantized on read
+        tower.merge_lone_adapter()  # a one-capability tower runs with its adapter folded in
+        return tower, scheme
     except Exception as e:  # noqa: BLE001 - safetensors / peft / torch errors on a bad folder
         raise BundleError(f"{directory}: cannot load the tower ({type(e).__name__}: {e})") from None

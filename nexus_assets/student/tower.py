@@ -172,6 +172,17 @@ class StudentTower(nn.Module):
             params += list(self.anchor_proj[_anchor_key(capability, layer)].parameters())
         return params
 
+    def merge_lone_adapter(self) -> bool:
+        """A one-capability tower with its adapter folded into the backbone weights (peft merge_and_unload):
+        the same outputs with no LoRA matmuls per layer at inference. Towers with several capabilities
+        keep their adapters (each must stay switchable). Returns whether it merged."""
+        if len(self.cfg.capabilities) != 1 or len(self.adapters) != 1:
+            return False
+        self.backbone = self.backbone.merge_and_unload()
+        self.adapters = []
+        self.capability = None
+        return True
+
     def drop_anchor_projections(self) -> int:
         """Remove the anchor projections (used only by the anchoring loss in training; no output reads
         them): a runtime tower does not carry or run them. Returns the parameters removed."""

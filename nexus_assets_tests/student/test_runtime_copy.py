@@ -44,3 +44,31 @@ def test_runtime_copy_drops_anchor_projections_and_keeps_outputs(tmp_path):
             res = back(x, c)
             torch.testing.assert_close(res["out"], ref[c])
             assert res["anchors"] == {}
+
+
+def test_lone_adapter_is_merged_with_the_same_outputs():
+    """A one-capability tower folds its adapter into the backbone (no LoRA modules left, same outputs);
+    a tower with two capabilities keeps both adapters."""
+    cfg = TowerConfig(name="vision", modality="vision", width=32, depth=2, n_heads=2, image_size=32,
+                      capabilities={"vision.classify": HeadSpec("classes", 10, "v")}, lora_rank={"vision.classify": 4})
+    torch.manual_seed(0)
+    tower = StudentTower(cfg)
+    tower.add_adapter("vision.classify")
+    with torch.no_grad():
+        for n, p in tower.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    tower.eval()
+    x = {"pixels": torch.randn(2, 3, 32, 32)}
+    with torch.no_grad():
+        ref = tower(x, "vision.classify")["out"]
+        assert tower.merge_lone_adapter()
+        assert not [n for n, _ in tower.named_parameters() if "lora_" in n]
+        torch.testing.assert_close(tower(x, "vision.classify")["out"], ref, atol=1e-5, rtol=1e-5)
+    two = TowerConfig(name="text", modality="text", width=32, depth=2, n_heads=2, vocab_size=50, max_len=8,
+                      capabilities={"text.generate": HeadSpec("lm", 50, "t"), "text.embed": HeadSpec("embedding", 16, "e")},
+                      lora_rank={"text.generate": 2, "text.embed": 2})
+    t2 = StudentTower(two)
+    t2.add_adapter("text.generate")
+    t2.add_adapter("text.embed")
+    assert not t2.merge_lone_adapter() and t2.adapters == ["text.generate", "text.embed"]

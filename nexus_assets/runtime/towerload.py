@@ -60,16 +60,19 @@ def read_config(directory: Path) -> tuple[TowerConfig, dict]:
     return cfg, adapters
 
 
-def check_sizes(directory: Path, cfg: TowerConfig) -> str:
+def check_sizes(directory: Path, cfg: TowerConfig, anchors_dropped: bool = False) -> str:
     """Compare the config's parameter shapes with the safetensors headers before building; return the
     quantization scheme. Per key where the names match (backbone / heads), and in total for every tower
-    (carved ones store their backbone under hf/ with other names)."""
+    (carved ones store their backbone under hf/ with other names). anchors_dropped: a runtime copy
+    (`strip_for_runtime`) holds no anchor projections."""
     files = ["backbone.safetensors", "heads.safetensors"] + (["hf/model.safetensors"]
                                                              if (directory / "hf" / "model.safetensors").exists() else [])
     headers = {rel: read_header(directory, rel) for rel in files}
     with torch.device("meta"):
         try:
             model = StudentTower(cfg)
+            if anchors_dropped:
+                model.drop_anchor_projections()
             expected = {k: list(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
             model_params = sum(p.numel() for p in model.parameters())
         except Exception as e:  # noqa: BLE001 - a config the model cannot be built from
@@ -96,7 +99,8 @@ def check_sizes(directory: Path, cfg: TowerConfig) -> str:
 def load_student(directory: Path) -> tuple[StudentTower, str]:
     """(tower, quantization scheme) from a checked folder; any loader failure is a BundleError."""
     cfg, _ = read_config(directory)
-    scheme = check_sizes(directory, cfg)
+    dropped = _json(directory, "config.json").get("anchor_projections") == "dropped"
+    scheme = check_sizes(directory, cfg, anchors_dropped=dropped)
     try:
         tower = load_tower(directory, read_state=load_state)  # int8 / nf4 dequantized on read
         tower.merge_lone_adapter()  # a one-capability tower runs with its adapter folded in

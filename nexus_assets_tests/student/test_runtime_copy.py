@@ -72,3 +72,20 @@ def test_lone_adapter_is_merged_with_the_same_outputs():
     t2.add_adapter("text.generate")
     t2.add_adapter("text.embed")
     assert not t2.merge_lone_adapter() and t2.adapters == ["text.generate", "text.embed"]
+
+
+def test_runtime_loader_accepts_a_stripped_copy(tmp_path):
+    """The runtime's size check counts what a stripped copy holds: anchor projections over its slack
+    (1M parameters here) are not expected once dropped."""
+    from nexus_assets.runtime.towerload import load_student
+    from nexus_assets.student.tower import strip_for_runtime
+
+    cfg = TowerConfig(name="text", modality="text", width=32, depth=2, n_heads=2, vocab_size=50, max_len=8,
+                      capabilities={"text.embed": HeadSpec("embedding", 16, "e", {"layers.1": 40000})},
+                      lora_rank={"text.embed": 2})
+    tower = StudentTower(cfg)
+    tower.add_adapter("text.embed")
+    d = save_tower(tower, tmp_path / "t")
+    assert strip_for_runtime(d) == 32 * 40000 + 40000
+    back, scheme = load_student(d)
+    assert scheme == "none" and len(back.anchor_proj) == 0

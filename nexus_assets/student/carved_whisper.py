@@ -56,6 +56,14 @@ def pad_to_window(mels: torch.Tensor, mask: torch.Tensor, n_frames: int) -> tupl
     return torch.where(mask[..., None], mels, (peak - 2.0)[:, None, None]), mask
 
 
+def _encoder_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, F) frame mask -> (B, F / 2) mask of the encoder positions that hold audio (conv2 has stride 2;
+    the first position always counts, so an empty clip still pools something)."""
+    enc_mask = mask[:, ::2].clone()
+    enc_mask[:, 0] = True
+    return enc_mask
+
+
 def _whisper_config(plan: dict):
     from transformers import WhisperConfig
 
@@ -96,8 +104,7 @@ class CarvedWhisperBackbone(nn.Module):
             return self._exit_pass(mels, mask, max(1, min(int(self.exit_after), len(self.encoder.layers))))
         mels, mask = pad_to_window(mels, mask, self.n_frames)
         out = self.encoder(mels.transpose(1, 2), output_hidden_states=True)
-        enc_mask = mask[:, ::2].clone()  # (B, L): conv2 has stride 2
-        enc_mask[:, 0] = True
+        enc_mask = _encoder_mask(mask)
         m = enc_mask.to(out.last_hidden_state.dtype)[..., None]
         self.layer_states = {l: (out.hidden_states[int(l.split(".")[1])] * m).sum(1) / m.sum(1).clamp_min(1.0)
                              for l in self.anchor_layers}
@@ -119,10 +126,8 @@ class CarvedWhisperBackbone(nn.Module):
             h = layer(h, None)
             states.append(h)
         states[-1] = enc.layer_norm(states[-1])
-        enc_mask = mask[:, ::2].clone()
-        enc_mask[:, 0] = True
         self.layer_states = {}  # the ASR anchors' layers are not all run
-        return states, enc_mask
+        return states, _encoder_mask(mask)
 
     def exit_norm(self, h: torch.Tensor) -> torch.Tensor:
         """A layer's states as an early-exit head reads them: through the encoder's final norm."""

@@ -159,6 +159,19 @@ def choose_exit_block(scores: list[float], tolerance: float = 0.005) -> int:
     return next(i + 1 for i, v in enumerate(scores) if v >= best - tolerance)
 
 
+def pooled_block_states(net, batches) -> list[torch.Tensor]:
+    """Per block of a carved backbone with `exit_norm`, the (N, W) mean-pooled states over `batches`
+    (input dicts), read as an early-exit head reads them: through `exit_norm`, except the last block's,
+    which the backbone's own forward already normed."""
+    from nexus_assets.student.modules import _pool
+
+    pooled: list[list[torch.Tensor]] = []
+    for inputs in batches:
+        hs, mask = net(inputs)
+        pooled.append([_pool(net.exit_norm(h) if k < len(hs) - 1 else h, mask) for k, h in enumerate(hs)])
+    return [torch.cat([p[k] for p in pooled]) for k in range(len(pooled[0]))]
+
+
 @torch.no_grad()
 def embedding_exit_block(plan: dict, model_dir: Path, token_rows: dict[str, list[int]],
                          targets: dict[str, np.ndarray], max_len: int, rows: int = 1024) -> dict:
@@ -168,7 +181,6 @@ def embedding_exit_block(plan: dict, model_dir: Path, token_rows: dict[str, list
     teacher's embedding)."""
     from nexus_assets.student.carved_text import CarvedLlamaBackbone
     from nexus_assets.student.config import HeadSpec, TowerConfig
-    from nexus_assets.student.modules import _pool
 
     ids = sorted(r for r in targets if r in token_rows)
     ids = [ids[i] for i in np.random.default_rng(0).permutation(len(ids))[:rows]]
@@ -181,17 +193,18 @@ def embedding_exit_block(plan: dict, model_dir: Path, token_rows: dict[str, list
                       init="carved", carve=plan)
     net = CarvedLlamaBackbone(cfg).eval()
     net.load_state_dict({k[len("backbone."):]: v for k, v in carved_text_state(plan, model_dir).items()})
-    pooled: list[list[torch.Tensor]] = []
-    for i in range(0, len(ids), 32):
-        chunk = [token_rows[r][:max_len] for r in ids[i:i + 32]]
-        x = torch.zeros(len(chunk), max(len(c) for c in chunk), dtype=torch.long)  # teacher ids, right padded
-        m = torch.zeros(x.shape, dtype=torch.bool)
-        for j, c in enumerate(chunk):
-            x[j, :len(c)], m[j, :len(c)] = torch.as_tensor(c, dtype=torch.long), True
-        hs, mask = net({"input_ids": x, "attention_mask": m})  # the last block's states are already normed
-        pooled.append([_pool(net.exit_norm(h) if k < len(hs) - 1 else h, mask) for k, h in enumerate(hs)])
+
+    def batches():
+        for i in range(0, len(ids), 32):
+            chunk = [token_rows[r][:max_len] for r in ids[i:i + 32]]
+            x = torch.zeros(len(chunk), max(len(c) for c in chunk), dtype=torch.long)  # teacher ids, right padded
+            m = torch.zeros(x.shape, dtype=torch.bool)
+            for j, c in enumerate(chunk):
+                x[j, :len(c)], m[j, :len(c)] = torch.as_tensor(c, dtype=torch.long), True
+            yield {"input_ids": x, "attention_mask": m}
+
     y = torch.as_tensor(np.stack([targets[r] for r in ids]), dtype=torch.float32)
-    scores = [ridge_fold_cosine(torch.cat([p[k] for p in pooled]), y) for k in range(len(pooled[0]))]
+    scores = [ridge_fold_cosine(x, y) for x in pooled_block_states(net, batches())]
     return {"blocks": choose_exit_block(scores), "fold_cosine": [round(v, 4) for v in scores], "rows": len(ids)}
 
 

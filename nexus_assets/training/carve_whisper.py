@@ -146,9 +146,8 @@ def encoder_exit_block(plan: dict, hf_dir: Path, mels: Sequence[torch.Tensor], t
     teacher's embeddings of the N clips whose Whisper log-mels (F_i, 80) are `mels`."""
     from nexus_assets.student.carved_whisper import CarvedWhisperBackbone
     from nexus_assets.student.config import HeadSpec, TowerConfig
-    from nexus_assets.student.modules import _pool
 
-    from .carve_text import choose_exit_block, ridge_fold_cosine
+    from .carve_text import choose_exit_block, pooled_block_states, ridge_fold_cosine
 
     if len(mels) != len(targets) or len(mels) < 16:
         raise ValueError(f"audio carve: {len(mels)} clips and {len(targets)} embedding targets (need >= 16, equal)")
@@ -162,17 +161,17 @@ def encoder_exit_block(plan: dict, hf_dir: Path, mels: Sequence[torch.Tensor], t
              if k.startswith("backbone.")}
     net.load_state_dict(state)
     net.exit_after = len(net.encoder.layers)
-    pooled: list[list[torch.Tensor]] = []
-    for i in range(0, len(mels), batch_size):
-        chunk = list(mels[i:i + batch_size])
-        x = torch.zeros(len(chunk), max(m.shape[0] for m in chunk), chunk[0].shape[1])
-        m = torch.zeros(x.shape[:2], dtype=torch.bool)
-        for j, c in enumerate(chunk):
-            x[j, :c.shape[0]], m[j, :c.shape[0]] = c, True
-        hs, mask = net({"mels": x, "mel_mask": m})  # the last layer's states are already normed
-        pooled.append([_pool(net.exit_norm(h) if k < len(hs) - 1 else h, mask) for k, h in enumerate(hs)])
+
+    def batches():
+        for i in range(0, len(mels), batch_size):
+            chunk = list(mels[i:i + batch_size])
+            x = torch.zeros(len(chunk), max(m.shape[0] for m in chunk), chunk[0].shape[1])
+            m = torch.zeros(x.shape[:2], dtype=torch.bool)
+            for j, c in enumerate(chunk):
+                x[j, :c.shape[0]], m[j, :c.shape[0]] = c, True
+            yield {"mels": x, "mel_mask": m}
+
     y = torch.as_tensor(np.asarray(targets), dtype=torch.float32)
     order = torch.as_tensor(np.random.default_rng(0).permutation(len(mels)))
-    scores = [ridge_fold_cosine(torch.cat([p[k] for p in pooled])[order], y[order], alpha=10.0)
-              for k in range(len(pooled[0]))]
+    scores = [ridge_fold_cosine(x[order], y[order], alpha=10.0) for x in pooled_block_states(net, batches())]
     return {"blocks": choose_exit_block(scores), "fold_cosine": [round(v, 4) for v in scores], "rows": len(mels)}

@@ -43,72 +43,71 @@ def carve_teacher(tower: str, teachers: Sequence[TeacherSpec]) -> TeacherSpec:
                      f"set student_architecture's init for {tower!r} to 'random'")
 
 
-def _text_exit_blocks(plan: dict, lm: TeacherSpec, teachers: Sequence[TeacherSpec], feature_entries: Mapping[str, Path],
-                      model_dir: Path, token_rows: dict, log: Callable[[str], None]) -> None:
-    """plan["exit_blocks"]: capability -> blocks read, for every embedding teacher of the text tower."""
+def _exit_blocks(plan: dict, carved: TeacherSpec, teachers: Sequence[TeacherSpec],
+                 feature_entries: Mapping[str, Path], measure: Callable[[TeacherSpec, dict], dict]) -> None:
+    """plan["exit_blocks"]: capability -> blocks read, for every embedding teacher of the tower other than
+    the one it is carved from; measure(teacher, {train row_id: its embedding}) returns the measurement."""
     from nexus_assets.core.feature_store import column_matrix, read_features
 
-    from .carve_text import embedding_exit_block
     from .tower_spec import _columns
 
     exits, report = {}, {}
     for t in teachers:
-        if t.name == lm.name or t.name not in feature_entries:
+        if t.name == carved.name or t.name not in feature_entries:
             continue
         entry = Path(feature_entries[t.name])
         if "embedding" not in _columns(entry, "items"):
             continue
         items = read_features(entry, "items", columns=["row_id", "embedding"], filter_splits=["train"])
-        emb = column_matrix(items.column("embedding"))
-        targets = dict(zip(items.column("row_id").to_pylist(), emb))
-        res = embedding_exit_block(plan, model_dir, token_rows, targets, lm.extraction.max_length)
+        res = measure(t, dict(zip(items.column("row_id").to_pylist(), column_matrix(items.column("embedding")))))
         for cap in t.capabilities:
             exits[cap], report[cap] = res["blocks"], res
-        log(f"[text carve] {t.capabilities} read {res['blocks']} of {len(plan['blocks'])} blocks "
-            f"(ridge fold cosine per block {res['fold_cosine']} on {res['rows']} train rows)")
     plan["exit_blocks"] = exits
     plan["report"]["exit_blocks"] = report
+
+
+def _text_exit_blocks(plan: dict, lm: TeacherSpec, teachers: Sequence[TeacherSpec], feature_entries: Mapping[str, Path],
+                      model_dir: Path, token_rows: dict, log: Callable[[str], None]) -> None:
+    """The text tower's embedding heads: blocks of the carved LM read, measured on the cached token rows."""
+    from .carve_text import embedding_exit_block
+
+    def measure(t: TeacherSpec, targets: dict) -> dict:
+        res = embedding_exit_block(plan, model_dir, token_rows, targets, lm.extraction.max_length)
+        log(f"[text carve] {t.capabilities} read {res['blocks']} of {len(plan['blocks'])} blocks "
+            f"(ridge fold cosine per block {res['fold_cosine']} on {res['rows']} train rows)")
+        return res
+
+    _exit_blocks(plan, lm, teachers, feature_entries, measure)
 
 
 def _audio_exit_blocks(plan: dict, asr: TeacherSpec, teachers: Sequence[TeacherSpec], feature_entries: Mapping[str, Path],
                        model_dir: Path, probe_dirs: Mapping[str, Path] | None, log: Callable[[str], None],
                        rows: int = 512) -> None:
-    """plan["exit_blocks"]: capability -> encoder layers read, for every embedding teacher of the audio tower
-    (the speaker embedding pools the shared encoder: measured, the first layer predicts GE2E best)."""
+    """The audio tower's embedding heads: encoder layers read, measured on the probe clips (the speaker
+    embedding pools the shared encoder: measured, the first layer predicts GE2E best)."""
     import numpy as np
 
-    from nexus_assets.core.feature_store import column_matrix, read_features
     from nexus_assets.probes.probe_data import read_probe_rows
     from nexus_assets.student.carved_whisper import whisper_log_mel
     from nexus_assets.student.transforms import decode_wav
 
     from .carve_whisper import encoder_exit_block
-    from .tower_spec import _columns
 
-    exits, report = {}, {}
-    for t in teachers:
-        if t.name == asr.name or t.name not in feature_entries:
-            continue
-        entry = Path(feature_entries[t.name])
-        if "embedding" not in _columns(entry, "items"):
-            continue
+    def measure(t: TeacherSpec, emb: dict) -> dict:
         if not probe_dirs or t.dataset not in probe_dirs:
             raise ValueError(f"tower 'audio' carve: the exit layer of {t.capabilities} needs the probe clips of "
                              f"dataset {t.dataset!r} (teacher {t.name!r}); probe_dirs has {sorted(probe_dirs or {})}")
-        items = read_features(entry, "items", columns=["row_id", "embedding"], filter_splits=["train"])
-        emb = dict(zip(items.column("row_id").to_pylist(), column_matrix(items.column("embedding"))))
         table = read_probe_rows(Path(probe_dirs[t.dataset]))
         wavs = dict(zip(table.column("row_id").to_pylist(), table.column("wav").to_pylist()))
         ids = sorted(r for r in emb if r in wavs)
         ids = [ids[i] for i in np.random.default_rng(0).permutation(len(ids))[:rows]]
         mels = [whisper_log_mel(decode_wav(wavs[r], r), int(plan["max_seconds"])) for r in ids]
         res = encoder_exit_block(plan, model_dir, mels, np.stack([emb[r] for r in ids]))
-        for cap in t.capabilities:
-            exits[cap], report[cap] = res["blocks"], res
         log(f"[audio carve] {t.capabilities} read {res['blocks']} of {plan['hf_config']['encoder_layers']} encoder "
             f"layers (ridge fold cosine per layer {res['fold_cosine']} on {res['rows']} train clips)")
-    plan["exit_blocks"] = exits
-    plan["report"]["exit_blocks"] = report
+        return res
+
+    _exit_blocks(plan, asr, teachers, feature_entries, measure)
 
 
 def plan_tower_carve(tower: str, teachers: Sequence[TeacherSpec], feature_entries: Mapping[str, Path],

@@ -33,8 +33,9 @@ def _json(directory: Path, rel: str) -> object:
         raise BundleError(f"{directory / rel}: not valid UTF-8 JSON ({e})") from None
 
 
-def read_config(directory: Path) -> tuple[TowerConfig, dict]:
-    """(TowerConfig, adapters {capability: folder}) from config.json, every field checked."""
+def read_config(directory: Path) -> tuple[TowerConfig, dict, bool]:
+    """(TowerConfig, adapters {capability: folder}, whether it is a runtime copy without anchor
+    projections) from config.json, every field checked."""
     f = directory / "config.json"
     meta = _json(directory, "config.json")
     if not isinstance(meta, dict) or not isinstance(meta.get("tower"), dict):
@@ -57,7 +58,10 @@ def read_config(directory: Path) -> tuple[TowerConfig, dict]:
         check_no_symlinks(directory, name)
         if not (directory / name).is_dir():
             raise BundleError(f"{directory / name}: missing adapter folder (config.json 'adapters.{cap}')")
-    return cfg, adapters
+    anchors = meta.get("anchor_projections")
+    if anchors not in (None, "dropped"):
+        raise BundleError(f"{f}: field 'anchor_projections': {anchors!r}, expected 'dropped' or no field")
+    return cfg, adapters, anchors == "dropped"
 
 
 def check_sizes(directory: Path, cfg: TowerConfig, anchors_dropped: bool = False) -> str:
@@ -98,8 +102,7 @@ def check_sizes(directory: Path, cfg: TowerConfig, anchors_dropped: bool = False
 
 def load_student(directory: Path) -> tuple[StudentTower, str]:
     """(tower, quantization scheme) from a checked folder; any loader failure is a BundleError."""
-    cfg, _ = read_config(directory)
-    dropped = _json(directory, "config.json").get("anchor_projections") == "dropped"
+    cfg, _, dropped = read_config(directory)
     scheme = check_sizes(directory, cfg, anchors_dropped=dropped)
     try:
         tower = load_tower(directory, read_state=load_state)  # int8 / nf4 dequantized on read

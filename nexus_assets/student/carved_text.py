@@ -70,6 +70,9 @@ class CarvedLlamaBackbone(nn.Module):
     """forward({input_ids (B, T) teacher ids, attention_mask (B, T)}) -> (hiddens [(B, T, H)] per kept
     block (the last after the final norm), mask (B, T)); see `student.carved` for the contract."""
 
+    # a causal LM's first k blocks compute the same states whether or not later blocks run (and the exit
+    # pass pads as the full pass does): training reads an early-exit head's states from the full pass
+    exit_is_prefix = True
     lora_target_regex = r".*lm\.model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 
     def __init__(self, cfg: TowerConfig):

@@ -234,12 +234,17 @@ class StudentTower(nn.Module):
         enc_layers = [l for l in layers if not (spec.kind == "asr" and l.startswith("decoder"))]
         depth = min(len(hiddens), spec.exit_block or len(hiddens))
         kept = getattr(self.base_backbone(), "layer_states", None) or {}  # carved: {teacher layer: (B, Ht)}
+        if self.cfg.carve.get("teacher") not in (None, spec.teacher):
+            kept = {}  # those are the carved teacher's layers, not this head's teacher's of the same name
         for k, layer in enumerate(enc_layers):
             if layer in kept:
                 anchors[layer] = self.anchor_proj[_anchor_key(capability, layer)](kept[layer])
                 continue
             block = max(round((k + 1) * depth / len(enc_layers)) - 1, 0)
-            anchors[layer] = self.anchor_proj[_anchor_key(capability, layer)](_pool(hiddens[block], mask))
+            # the deepest block is read as the head reads it (an early exit's through the final norm), so
+            # an early-exit head's anchors are the same from its own pass as from a full one
+            states = last if block == depth - 1 else hiddens[block]
+            anchors[layer] = self.anchor_proj[_anchor_key(capability, layer)](_pool(states, mask))
         for layer in layers:
             if layer not in anchors:
                 dm = inputs.get("dec_mask")

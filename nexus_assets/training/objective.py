@@ -2,6 +2,7 @@
 subspaces, LwF in phase (b), combined per teacher (`TowerObjective`, the module DDP wraps)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,6 +100,19 @@ def lwf_view(kind: str, cap: str, out: torch.Tensor, batch: dict) -> torch.Tenso
     return out
 
 
+def pass_exit_block(tower: StudentTower, capability: str, step_caps: Sequence[str]) -> int:
+    """The exit block of the backbone pass `capability`'s head reads in a step that trains `step_caps`
+    (0 = the full pass). An early-exit head gets its own k-block pass, as at inference, unless the
+    backbone's exit pass is a prefix of its full pass (`exit_is_prefix`: a causal LM, whose first k
+    blocks see the same inputs either way) and the step runs the full pass anyway: then block k of that
+    pass is the same states, with no second pass."""
+    k = tower.cfg.capabilities[capability].exit_block
+    if k and getattr(tower.base_backbone(), "exit_is_prefix", False) and any(
+            not tower.cfg.capabilities[c].exit_block for c in step_caps):
+        return 0
+    return k
+
+
 class TowerObjective(nn.Module):
     """forward(batch) -> (total loss, {name: detached loss}). Wrapped in DDP under torchrun.
 
@@ -118,11 +132,12 @@ class TowerObjective(nn.Module):
         tower, tc = self.tower, self.tc
         inputs = {k: v for k, v in batch.items() if k in INPUT_KEYS}
         passes: dict[int, tuple] = {}  # exit block -> backbone pass: each head trains on the pass it gets at inference
+        step_caps = (*self.phase_caps, *self.lwf_caps)
 
         def enc(cap: str, cache: dict = passes):
-            k = tower.cfg.capabilities[cap].exit_block
+            k = pass_exit_block(tower, cap, step_caps)
             if k not in cache:
-                cache[k] = tower.encode(inputs, [cap])
+                cache[k] = tower.encode(inputs, [cap] if k else [])
             return cache[k]
 
         losses, weights = {}, {}

@@ -89,3 +89,13 @@ def test_runtime_loader_accepts_a_stripped_copy(tmp_path):
     assert strip_for_runtime(d) == 32 * 40000 + 40000
     back, scheme = load_student(d)
     assert scheme == "none" and len(back.anchor_proj) == 0
+    import json
+
+    import pytest
+
+    from nexus_assets.runtime.files import BundleError
+
+    meta = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**meta, "anchor_projections": "kept"}))
+    with pytest.raises(BundleError, match="config.json: field 'anchor_projections': 'kept'"):
+        load_student(d)

@@ -245,7 +245,7 @@ def test_embedding_head_exits_early_at_the_measured_block(tiny_llama):
     assert res["blocks"] == 1 and res["fold_cosine"][0] > 0.9 and res["fold_cosine"][0] > max(res["fold_cosine"][1:]) + 0.02
     plan["exit_blocks"] = {"text.embed": res["blocks"]}
     base = _tower(plan)
-    base.capabilities["text.embed"] = HeadSpec("embedding", 6, "e", {})
+    base.capabilities["text.embed"] = HeadSpec("embedding", 6, "e", {"enc.1": 8})
     cfg = carved_text_config(base, plan, lora_rank=4)
     assert cfg.capabilities["text.embed"].exit_block == 1 and cfg.capabilities["text.generate"].exit_block == 0
     tower = StudentTower(cfg)
@@ -256,13 +256,22 @@ def test_embedding_head_exits_early_at_the_measured_block(tiny_llama):
     layers = tower.base_backbone().lm.model.layers
     hook = [layer.register_forward_hook(lambda m, a, o, i=i: seen.append(i)) for i, layer in enumerate(layers)]
     with torch.no_grad():
-        early = tower({"input_ids": ids}, "text.embed")["out"]
+        early_res = tower({"input_ids": ids}, "text.embed")
+        early = early_res["out"]
         assert seen == [0]  # the early-exit pass ran one block
         full_pass = tower.encode({"input_ids": ids})
-        via_full = tower.head_forward("text.embed", full_pass, {"input_ids": ids})["out"]
+        via_full_res = tower.head_forward("text.embed", full_pass, {"input_ids": ids})
+        via_full = via_full_res["out"]
     for h in hook:
         h.remove()
     torch.testing.assert_close(early, via_full)
+    torch.testing.assert_close(early_res["anchors"]["enc.1"], via_full_res["anchors"]["enc.1"])  # training maths too
+    # in training, a step that runs the full pass anyway reads block 1 from it (the same states, see above);
+    # a step that trains text.embed alone runs its 1-block pass
+    from nexus_assets.training.objective import pass_exit_block
+    assert pass_exit_block(tower, "text.embed", ["text.generate", "text.embed"]) == 0
+    assert pass_exit_block(tower, "text.embed", ["text.embed"]) == 1
+    assert pass_exit_block(tower, "text.generate", ["text.embed"]) == 0
     last = tower.heads["text_embed"](full_pass[0][-1], full_pass[1])
     assert not torch.allclose(early, last, atol=1e-3)  # block 1, not the last block
     with pytest.raises(ValueError, match="only a pooled head"):

@@ -141,6 +141,10 @@ def test_speaker_head_exits_early_on_the_clip_frames_only(tiny_whisper):
     assert out.shape == (2, 8) and torch.isfinite(out).all()
     for h in hooks:
         h.remove()
+    # its exit pass sees fewer padded frames than the full pass: training gives it its own pass even when
+    # the step runs the full pass for transcription
+    from nexus_assets.training.objective import pass_exit_block
+    assert pass_exit_block(tower, "audio.speaker_embed", ["audio.transcribe", "audio.speaker_embed"]) == 1
 
 
 def test_encoder_exit_block_finds_the_layer_a_linear_target_reads(tiny_whisper):

@@ -182,9 +182,9 @@ def cpu_train_config(tower: str, init: str = "random", profile: str | None = Non
     base = {"phase_a_steps": a, "phase_b_steps": b, "batch_size": bs, **probe}
     if init == "carved":
         # a carved tower starts from the teacher's weights: its rate per tower is measured (CARVED_LR); the
-        # embedded default's step counts
-        # text phase (a) 160 -> 320 steps (measured, same carve and data: text.generate retention held-out
-        # 0.39 -> 0.44, never-seen 0.28 -> 0.31; text.embed 0.33 -> 0.42 / 0.56 -> 0.59; ~4 more minutes)
+        # embedded default's text phase (a) runs 320 steps, not 160 (measured at 2e-4, same carve and data:
+        # text.generate retention held-out 0.39 -> 0.44, never-seen 0.28 -> 0.31; text.embed 0.33 -> 0.42 /
+        # 0.56 -> 0.59; ~4 more minutes)
         from nexus_assets.core.registry import active_profile
 
         a, b, bs = CARVED_STEPS.get(profile or active_profile(), CARVED_STEPS["default"])[tower]

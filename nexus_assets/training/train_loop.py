@@ -240,7 +240,8 @@ def _run_phase(run: _Run, phase_idx: int, data_train: TowerData, data_val: Tower
 def _step(run: _Run, ph: Phase, model, batch: dict, step: int) -> None:
     """Forward, guard, then backward + update, a skipped NaN step, or a rollback to the last snapshot."""
     st, tc, dd = run.st, run.tc, run.dd
-    total, parts = model(batch)
+    with torch.autocast(dd.device.type, dtype=torch.bfloat16, enabled=tc.mixed_precision == "bf16"):
+        total, parts = model(batch)
     if run.hooks.loss:
         total = run.hooks.loss(ph.name, step, total)
     loss_val = float(dd.mean(total.detach()))

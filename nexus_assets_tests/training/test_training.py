@@ -40,7 +40,8 @@ def _quiet(msg: str) -> None:
 
 @pytest.mark.parametrize("field, value", [("phase_a_steps", -1), ("batch_size", 0), ("lr", 0.0),
                                           ("temperature", float("nan")), ("spike_factor", 1.0), ("device", "tpu"),
-                                          ("teacher_weights", {"x": -1.0}), ("checkpoint_every", 0)])
+                                          ("teacher_weights", {"x": -1.0}), ("checkpoint_every", 0),
+                                          ("mixed_precision", "fp16")])
 def test_train_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
@@ -67,6 +68,22 @@ def test_training_reduces_loss(tmp_path):
     assert np.mean(loss[-5:]) < 0.6 * np.mean(loss[:5])
     assert s["rollbacks"] == 0 and s["nan_skips"] == 0
     assert set(s["final_losses"]["vision.classify"]) == {"train", "val"}
+
+
+def test_bf16_mixed_precision_runs_the_forward_in_bf16_and_keeps_float32_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_config("text")
+    runs = {}
+    for mp in ("no", "bf16"):
+        runs[mp] = train_tower(cfg, _data("text"), _data("text", 16, 1), _tc(mixed_precision=mp, phase_b_steps=0),
+                               tmp_path / mp, log=_quiet)
+    a, b = runs["no"]["history"]["train_loss"], runs["bf16"]["history"]["train_loss"]
+    assert runs["no"]["param_sha256"] != runs["bf16"]["param_sha256"]  # the autocast took effect
+    assert abs(a[0] - b[0]) < 0.05 * a[0]  # same step 0 up to bfloat16 rounding
+    assert np.mean(b[-3:]) < np.mean(b[:3])  # and it still trains
+    weights = load_file(str(tmp_path / "bf16" / "tower" / "backbone.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.float32}
 
 
 def test_outputs_written(tmp_path):

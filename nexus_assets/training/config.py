@@ -99,9 +99,9 @@ class TrainConfig:
     num_threads: int = 0
     """torch intra-op threads; 0 leaves torch's default."""
     mixed_precision: str = "no"
-    """"no" or "bf16": the training forward runs under torch.autocast in bfloat16 (weights, optimizer state
-    and the losses stay float32; the losses upcast their inputs). On a CPU with AVX512-BF16 or AMX, and on
-    GPUs since Ampere, bfloat16 matmuls run about twice as fast."""
+    """"no", "bf16" or "auto": the training forward runs under torch.autocast in bfloat16 (weights, optimizer
+    state and the losses stay float32; the losses upcast their inputs). On a CPU with AVX512-BF16 or AMX, and
+    on GPUs since Ampere, bfloat16 matmuls run about twice as fast; "auto" = bf16 on such a device only."""
 
     def __post_init__(self):
         ints = {"phase_a_steps": 0, "phase_b_steps": 0, "batch_size": 1, "warmup_steps": 0, "eval_every": 1,
@@ -127,8 +127,8 @@ class TrainConfig:
                 raise ValueError(f"teacher_weights: weight of {t!r} must be a finite number >= 0, got {w!r}")
         if self.spike_factor <= 1:
             raise ValueError(f"spike_factor: must be > 1, got {self.spike_factor}")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision: must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("no", "bf16", "auto"):
+            raise ValueError(f"mixed_precision: must be 'no', 'bf16' or 'auto', got {self.mixed_precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device: must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 

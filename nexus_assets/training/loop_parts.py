@@ -61,6 +61,21 @@ def setup_dist(tc: TrainConfig) -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owns_group=owns)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 natively (CUDA since Ampere; a CPU with AVX512-BF16 or AMX):
+    elsewhere bfloat16 is emulated and slower than float32, so "auto" mixed precision stays off."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    probes = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(p()) for p in probes if callable(p))
+
+
+def autocast_bf16(mixed_precision: str, device: torch.device, native=native_bf16) -> bool:
+    """TrainConfig.mixed_precision resolved on the training device: "bf16" always, "auto" where native."""
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and native(device))
+
+
 def batch_indices(n: int, global_batch: int, seed: int, phase: int, step: int) -> list[int]:
     """Rows of one global batch: the stream of per-epoch permutations (seeded by seed, phase, epoch),
     cut into consecutive global batches. Stateless, so a resumed run sees exactly the same batches."""

@@ -50,8 +50,8 @@ from nexus_assets.student.tower import StudentTower, save_tower
 
 from .checkpoints import CHECKPOINT_DIR, latest_checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from .config import TrainConfig, TrainHooks, TrainingDiverged, cpu_train_config
-from .loop_parts import (Dist, Phase, TrainState, batch_indices, evaluate, guard_step, params_sha256,
-                         probe_pooled_head, setup_dist, setup_phase, to_device, training_curve)
+from .loop_parts import (Dist, Phase, TrainState, autocast_bf16, batch_indices, evaluate, guard_step,
+                         params_sha256, probe_pooled_head, setup_dist, setup_phase, to_device, training_curve)
 from .objective import TowerObjective, anchor_context
 from .tower_data import TowerData
 
@@ -75,6 +75,7 @@ class _Run:
     caps: list[str]
     writer: Any = None
     resumed_from: int | None = None
+    bf16: bool = False
     opt_state: dict | None = None
     sched_state: dict | None = None
     good: dict = field(default_factory=dict)
@@ -180,6 +181,10 @@ def _start(cfg, data_train, tc, out_dir, pca, importance, log, hooks, init_state
         where = (f"phase {run.phases[run.st.phase_idx]} step {run.st.phase_step}"
                  if run.st.phase_idx < len(run.phases) else "every phase already complete")  # finished run again
         say(f"[{cfg.name}] resuming from {ckpt.name}: {where}")
+    run.bf16 = autocast_bf16(tc.mixed_precision, dd.device)
+    if tc.mixed_precision != "no":
+        say(f"[{cfg.name}] mixed precision {tc.mixed_precision!r} on {dd.device}: forward in "
+            f"{'bfloat16' if run.bf16 else 'float32 (no native bfloat16 here)'}")
     if dd.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -240,7 +245,7 @@ def _run_phase(run: _Run, phase_idx: int, data_train: TowerData, data_val: Tower
 def _step(run: _Run, ph: Phase, model, batch: dict, step: int) -> None:
     """Forward, guard, then backward + update, a skipped NaN step, or a rollback to the last snapshot."""
     st, tc, dd = run.st, run.tc, run.dd
-    with torch.autocast(dd.device.type, dtype=torch.bfloat16, enabled=tc.mixed_precision == "bf16"):
+    with torch.autocast(dd.device.type, dtype=torch.bfloat16, enabled=run.bf16):
         total, parts = model(batch)
     if run.hooks.loss:
         total = run.hooks.loss(ph.name, step, total)

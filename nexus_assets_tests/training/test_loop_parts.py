@@ -177,3 +177,13 @@ def test_phase_b_steps_by_capability_overrides_one_capability_only():
         TrainConfig(phase_b_steps_by_capability={"x": -1})
     carved_audio = cpu_train_config("audio", init="carved", profile="default")
     assert carved_audio.phase_b_steps_by_capability == {"audio.transcribe": 0} and carved_audio.phase_b_steps > 0
+
+
+def test_auto_mixed_precision_follows_native_bf16():
+    from nexus_assets.training.loop_parts import autocast_bf16
+
+    cpu = torch.device("cpu")
+    assert autocast_bf16("bf16", cpu, native=lambda d: False) is True
+    assert autocast_bf16("no", cpu, native=lambda d: True) is False
+    assert autocast_bf16("auto", cpu, native=lambda d: True) is True
+    assert autocast_bf16("auto", cpu, native=lambda d: False) is False

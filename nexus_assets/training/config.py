@@ -137,9 +137,9 @@ class TrainConfig:
 
 
 # Phase-(a) / phase-(b) steps and batch of a carved tower per size profile (NEXUS_PROFILE). The default
-# trains about 1.3 epochs of its text rows: there, steps, not distinct data, bound retention, so a profile
+# trains about 2.8 epochs of its text rows: there, steps, not distinct data, bound retention, so a profile
 # with 10-100x the data must also train longer or its extra data is never seen. `full` is hours on the
-# same 2 cores (text ~1.5 s a step: ~2 h of text steps, 0.4 epoch of its 96k train rows; vision 1.25
+# same 2 cores (text ~1 s a step in bfloat16: ~1.4 h of text steps, 0.4 epoch of its 96k train rows; vision 1.25
 # epochs of 51k views; audio 0.75 epoch of 16k utterances); `gpu`: about 3 epochs at a GPU's batch
 # (not yet measured on one). tiny (tests) uses the default table.
 #
@@ -152,8 +152,13 @@ class TrainConfig:
 # audio.transcribe then trains no steps at all (CARVED_PHASE_B_BY_CAPABILITY): its 120 adapter steps
 # moved nothing (pipeline report 0.99 / 0.92 trained vs the untrained carve's 1.02 / 0.90) and cost about
 # 7 of the audio tower's 15 minutes.
+#
+# The default text tower trains 480 steps in bfloat16 autocast (CARVED_MIXED_PRECISION) in the time 320 took
+# in float32 (measured on 2 cores with AVX512-BF16, same carve, data and rate; train time, text.generate
+# held-out / never-seen): fp32 320 steps 448 s 0.56 / 0.47; bf16 320 steps 312 s 0.56 / 0.47 (the same
+# figures: bfloat16 costs nothing here); bf16 480 steps 485 s 0.58 / 0.50.
 CARVED_STEPS = {
-    "default": {"text": (320, 30, 8), "vision": (200, 40, 32), "audio": (0, 120, 8)},
+    "default": {"text": (480, 30, 8), "vision": (200, 40, 32), "audio": (0, 120, 8)},
     "full": {"text": (4800, 300, 8), "vision": (2000, 200, 32), "audio": (0, 1500, 8)},
     "gpu": {"text": (3000, 300, 32), "vision": (1200, 200, 128), "audio": (0, 1500, 32)},
 }
@@ -165,6 +170,8 @@ CARVED_LR_SCALE = {"text": 1.0, "vision": 1.0, "audio": 0.01}
 # 0.45); text.embed never-seen 0.76 / 0.77 / 0.80. 2e-3: 0.57 / 0.45, text.embed never-seen 0.86 (flat).
 # Vision the other way (same harness, top-1 agreement): 5e-4 0.50 / 0.13, 2e-4 0.66 / 0.47, 1e-4 0.70 / 0.52.
 CARVED_LR = {"text": 1e-3, "vision": 1e-4, "audio": 2e-4}
+# TrainConfig.mixed_precision of a carved tower: "auto" = bfloat16 autocast where the device has it natively
+CARVED_MIXED_PRECISION = {"text": "auto", "vision": "no", "audio": "no"}
 # capabilities whose carved phase (b) differs from their tower's (TrainConfig.phase_b_steps_by_capability)
 CARVED_PHASE_B_BY_CAPABILITY = {"audio": {"audio.transcribe": 0}}
 
@@ -188,10 +195,8 @@ def cpu_train_config(tower: str, init: str = "random", profile: str | None = Non
     probe = {"head_probe_epochs": 100} if tower == "text" else {}
     base = {"phase_a_steps": a, "phase_b_steps": b, "batch_size": bs, **probe}
     if init == "carved":
-        # a carved tower starts from the teacher's weights: its rate per tower is measured (CARVED_LR); the
-        # embedded default's text phase (a) runs 320 steps, not 160 (measured at 2e-4, same carve and data:
-        # text.generate retention held-out 0.39 -> 0.44, never-seen 0.28 -> 0.31; text.embed 0.33 -> 0.42 /
-        # 0.56 -> 0.59; ~4 more minutes)
+        # a carved tower starts from the teacher's weights: its rate, steps and precision per tower are
+        # measured (CARVED_LR, CARVED_STEPS, CARVED_MIXED_PRECISION)
         from nexus_assets.core.registry import active_profile
 
         a, b, bs = CARVED_STEPS.get(profile or active_profile(), CARVED_STEPS["default"])[tower]
@@ -199,6 +204,7 @@ def cpu_train_config(tower: str, init: str = "random", profile: str | None = Non
         # weight (0.05; measured on the text tower: next-token accuracy 0.102 at 0.5 vs 0.132 at 0.05)
         base = {"phase_a_steps": a, "phase_b_steps": b, "batch_size": bs, "lr": CARVED_LR[tower], "adapter_lr": 1e-3,
                 "w_anchor": 0.05, "carved_lr_scale": CARVED_LR_SCALE[tower],
+                "mixed_precision": CARVED_MIXED_PRECISION[tower],
                 "phase_b_steps_by_capability": dict(CARVED_PHASE_B_BY_CAPABILITY.get(tower, {})), **probe}
     return TrainConfig(**{**base, **overrides})
 

@@ -98,6 +98,9 @@ class TrainConfig:
     """"cpu", "cuda" or "auto" (cuda:LOCAL_RANK when available)."""
     num_threads: int = 0
     """torch intra-op threads; 0 leaves torch's default."""
+    channels_last: bool = False
+    """Convolution weights and image batches in channels-last memory format during training (oneDNN's and
+    cuDNN's fast layout for convolutions, forward and backward); the saved tower is in the default format."""
     mixed_precision: str = "no"
     """"no", "bf16" or "auto": the training forward runs under torch.autocast in bfloat16 (weights, optimizer
     state and the losses stay float32; the losses upcast their inputs). On a CPU with AVX512-BF16 or AMX, and
@@ -127,6 +130,8 @@ class TrainConfig:
                 raise ValueError(f"teacher_weights: weight of {t!r} must be a finite number >= 0, got {w!r}")
         if self.spike_factor <= 1:
             raise ValueError(f"spike_factor: must be > 1, got {self.spike_factor}")
+        if not isinstance(self.channels_last, bool):
+            raise ValueError(f"channels_last: must be true or false, got {self.channels_last!r}")
         if self.mixed_precision not in ("no", "bf16", "auto"):
             raise ValueError(f"mixed_precision: must be 'no', 'bf16' or 'auto', got {self.mixed_precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -170,8 +175,12 @@ CARVED_LR_SCALE = {"text": 1.0, "vision": 1.0, "audio": 0.01}
 # 0.45); text.embed never-seen 0.76 / 0.77 / 0.80. 2e-3: 0.57 / 0.45, text.embed never-seen 0.86 (flat).
 # Vision the other way (same harness, top-1 agreement): 5e-4 0.50 / 0.13, 2e-4 0.66 / 0.47, 1e-4 0.70 / 0.52.
 CARVED_LR = {"text": 1e-3, "vision": 1e-4, "audio": 2e-4}
-# TrainConfig.mixed_precision of a carved tower: "auto" = bfloat16 autocast where the device has it natively
-CARVED_MIXED_PRECISION = {"text": "auto", "vision": "no", "audio": "no"}
+# TrainConfig.mixed_precision of a carved tower: "auto" = bfloat16 autocast where the device has it natively.
+# Vision also trains channels-last (CARVED_CHANNELS_LAST). One vision step (batch 32, forward + backward, 2
+# cores with AVX512-BF16): float32 2.0 s, bf16 1.3 s, channels-last 1.2 s, both 0.82 s; bf16 alone measured
+# on retention (same carve, data, steps): top-1 agreement held-out / never-seen 0.70 / 0.52 -> 0.69 / 0.54.
+CARVED_MIXED_PRECISION = {"text": "auto", "vision": "auto", "audio": "no"}
+CARVED_CHANNELS_LAST = {"text": False, "vision": True, "audio": False}
 # capabilities whose carved phase (b) differs from their tower's (TrainConfig.phase_b_steps_by_capability)
 CARVED_PHASE_B_BY_CAPABILITY = {"audio": {"audio.transcribe": 0}}
 
@@ -204,7 +213,7 @@ def cpu_train_config(tower: str, init: str = "random", profile: str | None = Non
         # weight (0.05; measured on the text tower: next-token accuracy 0.102 at 0.5 vs 0.132 at 0.05)
         base = {"phase_a_steps": a, "phase_b_steps": b, "batch_size": bs, "lr": CARVED_LR[tower], "adapter_lr": 1e-3,
                 "w_anchor": 0.05, "carved_lr_scale": CARVED_LR_SCALE[tower],
-                "mixed_precision": CARVED_MIXED_PRECISION[tower],
+                "mixed_precision": CARVED_MIXED_PRECISION[tower], "channels_last": CARVED_CHANNELS_LAST[tower],
                 "phase_b_steps_by_capability": dict(CARVED_PHASE_B_BY_CAPABILITY.get(tower, {})), **probe}
     return TrainConfig(**{**base, **overrides})
 

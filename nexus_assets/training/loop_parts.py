@@ -180,8 +180,12 @@ def setup_phase(phase: str, tower: StudentTower, objective: TowerObjective, caps
     return Phase(phase, steps, params, opt, sched)
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()} if device.type != "cpu" else batch
+def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    """The batch on `device`; image batches (4-D) in channels-last layout when the tower trains in it."""
+    out = {k: v.to(device) for k, v in batch.items()} if device.type != "cpu" else batch
+    if channels_last:
+        out = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in out.items()}
+    return out
 
 
 def params_sha256(module: nn.Module) -> str:

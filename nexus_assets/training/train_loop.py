@@ -159,6 +159,8 @@ def _start(cfg, data_train, tc, out_dir, pca, importance, log, hooks, init_state
         # tc.carved_lr_scale applies to these; by identity, since peft renames the backbone's weights
         tower.carved_param_ids = frozenset(id(p) for n, p in tower.named_parameters() if n in init_state)
     tower = tower.to(dd.device)
+    if tc.channels_last:  # moves only 4-D (convolution) weights; the tower is saved back in the default layout
+        tower = tower.to(memory_format=torch.channels_last)
     anchors = anchor_context(cfg, data_train, pca, importance)
     for a in anchors.values():
         a.mean, a.components = a.mean.to(dd.device), a.components.to(dd.device)
@@ -227,7 +229,7 @@ def _run_phase(run: _Run, phase_idx: int, data_train: TowerData, data_val: Tower
         batch = data_train.batch(batch_indices(len(data_train), gb, tc.seed, phase_idx, step)[dd.rank::dd.world])
         if run.hooks.batch:
             batch = run.hooks.batch(ph.name, step, batch)
-        _step(run, ph, model, to_device(batch, dd.device), step)
+        _step(run, ph, model, to_device(batch, dd.device, tc.channels_last), step)
         step += 1
         st.phase_step = step
         st.global_step += 1
@@ -333,7 +335,7 @@ def _validate(run: _Run, ph: Phase, data_val: TowerData | None, step: int) -> bo
 def _finish(run: _Run, data_train: TowerData, data_val: TowerData | None, t_start: float) -> dict:
     """Final per-capability losses, the saved tower, summary, curve; DDP teardown."""
     tower, tc, dd, st, cfg = run.tower, run.tc, run.dd, run.st, run.cfg
-    tower.eval()
+    tower.to(memory_format=torch.contiguous_format).eval()  # safetensors saves contiguous tensors only
     final = {}
     for cap in run.caps:
         tower.set_capability(cap)

@@ -41,7 +41,7 @@ def _quiet(msg: str) -> None:
 @pytest.mark.parametrize("field, value", [("phase_a_steps", -1), ("batch_size", 0), ("lr", 0.0),
                                           ("temperature", float("nan")), ("spike_factor", 1.0), ("device", "tpu"),
                                           ("teacher_weights", {"x": -1.0}), ("checkpoint_every", 0),
-                                          ("mixed_precision", "fp16")])
+                                          ("mixed_precision", "fp16"), ("channels_last", "yes")])
 def test_train_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
@@ -84,6 +84,19 @@ def test_bf16_mixed_precision_runs_the_forward_in_bf16_and_keeps_float32_weights
     assert np.mean(b[-3:]) < np.mean(b[:3])  # and it still trains
     weights = load_file(str(tmp_path / "bf16" / "tower" / "backbone.safetensors"))
     assert {v.dtype for v in weights.values()} == {torch.float32}
+
+
+def test_channels_last_training_matches_the_default_layout_and_saves_contiguous(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_config("vision")
+    runs = {cl: train_tower(cfg, _data("vision"), _data("vision", 16, 1), _tc(channels_last=cl, phase_b_steps=0),
+                            tmp_path / str(cl), log=_quiet) for cl in (False, True)}
+    a, b = runs[False]["history"]["train_loss"], runs[True]["history"]["train_loss"]
+    assert len(a) == len(b) and np.allclose(a, b, rtol=1e-3, atol=1e-4)  # a layout, not a different model
+    w = load_file(str(tmp_path / "True" / "tower" / "backbone.safetensors"))
+    assert any(v.dim() == 4 for v in w.values())  # the tower has convolutions for the layout to act on
+    assert all(v.is_contiguous() for v in w.values())
 
 
 def test_outputs_written(tmp_path):

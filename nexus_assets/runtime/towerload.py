@@ -107,6 +107,9 @@ def load_student(directory: Path) -> tuple[StudentTower, str]:
     try:
         tower = load_tower(directory, read_state=load_state)  # int8 / nf4 dequantized on read
         tower.merge_lone_adapter()  # a one-capability tower runs with its adapter folded in
+        if any(p.dim() == 4 for p in tower.parameters()):
+            # a convolutional tower runs channels-last: oneDNN's fast layout (vision, batch 32: ~2x)
+            tower = tower.to(memory_format=torch.channels_last)
         return tower, scheme
     except Exception as e:  # noqa: BLE001 - safetensors / peft / torch errors on a bad folder
         raise BundleError(f"{directory}: cannot load the tower ({type(e).__name__}: {e})") from None

@@ -81,6 +81,15 @@ def test_pruned_carve_fits_the_budget_keeps_important_channels_and_round_trips(t
     with torch.no_grad():
         torch.testing.assert_close(tower.eval()({"pixels": x}, "vision.classify")["out"],
                                    back({"pixels": x}, "vision.classify")["out"])
+    # the runtime's loader runs a convolutional tower channels-last: the same outputs in another layout
+    from nexus_assets.runtime.towerload import load_student
+
+    run, _ = load_student(tmp_path / "t")
+    convs = [p for p in run.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    with torch.no_grad():
+        torch.testing.assert_close(run({"pixels": x}, "vision.classify")["out"],
+                                   back({"pixels": x}, "vision.classify")["out"], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="keep_fraction"):
         plan_vision_carve(d / "lite0.pth", _images(2), keep_fraction=0.0, log=lambda s: None)
 

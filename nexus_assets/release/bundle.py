@@ -24,7 +24,8 @@ from nexus_assets.core.atomic import atomic_dir, sha256_file
 from nexus_assets.core.contracts import ContractError, RetentionContracts, evaluate
 from nexus_assets.student.quantize import SCHEMES, default_scheme, quantize_file
 
-__all__ = ["build_bundle", "gate_reports", "quantizable_files", "failures_message", "BUNDLE_FORMAT", "package_versions"]
+__all__ = ["build_bundle", "gate_reports", "quantizable_files", "failures_message", "BUNDLE_FORMAT",
+           "package_versions"]
 
 BUNDLE_FORMAT = "1"
 QUANTIZED_FILES = ("backbone.safetensors", "heads.safetensors")

@@ -65,7 +65,7 @@ def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bfloat16 natively (CUDA since Ampere; a CPU with AVX512-BF16 or AMX):
     elsewhere bfloat16 is emulated and slower than float32, so "auto" mixed precision stays off."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     cpu = getattr(torch, "cpu", None)
     probes = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(bool(p()) for p in probes if callable(p))

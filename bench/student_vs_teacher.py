@@ -67,7 +67,7 @@ def _tower_dirs(args, tmp: Path) -> dict[str, Path]:
 
 def _student_rows(dirs: dict[str, Path], tmp: Path, reps: int) -> dict:
     from nexus_assets.student.quantize import dynamic_int8, file_scheme, output_rel_error, quantize_file
-    from nexus_assets.release.bundle import quantizable_files
+    from nexus_assets.student.tower import weight_files
     from nexus_assets.runtime.bundle import _load_student
 
     rows = {}
@@ -76,7 +76,7 @@ def _student_rows(dirs: dict[str, Path], tmp: Path, reps: int) -> dict:
         shutil.copytree(d, fp32_dir, ignore=shutil.ignore_patterns("tokenizer", "classes.json"))
         shutil.copytree(d, int8_dir, ignore=shutil.ignore_patterns("tokenizer", "classes.json"))
         # a carved tower keeps its backbone as a stock model under hf/: it is quantized in a bundle too
-        for f in quantizable_files(d):
+        for f in weight_files(d):
             if file_scheme(d / f) != "none":  # a bundle's tower: rebuild fp32 from the dequantized weights
                 from safetensors.torch import save_file
 

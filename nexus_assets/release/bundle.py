@@ -23,21 +23,14 @@ from typing import Any, Mapping
 from nexus_assets.core.atomic import atomic_dir, sha256_file
 from nexus_assets.core.contracts import ContractError, RetentionContracts, evaluate
 from nexus_assets.student.quantize import SCHEMES, default_scheme, quantize_file
+from nexus_assets.student.tower import weight_files
 
-__all__ = ["build_bundle", "gate_reports", "quantizable_files", "failures_message", "BUNDLE_FORMAT",
-           "package_versions"]
+__all__ = ["build_bundle", "gate_reports", "failures_message", "BUNDLE_FORMAT", "package_versions"]
 
 BUNDLE_FORMAT = "1"
-QUANTIZED_FILES = ("backbone.safetensors", "heads.safetensors")
-# a carved text tower keeps its backbone as a stock transformers folder: in the bundle it is quantized like
-# the rest (the runtime reads it through the same dequantizing reader); the fp32 stock folder that
-# `AutoModelForCausalLM.from_pretrained` loads stays in the tower_adapter artifact
-CARVED_STOCK_FILES = ("hf/model.safetensors",)
-
-
-def quantizable_files(tower_dir: Path) -> tuple[str, ...]:
-    """The weight files of a tower folder that a bundle quantizes: what a size or latency figure must count."""
-    return QUANTIZED_FILES + tuple(c for c in CARVED_STOCK_FILES if (Path(tower_dir) / c).is_file())
+# a carved text tower keeps its backbone as a stock transformers folder (student.tower.weight_files): in the
+# bundle it is quantized like the rest (the runtime reads it through the same dequantizing reader); the fp32
+# stock folder that `AutoModelForCausalLM.from_pretrained` loads stays in the tower_adapter artifact
 
 
 def package_versions() -> dict[str, str]:
@@ -78,7 +71,7 @@ def _copy_tower(src: Path, dst: Path, scheme: str) -> dict:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".*"))
     strip_for_runtime(dst)  # the anchor projections only ever fed a training loss
     out = {}
-    for name in quantizable_files(src):
+    for name in weight_files(src):
         out[name] = quantize_file(dst / name, dst / name, scheme)  # the runtime copy, in place
     return out
 

@@ -15,7 +15,8 @@ import torch
 
 from nexus_assets.student.config import TowerConfig
 from nexus_assets.student.quantize import load_state
-from nexus_assets.student.tower import FORMAT_VERSION, StudentTower, load_tower
+from nexus_assets.student.tower import (FORMAT_VERSION, STOCK_BACKBONE_FILE, StudentTower, load_tower,
+                                        weight_files)
 
 from .files import ADAPTER_NAME, BundleError, check_no_symlinks, header_shapes, read_checked, read_header
 
@@ -69,9 +70,7 @@ def check_sizes(directory: Path, cfg: TowerConfig, anchors_dropped: bool = False
     quantization scheme. Per key where the names match (backbone / heads), and in total for every tower
     (carved ones store their backbone under hf/ with other names). anchors_dropped: a runtime copy
     (`strip_for_runtime`) holds no anchor projections."""
-    files = ["backbone.safetensors", "heads.safetensors"] + (["hf/model.safetensors"]
-                                                             if (directory / "hf" / "model.safetensors").exists() else [])
-    headers = {rel: read_header(directory, rel) for rel in files}
+    headers = {rel: read_header(directory, rel) for rel in weight_files(directory)}
     with torch.device("meta"):
         try:
             model = StudentTower(cfg)
@@ -90,7 +89,7 @@ def check_sizes(directory: Path, cfg: TowerConfig, anchors_dropped: bool = False
                 n *= int(d)
             declared += n
             want = expected.get(("backbone." + k) if rel == "backbone.safetensors" else k)
-            if rel != "hf/model.safetensors" and want is not None and want != list(shape):
+            if rel != STOCK_BACKBONE_FILE and want is not None and want != list(shape):
                 raise BundleError(f"{directory / rel}: tensor {k!r} has shape {list(shape)}, config.json "
                                   f"implies {want}")
     if model_params > declared + PARAM_SLACK:

@@ -42,7 +42,7 @@ from torch import nn
 from .config import FORMAT_VERSION, LORA_TARGET_REGEX, HeadSpec, TowerConfig, _anchor_key, adapter_name
 from .modules import _BACKBONES, ASRDecoder, LMHead, PooledHead, _pool
 
-__all__ = ["StudentTower", "save_tower", "load_tower", "HeadSpec", "TowerConfig", "adapter_name"]
+__all__ = ["StudentTower", "save_tower", "load_tower", "weight_files", "HeadSpec", "TowerConfig", "adapter_name"]
 
 
 class StudentTower(nn.Module):
@@ -328,6 +328,18 @@ class StudentTower(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Save / load
 # ----------------------------------------------------------------------------------------------------
+
+
+# the weight files of a saved tower folder; a carved tower also keeps its backbone as a stock
+# transformers model under hf/ (the file `AutoModelForCausalLM.from_pretrained` reads)
+TOWER_WEIGHT_FILES = ("backbone.safetensors", "heads.safetensors")
+STOCK_BACKBONE_FILE = "hf/model.safetensors"
+
+
+def weight_files(directory: str | os.PathLike) -> tuple[str, ...]:
+    """The weight files of a tower folder, relative to it: what a size figure counts and a bundle quantizes."""
+    stock = (STOCK_BACKBONE_FILE,) if (Path(directory) / STOCK_BACKBONE_FILE).is_file() else ()
+    return TOWER_WEIGHT_FILES + stock
 
 
 def _clean_backbone_state(tower: StudentTower) -> dict[str, torch.Tensor]:

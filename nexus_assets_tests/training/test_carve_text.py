@@ -145,12 +145,13 @@ def test_carve_to_budget_drops_low_influence_blocks_and_trims_vocab(tiny_llama, 
     with torch.no_grad():
         torch.testing.assert_close(a, checked({"input_ids": ids}, "text.generate")["out"])
     # in a bundle the stock backbone is int8 like the rest: fewer bytes, outputs within int8 error
-    from nexus_assets.release.bundle import _copy_tower, quantizable_files
+    from nexus_assets.release.bundle import _copy_tower
+    from nexus_assets.student.tower import weight_files
     from nexus_assets.student.quantize import file_scheme
 
-    assert "hf/model.safetensors" in quantizable_files(tmp_path / "t")  # what bench counts and a bundle quantizes
+    assert "hf/model.safetensors" in weight_files(tmp_path / "t")  # what bench counts and a bundle quantizes
     stats = _copy_tower(tmp_path / "t", tmp_path / "q", "int8")
-    assert set(stats) == set(quantizable_files(tmp_path / "t"))
+    assert set(stats) == set(weight_files(tmp_path / "t"))
     assert stats["hf/model.safetensors"]["quantized_tensors"] > 0
     assert file_scheme(tmp_path / "q" / "hf" / "model.safetensors") == "int8"
     assert (tmp_path / "q" / "hf" / "model.safetensors").stat().st_size < \

@@ -128,6 +128,10 @@ class ExtractionSettings(_Strict):
     teacher_written: TeacherWrittenSettings | None = Field(
         None, description="LM teachers: continuations the teacher writes, cached as an extra train source"
     )
+    dtype: Literal["float32", "bfloat16", "auto"] | None = Field(
+        None, description="the feature pass's weights and compute dtype (causal LMs); 'auto' = bfloat16 where the "
+        "device multiplies it natively, else float32; None = float32. Importance scores always run float32"
+    )
 
     @field_validator("token_layers")
     @classmethod

@@ -81,12 +81,23 @@ def family_module(spec: TeacherSpec):
 
 
 def load_teacher(spec: TeacherSpec, snapshot_dir: Path, device: str = "cpu",
-                 memory_budget_bytes: int | None = None) -> Teacher:
-    """Load a teacher from its snapshot; families that can layer-stream get the memory budget."""
+                 memory_budget_bytes: int | None = None, dtype: str | None = None) -> Teacher:
+    """Load a teacher from its snapshot; families that can layer-stream get the memory budget. `dtype`
+    (default: the registry's `extraction.dtype`, resolved on `device`) is what its weights compute in; a
+    family that runs only float32 refuses anything else by name."""
     import inspect
 
+    from nexus_assets.core.precision import resolve_dtype
+
     load = family_module(spec).load
-    kwargs = {"memory_budget_bytes": memory_budget_bytes} if "memory_budget_bytes" in inspect.signature(load).parameters else {}
+    params = inspect.signature(load).parameters
+    kwargs = {"memory_budget_bytes": memory_budget_bytes} if "memory_budget_bytes" in params else {}
+    resolved = resolve_dtype(spec.extraction.dtype if dtype is None else dtype, device)
+    if "dtype" in params:
+        kwargs["dtype"] = resolved
+    elif resolved != "float32":
+        raise TeacherLoadError(f"teacher {spec.name!r}: extraction.dtype {resolved!r} is not supported by family "
+                               f"{spec.family!r} (it runs float32 only)")
     teacher = load(spec, Path(snapshot_dir), device, **kwargs)
     unknown = [layer for layer in spec.extraction.layers if layer not in teacher.layer_names()]
     if unknown:

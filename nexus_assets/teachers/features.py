@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 
 from nexus_assets.core.atomic import atomic_path, sha256_json
 from nexus_assets.core.feature_store import cache_features, cache_key
+from nexus_assets.core.precision import resolve_dtype
 from nexus_assets.core.registry import TeacherSpec, active_profile
 from nexus_assets.teachers.base import load_teacher
 from nexus_assets.teachers.snapshot import verify_snapshot
@@ -24,10 +25,17 @@ COMPACT_CACHE = True
 TEACHER_WRITTEN = "teacher_written"  # the source name, the row_id prefix and the folder inside a cache entry
 
 
-def feature_cache_key(spec: TeacherSpec, snapshot_hash: str, data_hash: str, profile: str | None = None) -> str:
+def feature_cache_key(spec: TeacherSpec, snapshot_hash: str, data_hash: str, profile: str | None = None,
+                      device: str = "cpu") -> str:
     """exclude_none keeps the keys of teachers without optional settings (teacher_written) unchanged;
-    with teacher_written, the profile's prompt count is part of the key (it changes the cached rows)."""
+    with teacher_written, the profile's prompt count is part of the key (it changes the cached rows). The
+    dtype enters as what it resolves to on `device` (its features differ), and only when not float32, so a
+    float32 pass keeps the key it always had."""
     extraction = spec.extraction.model_dump(exclude_none=True)
+    extraction.pop("dtype", None)
+    dtype = resolve_dtype(spec.extraction.dtype, device)
+    if dtype != "float32":
+        extraction["dtype"] = dtype
     tw = spec.extraction.teacher_written
     if tw is not None:
         extraction["teacher_written_prompts"] = tw.prompts_for(profile or active_profile())
@@ -118,12 +126,13 @@ def extract_teacher_features(
     t0 = time.time()
     snap = verify_snapshot(snapshot_dir)
     profile = active_profile()
-    key = feature_cache_key(spec, snap["content_hash"], data_hash, profile)
+    key = feature_cache_key(spec, snap["content_hash"], data_hash, profile, device)
     entry = Path(teacher_dir) / key
     teacher = load_teacher(spec, snapshot_dir, device, memory_budget_bytes)
     streamed = getattr(teacher, "streamed", False)
     load_s = time.time() - t0
-    log(f"[{spec.name}] loaded in {load_s:.1f} s ({teacher.num_parameters() / 1e6:.1f} M params"
+    dtype = getattr(teacher, "dtype", "float32")
+    log(f"[{spec.name}] loaded in {load_s:.1f} s ({teacher.num_parameters() / 1e6:.1f} M params, {dtype}"
         f"{', layer-streamed: weights exceed the memory budget' if streamed else ''}); cache key {key}")
     tw = spec.extraction.teacher_written
     prompts = teacher_written_prompts(spec, probe_rows, tw.prompts_for(profile)) if tw is not None else []
@@ -146,7 +155,7 @@ def extract_teacher_features(
         token_hidden_fraction=spec.extraction.token_hidden_fraction,
         manifest_extra={"cache_key": key, "snapshot_hash": snap["content_hash"], "data_hash": data_hash,
                         "extraction": spec.extraction.model_dump(), "teacher_params": teacher.num_parameters(),
-                        "load_seconds": round(load_s, 2), "device": device, "layer_streamed": streamed,
+                        "load_seconds": round(load_s, 2), "device": device, "dtype": dtype, "layer_streamed": streamed,
                         "teacher_written_rows": written.num_rows if written is not None else 0},
         log=log,
     )

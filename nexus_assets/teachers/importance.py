@@ -15,7 +15,7 @@ def profile_importance(spec: TeacherSpec, snapshot_dir: Path, rows: list[dict], 
     """For each capability and cached layer: ranked scores as Parquet and the protected set covering `mass`."""
     import pyarrow.parquet as pq
 
-    teacher = load_teacher(spec, snapshot_dir, device)
+    teacher = load_teacher(spec, snapshot_dir, device, dtype="float32")  # gradients: full precision
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"teacher": spec.name, "mass": mass, "sample_rows": len(rows), "capabilities": {}}
     for cap in spec.capabilities:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nexus_assets.core.precision import native_bf16
 from nexus_assets.student.config import adapter_name
 from nexus_assets.student.modules import PooledHead, _pool
 from nexus_assets.student.tower import StudentTower
@@ -59,16 +60,6 @@ def setup_dist(tc: TrainConfig) -> Dist:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         owns = True
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owns_group=owns)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 natively (CUDA since Ampere; a CPU with AVX512-BF16 or AMX):
-    elsewhere bfloat16 is emulated and slower than float32, so "auto" mixed precision stays off."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    cpu = getattr(torch, "cpu", None)
-    probes = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(p()) for p in probes if callable(p))
 
 
 def autocast_bf16(mixed_precision: str, device: torch.device, native=native_bf16) -> bool:

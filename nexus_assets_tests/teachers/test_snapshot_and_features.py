@@ -11,7 +11,7 @@ import torch
 
 from nexus_assets.core.feature_store import FeatureCacheError, current_entry, read_features
 from nexus_assets.core.registry import TeacherSpec
-from nexus_assets.teachers.base import load_teacher
+from nexus_assets.teachers.base import TeacherLoadError, load_teacher
 from nexus_assets.teachers.features import extract_teacher_features
 from nexus_assets.teachers.snapshot import SnapshotError, build_snapshot, verify_snapshot
 from nexus_assets_tests.helpers import tiny_llama_dir
@@ -223,3 +223,46 @@ def test_unchanged_source_reuses_the_snapshot_and_a_changed_one_rebuilds_it(llam
     cfg.write_text(cfg.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
     m3 = build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
     assert m3["content_hash"] != m1["content_hash"]
+
+
+def test_bfloat16_feature_pass_is_close_to_float32_and_keyed_apart(llama_dir, tmp_path):
+    """extraction.dtype bfloat16: the weights compute in bf16 (twice float32's speed where bf16 is native),
+    the cached features stay float32 columns close to the float32 pass, in their own cache entry; the
+    layer-streamed pass computes in bf16 too. "auto" resolves per device and a float32 pass keeps its key."""
+    from nexus_assets.core.precision import resolve_dtype
+    from nexus_assets.teachers.features import feature_cache_key
+
+    src = {"kind": "path", "path": str(llama_dir)}
+    spec32, spec16 = spec_for(src), spec_for(src, dtype="bfloat16")
+    build_snapshot(spec32, tmp_path / "snap", log=lambda s: None)
+    rows = probe_rows(8)
+    e32, m32 = _extract(spec32, tmp_path / "snap", rows, tmp_path / "f32")
+    e16, m16 = _extract(spec16, tmp_path / "snap", rows, tmp_path / "f16")
+    es, ms = _extract(spec16, tmp_path / "snap", rows, tmp_path / "fs", memory_budget_bytes=10_000)
+    assert (m32["dtype"], m16["dtype"], ms["dtype"]) == ("float32", "bfloat16", "bfloat16") and ms["layer_streamed"]
+    assert e32.name != e16.name and e16.name == es.name
+    assert load_teacher(spec16, tmp_path / "snap").model.dtype == torch.bfloat16
+    assert load_teacher(spec16, tmp_path / "snap", dtype="float32").model.dtype == torch.float32
+    a, b = read_features(e32, "tokens").to_pydict(), read_features(e16, "tokens").to_pydict()
+    lse32, lse16 = np.array(a["logsumexp"]), np.array(b["logsumexp"])
+    assert read_features(e16, "tokens").schema.field("logsumexp").type == pa.float32()
+    assert not np.array_equal(lse32, lse16), "bf16 must actually run in bf16"
+    np.testing.assert_allclose(lse16, lse32, atol=0.1)
+    top1 = np.array(a["topk_ids"])[:, 0] == np.array(b["topk_ids"])[:, 0]
+    assert top1.mean() >= 0.9
+    np.testing.assert_allclose(np.array(read_features(es, "tokens").to_pydict()["logsumexp"]), lse32, atol=0.1)
+
+    assert feature_cache_key(spec_for(src, dtype="float32"), "s", "d") == feature_cache_key(spec32, "s", "d")
+    assert resolve_dtype("auto", "cpu", native=lambda d: False) == "float32"
+    assert resolve_dtype("auto", "cpu", native=lambda d: True) == "bfloat16"
+    with pytest.raises(ValueError, match="dtype 'half'"):
+        resolve_dtype("half", "cpu")
+
+
+def test_a_float32_only_family_refuses_bfloat16_by_name(tmp_path):
+    spec = TeacherSpec.model_validate(dict(
+        name="tiny-vit", modality="vision", tower="vision", family="efficientnet_lite", capabilities=["vision.classify"],
+        dataset="image-probe", source={"kind": "path", "path": str(tmp_path)}, extraction={"dtype": "bfloat16"}))
+    with pytest.raises(TeacherLoadError, match="teacher 'tiny-vit': extraction.dtype 'bfloat16' is not supported "
+                                               "by family 'efficientnet_lite'"):
+        load_teacher(spec, tmp_path)

@@ -59,13 +59,15 @@ def _tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.T
 
 
 class CausalLMTeacher:
-    def __init__(self, spec: TeacherSpec, folder: Path, device: str):
+    def __init__(self, spec: TeacherSpec, folder: Path, device: str, dtype: str = "float32"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.spec, self.device = spec, device
+        from nexus_assets.core.precision import DTYPES
+
+        self.spec, self.device, self.dtype = spec, device, dtype
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
-            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype]).to(device).eval()
         except Exception as e:
             raise TeacherLoadError(f"teacher {spec.name!r}: cannot load weights from {folder}: {e}") from e
         _pad_right(self.tokenizer)
@@ -185,10 +187,10 @@ class StreamedCausalLMTeacher:
 
     streamed = True
 
-    def __init__(self, spec: TeacherSpec, folder: Path, memory_budget_bytes: int):
+    def __init__(self, spec: TeacherSpec, folder: Path, memory_budget_bytes: int, dtype: str = "float32"):
         from transformers import AutoConfig, AutoTokenizer
 
-        self.spec, self.folder, self.budget = spec, folder, memory_budget_bytes
+        self.spec, self.folder, self.budget, self.dtype = spec, folder, memory_budget_bytes, dtype
         try:
             self.config = AutoConfig.from_pretrained(folder)
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -205,6 +207,7 @@ class StreamedCausalLMTeacher:
         return weights_bytes(self.folder) // 4  # fp32 checkpoints; an estimate for other dtypes
 
     def forward(self, rows: list[dict]) -> TeacherOutputs:
+        from nexus_assets.core.precision import DTYPES
         from nexus_assets.teachers.causal_lm.layer_streaming import stream_causal_lm
 
         ex = self.spec.extraction
@@ -212,15 +215,17 @@ class StreamedCausalLMTeacher:
         out = stream_causal_lm(
             self.folder, enc["input_ids"], enc["attention_mask"],
             layers=[int(n.split(".")[1]) for n in ex.layers], token_layers=[int(n.split(".")[1]) for n in ex.token_layers],
-            top_k=ex.top_k, memory_cap_bytes=self.budget // 4,
+            top_k=ex.top_k, memory_cap_bytes=self.budget // 4, dtype=DTYPES[self.dtype],
         )
         rename = lambda d: {(f"hidden.layers.{k.split('.')[1]}" if k.startswith("hidden.") else k): v for k, v in d.items()}
         return TeacherOutputs(items=rename(out["items"]), tokens=rename(out["tokens"]))
 
 
-def load(spec: TeacherSpec, snapshot_dir: Path, device: str = "cpu", memory_budget_bytes: int | None = None):
+def load(spec: TeacherSpec, snapshot_dir: Path, device: str = "cpu", memory_budget_bytes: int | None = None,
+         dtype: str = "float32"):
     """The in-memory teacher, or the layer-streamed one when the weights exceed the budget (or the registry
-    says `stream_layers: always`)."""
+    says `stream_layers: always`), computing in `dtype` ("float32" | "bfloat16"; logits and cached features
+    are upcast to float32 either way)."""
     from nexus_assets.teachers.causal_lm.layer_streaming import should_stream, weights_bytes
 
     folder = model_dir(snapshot_dir)
@@ -228,5 +233,5 @@ def load(spec: TeacherSpec, snapshot_dir: Path, device: str = "cpu", memory_budg
     if mode != "never" and device == "cpu":
         budget = memory_budget_bytes or 2**62
         if should_stream(weights_bytes(folder), budget, mode):
-            return StreamedCausalLMTeacher(spec, folder, budget)
-    return CausalLMTeacher(spec, folder, device)
+            return StreamedCausalLMTeacher(spec, folder, budget, dtype)
+    return CausalLMTeacher(spec, folder, device, dtype)

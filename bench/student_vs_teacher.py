@@ -146,7 +146,7 @@ def _teacher_rows(reps: int) -> dict:
         try:
             if not (snap / "manifest.json").exists():
                 build_snapshot(spec, snap, log=lambda *_: None)
-            teacher = load_teacher(spec, snap, "cpu")
+            teacher = load_teacher(spec, snap, "cpu", dtype="float32")  # both sides float32, as the table says
         except Exception as e:  # a missing teacher package: say so, keep benchmarking the rest
             print(f"  teacher {spec.name}: not loaded ({type(e).__name__}: {e})")
             continue

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import soundfile as sf
 
@@ -255,3 +256,23 @@ def test_load_without_conversion_or_with_corrupt_weights_fails_naming_file(snaps
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(TeacherLoadError, match=r"whisper-tiny-en.*model\.safetensors"):
         whisper.load(_spec(), broken, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("flite") is None, reason="flite is not installed (apt-get install flite)")
+def test_real_whisper_in_bfloat16_transcribes_like_float32(snapshot, tmp_path):
+    """extraction.dtype bfloat16 (the registry's 'auto' where bf16 is native): the encoder in bf16, the
+    decoder float32; the same transcripts as the float32 pass, logits close, every cached column float32."""
+    from nexus_assets.teachers.base import load_teacher
+
+    spec = _spec(layers=["encoder.1", "decoder.4"], token_layers=[], top_k=5)
+    rows = [{"row_id": f"slt{i}", "wav": _flite(s, "slt", tmp_path / f"{i}.wav"), "transcript": s, "speaker": "slt"}
+            for i, s in enumerate(SENTENCES)]
+    t32, t16 = load_teacher(spec, snapshot, dtype="float32"), load_teacher(spec, snapshot, dtype="bfloat16")
+    assert (t32.dtype, t16.dtype) == ("float32", "bfloat16")
+    assert (t16.model.model.encoder.dtype, t16.model.model.decoder.dtype) == (torch.bfloat16, torch.float32)
+    a, b = t32.forward(rows), t16.forward(rows)
+    assert b.items["transcript"] == a.items["transcript"]
+    assert b.items["hidden.encoder.1"].dtype == np.float32 and b.tokens["logsumexp"].dtype == np.float32
+    assert not np.array_equal(a.tokens["logsumexp"], b.tokens["logsumexp"]), "bf16 must actually run in bf16"
+    np.testing.assert_allclose(b.tokens["logsumexp"], a.tokens["logsumexp"], atol=0.5)

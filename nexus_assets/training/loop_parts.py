@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nexus_assets.core.precision import native_bf16
+from nexus_assets.core.precision import native_bf16, resolve_dtype
 from nexus_assets.student.config import adapter_name
 from nexus_assets.student.modules import PooledHead, _pool
 from nexus_assets.student.tower import StudentTower
@@ -63,8 +63,10 @@ def setup_dist(tc: TrainConfig) -> Dist:
 
 
 def autocast_bf16(mixed_precision: str, device: torch.device, native=native_bf16) -> bool:
-    """TrainConfig.mixed_precision resolved on the training device: "bf16" always, "auto" where native."""
-    return mixed_precision == "bf16" or (mixed_precision == "auto" and native(device))
+    """TrainConfig.mixed_precision resolved on the training device by the rule every "auto" dtype follows
+    (core.precision.resolve_dtype): "bf16" always, "auto" where native."""
+    setting = {"no": "float32", "bf16": "bfloat16"}.get(mixed_precision, mixed_precision)
+    return resolve_dtype(setting, device, native) == "bfloat16"
 
 
 def batch_indices(n: int, global_batch: int, seed: int, phase: int, step: int) -> list[int]:

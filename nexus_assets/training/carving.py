@@ -32,6 +32,17 @@ class CarveSettings:
     audio: dict = field(default_factory=dict)
 
 
+def carve_is_the_teacher(cfg) -> bool:
+    """True when a carved tower is its teacher unchanged: an image-classifier carve that kept every channel
+    and whose only head is the teacher's own classifier (BatchNorm folded, nothing else touched). Such a
+    tower has nothing to heal; any step could only move it away from the function retention measures."""
+    plan = getattr(cfg, "carve", None) or {}
+    if getattr(cfg, "init", None) != "carved" or plan.get("family") != "efficientnet_lite":
+        return False
+    full = plan.get("report", {}).get("param_fraction", 0.0) >= 1.0 and plan.get("head") == 1280
+    return full and [h.kind for h in cfg.capabilities.values()] == ["classes"]
+
+
 def carve_teacher(tower: str, teachers: Sequence[TeacherSpec]) -> TeacherSpec:
     """The teacher `tower` is carved from; ValueError naming the families when none can be carved."""
     mine = [t for t in teachers if t.tower == tower and t.enabled]

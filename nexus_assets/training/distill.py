@@ -123,6 +123,7 @@ def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_ent
     enabled ones of the registry on disk), which name the tower's heads."""
     from nexus_assets.probes.probe_data import read_probe_rows
     from .tower_data import load_tower_data
+    from .carving import carve_is_the_teacher
     from .train_loop import cpu_train_config, train_tower
 
     from nexus_assets.core.registry import load_registry
@@ -136,6 +137,11 @@ def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_ent
     log(f"[{tower}] {cfg.init} init, width {cfg.width}, depth {cfg.depth}, ranks {cfg.lora_rank}; {len(train)} train / {len(val)} val "
         f"rows; anchoring {sorted(f'{t}:{l}:{m[1].shape[0]}d' for (t, l), m in pca.items())}")
     init_state = carved_init_state(cfg, snapshot_dirs) if cfg.init == "carved" else None
+    if carve_is_the_teacher(cfg):
+        # nothing pruned, no fresh head: the teacher's own weights are the student (steps can be forced
+        # through overrides, e.g. to measure what they do)
+        overrides = {"phase_a_steps": 0, "phase_b_steps": 0, **overrides}
+        log(f"[{tower}] the carve kept all of {cfg.carve.get('teacher', 'its teacher')}: no steps to train")
     tc = cpu_train_config(tower, init=cfg.init, device=device, **overrides)
     inputs = {"features": {t: str(p) for t, p in sorted(feature_entries.items())},
               "architecture": sha256_json(architecture), "overrides": dict(overrides),

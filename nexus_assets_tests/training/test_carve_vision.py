@@ -62,6 +62,18 @@ def test_full_carve_reproduces_the_teacher(teacher):
     with torch.no_grad():
         torch.testing.assert_close(tower.eval()({"pixels": x}, "vision.classify")["out"], model(x), atol=1e-3, rtol=1e-4)
     assert isinstance(tower.anchor_proj["vision_classify__features"], torch.nn.Identity)
+    # the full carve is the teacher: nothing to train; a pruned carve, or a fresh head beside the classifier, is not
+    import dataclasses
+
+    from nexus_assets.training.carving import carve_is_the_teacher
+
+    assert carve_is_the_teacher(cfg)
+    pruned = carved_vision_config(_base(), plan_vision_carve(d / "lite0.pth", _images(4), keep_fraction=0.95,
+                                                             log=lambda s: None), 4)
+    assert not carve_is_the_teacher(pruned)
+    extra = {**cfg.capabilities, "vision.embed": HeadSpec("embedding", 512, "clip", {})}
+    assert not carve_is_the_teacher(dataclasses.replace(cfg, capabilities=extra, lora_rank={c: 4 for c in extra}))
+    assert not carve_is_the_teacher(dataclasses.replace(cfg, init="random"))
 
 
 def test_pruned_carve_fits_the_budget_keeps_important_channels_and_round_trips(teacher, tmp_path):

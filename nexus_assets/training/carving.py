@@ -36,10 +36,11 @@ def carve_is_the_teacher(cfg) -> bool:
     """True when a carved tower is its teacher unchanged: an image-classifier carve that kept every channel
     and whose only head is the teacher's own classifier (BatchNorm folded, nothing else touched). Such a
     tower has nothing to heal; any step could only move it away from the function retention measures."""
-    plan = getattr(cfg, "carve", None) or {}
-    if getattr(cfg, "init", None) != "carved" or plan.get("family") != "efficientnet_lite":
+    plan = cfg.carve or {}
+    if cfg.init != "carved" or plan.get("family") != "efficientnet_lite":
         return False
-    full = plan.get("report", {}).get("param_fraction", 0.0) >= 1.0 and plan.get("head") == 1280
+    # the carver's parameter count falls with every dropped channel: a fraction of 1 means all were kept
+    full = plan.get("report", {}).get("param_fraction", 0.0) >= 1.0
     return full and [h.kind for h in cfg.capabilities.values()] == ["classes"]
 
 

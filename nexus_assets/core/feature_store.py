@@ -196,19 +196,22 @@ def cache_features(
     log: Callable[[str], None] = print,
     compact: bool = False,
     token_hidden_fraction: float | None = None,
+    batch_by: Callable[[dict], float] | None = None,
 ) -> dict:
     """Run `forward` over every probe row, chunk by chunk, resuming from the last complete chunk.
 
     rows: the probe table (row_id, split, + the input columns). compact: token top-k logits and hidden
     layers as float16 (read back as float32). token_hidden_fraction: per-token hidden layers in their own
-    table for that fraction of the items (module docstring). Returns the manifest.
+    table for that fraction of the items (module docstring). batch_by: a row's length (e.g. its characters):
+    rows of a chunk are batched in that order, so a padded batch holds rows of like length and pads little;
+    the chunk's tables keep the probe's row order. Returns the manifest.
     """
     folder.mkdir(parents=True, exist_ok=True)
     with _entry_lock(folder, teacher, log):
         return _cache_features_locked(forward, rows, folder, teacher=teacher, batch_size=batch_size,
                                       chunk_rows=chunk_rows, input_columns=input_columns,
                                       manifest_extra=manifest_extra, log=log, compact=compact,
-                                      token_hidden_fraction=token_hidden_fraction)
+                                      token_hidden_fraction=token_hidden_fraction, batch_by=batch_by)
 
 
 @contextlib.contextmanager
@@ -229,8 +232,16 @@ def _entry_lock(folder: Path, teacher: str, log):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _in_row_order(table: pa.Table | None, order: dict[str, int]) -> pa.Table | None:
+    """`table`'s rows sorted by their row_id's place in `order` (stable: a row's tokens keep their order)."""
+    if table is None or table.num_rows == 0:
+        return table
+    key = np.array([order[r] for r in table.column("row_id").to_pylist()])
+    return table.take(pa.array(np.argsort(key, kind="stable")))
+
+
 def _cache_features_locked(forward, rows, folder, *, teacher, batch_size, chunk_rows, input_columns,
-                           manifest_extra, log, compact, token_hidden_fraction) -> dict:
+                           manifest_extra, log, compact, token_hidden_fraction, batch_by=None) -> dict:
     n = rows.num_rows
     plans = [ChunkPlan(i, s, min(s + chunk_rows, n)) for i, s in enumerate(range(0, n, chunk_rows))]
     done = [p.index for p in plans if chunk_is_complete(folder, p.index)]
@@ -243,9 +254,11 @@ def _cache_features_locked(forward, rows, folder, *, teacher, batch_size, chunk_
             chunks.append(json.loads(_chunk_files(folder, p.index)["marker"].read_text()))
             continue
         part = rows.slice(p.start, p.stop - p.start).select(["row_id", "split", *input_columns]).to_pylist()
+        order = {r["row_id"]: i for i, r in enumerate(part)}
+        run = sorted(part, key=batch_by) if batch_by is not None else part  # stable: ties keep row order
         item_tables, token_tables, hidden_tables = [], [], []
-        for b in range(0, len(part), batch_size):
-            batch = part[b:b + batch_size]
+        for b in range(0, len(run), batch_size):
+            batch = run[b:b + batch_size]
             out = forward(batch)
             it, tk, th = outputs_to_tables([r["row_id"] for r in batch], [r["split"] for r in batch], out, teacher,
                                            compact=compact, token_hidden_fraction=token_hidden_fraction)
@@ -256,7 +269,10 @@ def _cache_features_locked(forward, rows, folder, *, teacher, batch_size, chunk_
                 hidden_tables.append(th)
         items = _concat(item_tables)
         tokens = _concat(token_tables) if token_tables else None
-        chunks.append(write_chunk(folder, p.index, items, tokens, _concat(hidden_tables) if hidden_tables else None))
+        hidden = _concat(hidden_tables) if hidden_tables else None
+        if batch_by is not None:
+            items, tokens, hidden = (_in_row_order(t, order) for t in (items, tokens, hidden))
+        chunks.append(write_chunk(folder, p.index, items, tokens, hidden))
         processed += len(part)
         rate = processed / max(time.time() - t0, 1e-9)
         log(f"[{teacher}] chunk {p.index + 1}/{len(plans)}: {p.stop}/{n} rows, {rate:.1f} rows/s")

@@ -97,28 +97,33 @@ def _lm(rt, cap, entry: Path, ids: list[str], n_boot: int, seed: int) -> dict:
     by_row: dict[str, list] = defaultdict(list)
     for r in tok.to_pylist():
         by_row[r["row_id"]].append(r)
-    per = []  # per row: n, student hits, teacher hits, agreement, student logprob sum, teacher logprob sum
-    for rid in ids:
-        rows = sorted(by_row.get(rid, []), key=lambda r: r["position"])
-        if len(rows) < 2:
-            continue
+    rows_of = [(rid, sorted(by_row[rid], key=lambda r: r["position"])) for rid in ids if len(by_row.get(rid, [])) >= 2]
+    order = {rid: i for i, (rid, _) in enumerate(rows_of)}  # the bootstrap resamples rows in `ids` order
+    rows_of.sort(key=lambda x: len(x[1]))  # equal lengths share a forward pass
+
+    def row_log_probs(chunk: int = 32):  # (T, V) float32 per row: a chunk at a time, never all rows at once
+        for c in range(0, len(rows_of), chunk):
+            part = rows_of[c:c + chunk]
+            yield from zip(part, rt.text_log_probs([[r["token_id"] for r in rows] for _, rows in part]))
+
+    per = {}  # row -> n, student hits, teacher hits, agreement, student logprob sum, teacher logprob sum
+    for (rid, rows), lp in row_log_probs():
         token_ids = np.array([r["token_id"] for r in rows])  # (T,)
-        logits = rt.text_logits(token_ids)  # (Ts, V), Ts = min(T, max_len)
-        ts = logits.shape[0]
-        lp = logits - np.logaddexp.reduce(logits.astype(np.float64), axis=-1, keepdims=True)  # (Ts, V) log-probs
+        lp = lp.numpy()  # (Ts, V) student log-probs over the teacher's ids, Ts = min(T, max_len)
+        ts = lp.shape[0]
         nxt = np.concatenate([token_ids[1:ts], [-1]])  # (Ts,) true next token
         valid = np.array([r["has_next"] for r in rows[:ts]]) & (np.arange(ts) + 1 < ts)
-        pred = logits.argmax(-1)
+        pred = lp.argmax(-1)
         teacher_top1 = np.array([r["topk_ids"][0] for r in rows[:ts]])
         if not valid.any():
             continue
-        per.append([valid.sum(), M.next_token_hits(pred, nxt, valid).sum(),
+        per[rid] = [valid.sum(), M.next_token_hits(pred, nxt, valid).sum(),
                     M.next_token_hits(teacher_top1, nxt, valid).sum(), (pred == teacher_top1)[valid].sum(),
-                    lp[np.arange(ts)[valid], nxt[valid]].sum(),
-                    np.array([r["next_logprob"] for r in rows[:ts]])[valid].sum()])
+                    lp[np.arange(ts)[valid], nxt[valid]].astype(np.float64).sum(),
+                    np.array([r["next_logprob"] for r in rows[:ts]])[valid].sum()]
     if not per:
         return {"n": 0, "retention": None, "note": "no rows with a next token"}
-    a = np.asarray(per, dtype=np.float64)  # (N, 6)
+    a = np.asarray([per[r] for r in sorted(per, key=order.__getitem__)], dtype=np.float64)  # (N, 6)
     n, sh, th, ag, slp, tlp = a.T
     s_score, t_score = sh.sum() / n.sum(), th.sum() / n.sum()
     ppl_s, ppl_t = float(np.exp(-slp.sum() / n.sum())), float(np.exp(-tlp.sum() / n.sum()))

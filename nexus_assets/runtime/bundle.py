@@ -195,6 +195,31 @@ class TowerRuntime:
         return out[0].float().cpu().numpy()
 
     @torch.no_grad()
+    def text_log_probs(self, rows: Sequence[Sequence[int]], batch_size: int = 16) -> list[torch.Tensor]:
+        """Next-token log-probabilities over the teacher's ids for many rows: row i (T_i,) -> (T_i', V)
+        float32 CPU, T_i' = min(T_i, max_len). Rows of one length share a forward pass (no padding, so
+        the figures are those of `text_logits` one row at a time); validation measures thousands of rows."""
+        self._need(f"{self.name}.generate")
+        batch_size = check_count(batch_size, "batch_size", 4096)
+        cut = [list(r)[: self.cfg.max_len] for r in rows]
+        if any(not r for r in cut):
+            raise InputError("text_log_probs: every row needs at least one token id")
+        by_len: dict[int, list[int]] = {}
+        for i, r in enumerate(cut):
+            by_len.setdefault(len(r), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(cut)
+        cap = f"{self.name}.generate"
+        for idx in by_len.values():
+            for b in range(0, len(idx), batch_size):
+                part = idx[b:b + batch_size]
+                ids = torch.as_tensor([cut[i] for i in part], dtype=torch.long)  # (B, T)
+                logits = self.tower.to_teacher_vocab(cap, self.tower(self._to({"input_ids": ids}), cap)["out"])
+                lp = torch.log_softmax(logits.float(), dim=-1).cpu()  # (B, T, V)
+                for j, i in enumerate(part):
+                    out[i] = lp[j]
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
     def text_generate(self, prompt: str, max_new_tokens: int = 32) -> str:
         """Greedy continuation of `prompt` (its last max_len tokens are the context); 1 <= max_new_tokens
         <= MAX_NEW_TOKENS, because 0 or less used to echo the prompt as if it were an answer."""

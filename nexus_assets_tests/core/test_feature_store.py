@@ -165,3 +165,36 @@ def test_sampled_token_hidden_table_holds_a_stable_fraction_of_items_and_feeds_p
     assert summary["layers"]["layers.1"]["rows"] == 4 * len(items)  # position 0 skipped
     with pytest.raises(ValueError, match="token_hidden_fraction"):
         fs.sampled_items(["a"], 0.0)
+
+
+def test_batch_by_groups_rows_of_like_length_and_keeps_the_cache_in_row_order(tmp_path):
+    """Padded text batches cost their longest row: batch_by batches a chunk's rows by length, yet the cached
+    tables are those of the probe order (the same rows, positions and values, in the same order)."""
+    n = 24
+    lengths = [(7 * i) % 13 + 1 for i in range(n)]
+    rows = pa.table({"row_id": [f"src/i{i}/0" for i in range(n)], "split": ["train"] * n,
+                     "text": ["x" * k for k in lengths]})
+    seen = []
+
+    def forward(batch):
+        seen.append([len(r["text"]) for r in batch])
+        return lm_forward(batch)
+
+    kw = dict(teacher="fake-lm", batch_size=4, chunk_rows=12, input_columns=["text"], log=lambda s: None,
+              compact=True)
+    plain = cache_features(lm_forward, rows, tmp_path / "plain", **kw)
+    by_len = cache_features(forward, rows, tmp_path / "by_len", batch_by=lambda r: len(r["text"]), **kw)
+    assert by_len["token_rows"] == plain["token_rows"] == 5 * n
+    for kind in ("items", "tokens"):
+        a, b = read_features(tmp_path / "plain", kind), read_features(tmp_path / "by_len", kind)
+        assert a.column_names == b.column_names
+        for col in a.column_names:
+            assert a[col].equals(b[col]), (kind, col)
+    # within each chunk of 12, the forward saw its rows shortest first; the padded width (a batch's longest
+    # row) summed over batches is below the probe order's
+    for chunk in (seen[:3], seen[3:]):
+        flat = [k for batch in chunk for k in batch]
+        assert flat == sorted(flat)
+    padded = lambda batches: sum(max(b) * len(b) for b in batches)
+    plain_batches = [lengths[s:s + 4] for c in (0, 12) for s in range(c, c + 12, 4)]
+    assert padded(seen) < padded(plain_batches)

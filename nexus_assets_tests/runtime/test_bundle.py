@@ -110,3 +110,21 @@ def test_dynamic_int8_load(bundle_dir):
     a = Bundle.load(bundle_dir).text_embed(["w1 w2 w3"])
     b = Bundle.load(bundle_dir, int8_compute="dynamic").text_embed(["w1 w2 w3"])
     assert b.shape == a.shape and float((a @ b.T)[0, 0]) > 0.9
+
+
+def test_text_log_probs_batches_rows_without_changing_them(bundle_dir):
+    """Validation scores thousands of rows through text_log_probs: rows of one length share a forward pass,
+    and each row's figures must be those of text_logits on that row alone."""
+    import torch
+
+    rt = Bundle.load(bundle_dir).tower("text")
+    rows = [[5, 6, 7], [8, 9], [10, 11, 12], [13]]  # lengths 3, 2, 3, 1: two rows batched together
+    got = rt.text_log_probs(rows, batch_size=2)
+    assert [tuple(g.shape[:1]) for g in got] == [(3,), (2,), (3,), (1,)]
+    for row, lp in zip(rows, got):
+        want = torch.log_softmax(torch.from_numpy(rt.text_logits(row)), dim=-1)
+        assert torch.allclose(lp, want, atol=1e-4)
+        assert torch.allclose(lp.exp().sum(-1), torch.ones(len(row)), atol=1e-4)
+    assert not torch.allclose(got[0], got[2][:3])  # different rows, different figures
+    with pytest.raises(InputError, match="at least one token"):
+        rt.text_log_probs([[1, 2], []])

@@ -149,7 +149,7 @@ class TrainConfig:
 # +0.04, so at 12,000 items the tower is bound by steps and capacity more than by distinct rows (on the
 # 4,800-item probe, 2.1 epochs had memorised: 0.87 on train rows, 0.60 held-out). A profile with 10-100x the
 # data must still train longer or its extra data is never seen. `full` is hours on the
-# same 2 cores (text ~1 s a step in bfloat16: ~1.3 h of text steps, 0.4 epoch of its 96k train rows;
+# same 2 cores (text ~1 s a step in bfloat16: ~2 h of text steps, 0.6 epoch of its 96k train rows, 5x the default's text steps;
 # vision 1.25 epochs of 51k views; audio 0.75 epoch of 16k utterances); `gpu`: about 3 epochs at a GPU's batch
 # (not yet measured on one). tiny (tests) uses the default table.
 #
@@ -171,7 +171,7 @@ class TrainConfig:
 # 480 steps 0.61 / 0.48, 720 steps 0.64 / 0.50 (text.embed 0.90 / 0.68 -> 0.83 / 0.67, held-out ~100 queries).
 CARVED_STEPS = {
     "default": {"text": (1440, 30, 8), "vision": (200, 40, 32), "audio": (0, 120, 8)},
-    "full": {"text": (4800, 300, 8), "vision": (2000, 200, 32), "audio": (0, 1500, 8)},
+    "full": {"text": (7200, 300, 8), "vision": (2000, 200, 32), "audio": (0, 1500, 8)},
     "gpu": {"text": (3000, 300, 32), "vision": (1200, 200, 128), "audio": (0, 1500, 32)},
 }
 # learning-rate multiplier of a carved tower's teacher weights (TrainConfig.carved_lr_scale); 1 = as new ones

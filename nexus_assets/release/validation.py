@@ -98,17 +98,17 @@ def _lm(rt, cap, entry: Path, ids: list[str], n_boot: int, seed: int) -> dict:
     for r in tok.to_pylist():
         by_row[r["row_id"]].append(r)
     rows_of = [(rid, sorted(by_row[rid], key=lambda r: r["position"])) for rid in ids if len(by_row.get(rid, [])) >= 2]
-    order = {rid: i for i, (rid, _) in enumerate(rows_of)}  # the bootstrap resamples rows in `ids` order
+    rows_of = [(rid, rows, np.array([r["token_id"] for r in rows])) for rid, rows in rows_of]  # (T,) ids once
+    order = {rid: i for i, (rid, _, _) in enumerate(rows_of)}  # the bootstrap resamples rows in `ids` order
     rows_of.sort(key=lambda x: len(x[1]))  # equal lengths share a forward pass
 
     def row_log_probs(chunk: int = 32):  # (T, V) float32 per row: a chunk at a time, never all rows at once
         for c in range(0, len(rows_of), chunk):
             part = rows_of[c:c + chunk]
-            yield from zip(part, rt.text_log_probs([[r["token_id"] for r in rows] for _, rows in part]))
+            yield from zip(part, rt.text_log_probs([token_ids.tolist() for _, _, token_ids in part]))
 
     per = {}  # row -> n, student hits, teacher hits, agreement, student logprob sum, teacher logprob sum
-    for (rid, rows), lp in row_log_probs():
-        token_ids = np.array([r["token_id"] for r in rows])  # (T,)
+    for (rid, rows, token_ids), lp in row_log_probs():
         lp = lp.numpy()  # (Ts, V) student log-probs over the teacher's ids, Ts = min(T, max_len)
         ts = lp.shape[0]
         nxt = np.concatenate([token_ids[1:ts], [-1]])  # (Ts,) true next token

@@ -190,9 +190,13 @@ class TowerRuntime:
         """Next-token logits at every position: (T,) ids -> (T, V) float32; row t predicts token t+1."""
         self._need(f"{self.name}.generate")
         ids = torch.as_tensor(list(token_ids)[: self.cfg.max_len], dtype=torch.long)[None]  # (1, T)
-        out = self.tower(self._to({"input_ids": ids}), f"{self.name}.generate")["out"]  # (1, T, V)
-        out = self.tower.to_teacher_vocab(f"{self.name}.generate", out)  # carved: over the teacher's ids
-        return out[0].float().cpu().numpy()
+        return self._lm_out(ids)[0].float().cpu().numpy()
+
+    def _lm_out(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, V) next-token logits over the teacher's ids (a carved tower's kept
+        vocabulary mapped back)."""
+        cap = f"{self.name}.generate"
+        return self.tower.to_teacher_vocab(cap, self.tower(self._to({"input_ids": ids}), cap)["out"])
 
     @torch.no_grad()
     def text_log_probs(self, rows: Sequence[Sequence[int]], batch_size: int = 16) -> list[torch.Tensor]:
@@ -208,13 +212,11 @@ class TowerRuntime:
         for i, r in enumerate(cut):
             by_len.setdefault(len(r), []).append(i)
         out: list[torch.Tensor | None] = [None] * len(cut)
-        cap = f"{self.name}.generate"
         for idx in by_len.values():
             for b in range(0, len(idx), batch_size):
                 part = idx[b:b + batch_size]
                 ids = torch.as_tensor([cut[i] for i in part], dtype=torch.long)  # (B, T)
-                logits = self.tower.to_teacher_vocab(cap, self.tower(self._to({"input_ids": ids}), cap)["out"])
-                lp = torch.log_softmax(logits.float(), dim=-1).cpu()  # (B, T, V)
+                lp = torch.log_softmax(self._lm_out(ids).float(), dim=-1).cpu()  # (B, T, V)
                 for j, i in enumerate(part):
                     out[i] = lp[j]
         return out  # type: ignore[return-value]

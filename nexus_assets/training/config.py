@@ -49,6 +49,9 @@ class TrainConfig:
     """Weight of the cosine loss of embedding heads."""
     w_lwf: float = 0.5
     """Weight of the learning-without-forgetting loss in phase (b)."""
+    w_ce: float = 0.0
+    """Weight of cross-entropy on the TRUE next token of "lm" heads, next to their KD (the data's own labels,
+    as DistilBERT's hard loss); 0 = KD only. Targets the trimmed vocabulary drops do not count."""
     head_probe_epochs: int = 0
     """Linear-probe warm start of a pooled head (embedding / classes) at the start of its phase (b):
     epochs over the training rows' cached pooled states, backbone frozen, the head's own losses (LP-FT,
@@ -116,7 +119,7 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name}: must be an int >= {lo}, got {v!r}")
         pos = ("lr", "adapter_lr", "head_probe_lr", "carved_lr_scale", "temperature", "grad_clip", "spike_factor", "anchor_escalation")
-        nonneg = ("weight_decay", "w_kd", "w_anchor", "w_gram", "w_cosine", "w_lwf", "alpha_start", "alpha_end",
+        nonneg = ("weight_decay", "w_kd", "w_anchor", "w_gram", "w_cosine", "w_lwf", "w_ce", "alpha_start", "alpha_end",
                   "min_delta")
         for name in pos + nonneg:
             v = getattr(self, name)

@@ -229,6 +229,20 @@ def sequence_kd_loss(
     )
 
 
+def next_token_ce_loss(student_logits: torch.Tensor, target_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the student's logits (B, T, V) on the true next token ids (B, T) over the
+    positions `valid` (B, T) marks; 0 (attached to the graph) when none counts. The hard-label term
+    next to KD: the metric a text student is judged by is next-token accuracy on real text."""
+    if student_logits.ndim != 3:
+        raise _shape_error("student_logits", student_logits, "(B, T, V)")
+    if target_ids.shape != student_logits.shape[:2] or valid.shape != student_logits.shape[:2]:
+        raise ValueError(f"target_ids {tuple(target_ids.shape)} and valid {tuple(valid.shape)} must be "
+                         f"(B, T) = {tuple(student_logits.shape[:2])}")
+    if not bool(valid.any()):
+        return student_logits.sum() * 0.0
+    return F.cross_entropy(_f32(student_logits[valid]), target_ids[valid].long())
+
+
 def anchoring_loss(
     student_hidden: torch.Tensor,
     projection: nn.Module | torch.Tensor,

@@ -13,8 +13,8 @@ from nexus_assets.student.config import TowerConfig
 from nexus_assets.student.tower import StudentTower
 
 from .config import TrainConfig
-from .losses import (anchoring_loss, cosine_embedding_loss, gram_loss, lwf_loss, sequence_kd_loss,
-                     topk_kd_loss, weighted_sum)
+from .losses import (anchoring_loss, cosine_embedding_loss, gram_loss, lwf_loss, next_token_ce_loss,
+                     sequence_kd_loss, topk_kd_loss, weighted_sum)
 from .tower_data import INPUT_KEYS, TowerData
 
 
@@ -72,8 +72,11 @@ def task_losses(cap: str, kind: str, res: dict, batch: dict, tc: TrainConfig) ->
     out = res["out"]
     if kind in ("lm", "asr"):
         mask = batch[f"{cap}:mask"]  # (B, T|U)
-        return {"kd": sequence_kd_loss(out, batch[f"{cap}:topk_ids"], batch[f"{cap}:topk_logits"],
-                                       batch[f"{cap}:logsumexp"], tc.temperature, mask)}
+        losses = {"kd": sequence_kd_loss(out, batch[f"{cap}:topk_ids"], batch[f"{cap}:topk_logits"],
+                                         batch[f"{cap}:logsumexp"], tc.temperature, mask)}
+        if kind == "lm" and tc.w_ce > 0:
+            losses["ce"] = next_token_ce_loss(out, batch[f"{cap}:next_ids"], batch[f"{cap}:next_valid"])
+        return losses
     if kind == "classes":
         t = batch[f"{cap}:logits"]  # (B, C): the full teacher distribution, so k = C, no tail bucket
         ids = torch.arange(t.shape[1], device=t.device).expand(t.shape[0], -1)
@@ -85,11 +88,11 @@ def task_losses(cap: str, kind: str, res: dict, batch: dict, tc: TrainConfig) ->
     return losses
 
 
-_KIND_WEIGHT = {"kd": "w_kd", "cosine": "w_cosine", "gram": "w_gram"}
+_KIND_WEIGHT = {"kd": "w_kd", "ce": "w_ce", "cosine": "w_cosine", "gram": "w_gram"}
 
 
 def task_loss_weight(name: str, tc: TrainConfig, teacher_weight: float = 1.0) -> float:
-    """The TrainConfig weight of one `task_losses` entry ("kd", "cosine", "gram") times the teacher's."""
+    """The TrainConfig weight of one `task_losses` entry ("kd", "ce", "cosine", "gram") times the teacher's."""
     return getattr(tc, _KIND_WEIGHT[name]) * teacher_weight
 
 

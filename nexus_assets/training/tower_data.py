@@ -17,6 +17,7 @@ sharding are plain indexing. Keys:
                       dec_ids (N, P+U-1) long, dec_mask (N, P+U-1) bool  (when an "asr" head exists)
     targets   "<cap>:topk_ids" (N, T|U, k) long, "<cap>:topk_logits" (N, T|U, k), "<cap>:logsumexp" (N, T|U),
               "<cap>:mask" (N, T|U) bool           for "lm" / "asr" heads (sequence top-k KD)
+              "<cap>:next_ids" (N, T) long, "<cap>:next_valid" (N, T) bool   for "lm" heads (true next token)
               "<cap>:embedding" (N, D)             for "embedding" heads
               "<cap>:logits" (N, C)                for "classes" heads
               "<cap>:hidden.<layer>" (N, Ht)       for every anchored teacher layer (mean-pooled)
@@ -137,6 +138,21 @@ def remap_topk(ids: np.ndarray, logits: np.ndarray, old_to_new: np.ndarray, fall
                 flat_new[r, s_] = next(free)
                 flat_lg[r, s_] = -1e4
     return new, lg
+
+
+def next_token_targets(ids: np.ndarray, mask: np.ndarray, remap: tuple[np.ndarray, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """True next-token targets of (N, T) token ids: (targets, valid), both (N, T); position t holds
+    token t+1, valid where both t and t+1 are real tokens and (carved) token t+1 is in the kept
+    vocabulary. The last position has no next token in the window and never counts."""
+    nxt = np.zeros_like(ids)
+    nxt[:, :-1] = ids[:, 1:]
+    valid = np.zeros_like(mask, dtype=bool)
+    valid[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    if remap is not None:
+        old_to_new, fallback = remap
+        nxt = old_to_new[nxt]
+        valid &= nxt != fallback
+    return nxt * valid, valid
 
 
 def _carved_vocab(tower_cfg: TowerConfig) -> tuple[np.ndarray, int] | None:
@@ -277,7 +293,11 @@ def _text_inputs(src: _Sources, tensors: dict, trim: dict) -> None:
             tk = tok if h.teacher == source else src.tokens_of(h.teacher)
             _seq_targets(tensors, cap, tk, rows, n, T, 0, _carved_vocab(cfg))
             tensors[f"{cap}:mask"] = torch.from_numpy(_scatter_tokens(tk, rows, n, T, "__mask__", 0, False, bool)) & tensors["attention_mask"]
-            trim.update({f"{cap}:{c}": ("attention_mask", 0) for c in ("topk_ids", "topk_logits", "logsumexp", "mask")})
+            nxt, valid = next_token_targets(ids, mask, _carved_vocab(cfg))
+            tensors[f"{cap}:next_ids"] = torch.from_numpy(nxt)
+            tensors[f"{cap}:next_valid"] = torch.from_numpy(valid) & tensors[f"{cap}:mask"]
+            trim.update({f"{cap}:{c}": ("attention_mask", 0)
+                         for c in ("topk_ids", "topk_logits", "logsumexp", "mask", "next_ids", "next_valid")})
 
 
 def _vision_inputs(src: _Sources, tensors: dict, trim: dict) -> None:
@@ -382,7 +402,10 @@ def synthetic_tower_data(cfg: TowerConfig, n: int, seed: int = 0, seq_len: int |
             ids_, lg, lse = seq_topk(t["input_ids"], h.out_dim)
             t[f"{cap}:topk_ids"], t[f"{cap}:topk_logits"], t[f"{cap}:logsumexp"] = ids_, lg, lse
             t[f"{cap}:mask"] = t["attention_mask"].clone()
-            trim.update({f"{cap}:{c}": ("attention_mask", 0) for c in ("topk_ids", "topk_logits", "logsumexp", "mask")})
+            nxt, valid = next_token_targets(t["input_ids"].numpy() % h.out_dim, t["attention_mask"].numpy(), None)
+            t[f"{cap}:next_ids"], t[f"{cap}:next_valid"] = torch.from_numpy(nxt), torch.from_numpy(valid)
+            trim.update({f"{cap}:{c}": ("attention_mask", 0)
+                         for c in ("topk_ids", "topk_logits", "logsumexp", "mask", "next_ids", "next_valid")})
         elif h.kind == "asr":
             p = len(cfg.asr_prompt_ids)
             U = min(12, cfg.asr_max_len - p + 1)

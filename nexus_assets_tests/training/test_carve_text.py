@@ -279,3 +279,18 @@ def test_embedding_head_exits_early_at_the_measured_block(tiny_llama):
     assert not torch.allclose(early, last, atol=1e-3)  # block 1, not the last block
     with pytest.raises(ValueError, match="only a pooled head"):
         HeadSpec("lm", V, "t", {}, exit_block=1)
+
+
+def test_next_token_targets_shift_mask_and_drop_tokens_outside_the_kept_vocabulary():
+    from nexus_assets.training.tower_data import next_token_targets
+
+    ids = np.array([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = np.array([[True, True, True, False], [True, True, False, False]])
+    nxt, valid = next_token_targets(ids, mask, None)
+    assert nxt.tolist() == [[6, 7, 0, 0], [9, 0, 0, 0]]
+    assert valid.tolist() == [[True, True, False, False], [True, False, False, False]]
+    old_to_new = np.full(10, 3)  # carved: teacher ids 6 and 9 kept as 0 and 1, the rest -> fallback 3
+    old_to_new[6], old_to_new[9] = 0, 1
+    nxt, valid = next_token_targets(ids, mask, (old_to_new, 3))
+    assert valid.tolist() == [[True, False, False, False], [True, False, False, False]]  # 7 was dropped
+    assert nxt[valid].tolist() == [0, 1]

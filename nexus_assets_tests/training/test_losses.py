@@ -15,6 +15,7 @@ from nexus_assets.training.losses import (
     cosine_embedding_loss,
     gram_loss,
     lwf_loss,
+    next_token_ce_loss,
     router_balance_loss,
     router_entropy,
     sequence_kd_loss,
@@ -538,3 +539,24 @@ def test_weighted_sum_loss_without_weight_names_it():
 def test_weighted_sum_rejects_bad_inputs(losses, weights, match):
     with pytest.raises(ValueError, match=match):
         weighted_sum(losses, weights)
+
+
+def test_next_token_ce_counts_only_valid_positions():
+    # two positions count: one-hot-ish logits make the answer known: -log softmax at the target
+    logits = torch.full((1, 3, 4), 0.0)
+    logits[0, 0, 2] = math.log(3.0)  # p(2) = 3 / 6 = 0.5
+    logits[0, 1, 1] = 5.0
+    logits[0, 2] = torch.tensor([float("nan")] * 4)  # a masked position is never read
+    targets = torch.tensor([[2, 0, 3]])
+    valid = torch.tensor([[True, True, False]])
+    want = (-math.log(0.5) + -(0.0 - math.log(3.0 + math.exp(5.0)))) / 2
+    assert_close(next_token_ce_loss(logits, targets, valid), torch.tensor(want), rtol=1e-5, atol=1e-6)
+
+
+def test_next_token_ce_none_valid_is_zero_with_a_graph_and_rejects_bad_shapes():
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    loss = next_token_ce_loss(logits, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.bool))
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    with pytest.raises(ValueError, match="target_ids"):
+        next_token_ce_loss(logits, torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool))

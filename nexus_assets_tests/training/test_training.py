@@ -319,6 +319,17 @@ def test_text_rows_only_the_lm_teacher_has_are_kept_and_masked_for_the_others(tm
     obj.phase_caps = ["text.embed"]
     total, parts = obj(data.batch(written))
     assert parts == {} and float(total.detach()) == 0.0 and total.requires_grad
+    # the true next token (w_ce): position t holds the cached token t+1 of the same row; the last never counts
+    ids, nxt = data.tensors["input_ids"], data.tensors["text.generate:next_ids"]
+    valid = data.tensors["text.generate:next_valid"]
+    assert torch.equal(nxt[:, :3], ids[:, 1:4]) and valid[:, :3].all() and not valid[:, 3:].any()
+    obj = TowerObjective(tower, TC(batch_size=6, w_ce=0.5), anchor_context(cfg, data, None, None))
+    obj.phase_caps = ["text.generate"]
+    total, parts = obj(data.batch(list(range(6))))
+    out = tower.head_forward("text.generate", tower.encode({"input_ids": ids, "attention_mask": data.tensors["attention_mask"]}),
+                             {})["out"]
+    want = torch.nn.functional.cross_entropy(out[:, :3].reshape(-1, out.shape[-1]), nxt[:, :3].reshape(-1))
+    assert abs(parts["text.generate.ce"] - float(want)) < 1e-4
 
 
 def test_load_tower_data_audio(tmp_path):

@@ -97,8 +97,11 @@ def _lm(rt, cap, entry: Path, ids: list[str], n_boot: int, seed: int) -> dict:
     by_row: dict[str, list] = defaultdict(list)
     for r in tok.to_pylist():
         by_row[r["row_id"]].append(r)
-    rows_of = [(rid, sorted(by_row[rid], key=lambda r: r["position"])) for rid in ids if len(by_row.get(rid, [])) >= 2]
-    rows_of = [(rid, rows, np.array([r["token_id"] for r in rows])) for rid, rows in rows_of]  # (T,) ids once
+    rows_of = []  # (row id, its token rows by position, their (T,) token ids)
+    for rid in ids:
+        if len(by_row.get(rid, [])) >= 2:
+            rows = sorted(by_row[rid], key=lambda r: r["position"])
+            rows_of.append((rid, rows, np.array([r["token_id"] for r in rows])))
     order = {rid: i for i, (rid, _, _) in enumerate(rows_of)}  # the bootstrap resamples rows in `ids` order
     rows_of.sort(key=lambda x: len(x[1]))  # equal lengths share a forward pass
 

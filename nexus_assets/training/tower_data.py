@@ -288,12 +288,13 @@ def _text_inputs(src: _Sources, tensors: dict, trim: dict) -> None:
     if not mask[:, 0].all():
         bad = [row_ids[i] for i in np.nonzero(~mask[:, 0])[0][:3]]
         raise FeatureCacheError(f"teacher {source!r}: rows {bad} have no token at position 0")
+    remap = _carved_vocab(cfg)
     for cap, h in caps.items():
         if h.kind == "lm":
             tk = tok if h.teacher == source else src.tokens_of(h.teacher)
-            _seq_targets(tensors, cap, tk, rows, n, T, 0, _carved_vocab(cfg))
+            _seq_targets(tensors, cap, tk, rows, n, T, 0, remap)
             tensors[f"{cap}:mask"] = torch.from_numpy(_scatter_tokens(tk, rows, n, T, "__mask__", 0, False, bool)) & tensors["attention_mask"]
-            nxt, valid = next_token_targets(ids, mask, _carved_vocab(cfg))
+            nxt, valid = next_token_targets(ids, mask, remap)
             tensors[f"{cap}:next_ids"] = torch.from_numpy(nxt)
             tensors[f"{cap}:next_valid"] = torch.from_numpy(valid) & tensors[f"{cap}:mask"]
             trim.update({f"{cap}:{c}": ("attention_mask", 0)

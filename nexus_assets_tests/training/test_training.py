@@ -399,3 +399,12 @@ def test_training_imports_no_teacher(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "OK 7" in r.stdout
+
+
+def test_carved_text_distils_at_temperature_one_and_overrides_win():
+    from nexus_assets.training.config import cpu_train_config
+
+    assert cpu_train_config("text", "carved").temperature == 1.0  # exact coarsened KL of the cached top-k
+    assert cpu_train_config("text", "random").temperature == TrainConfig().temperature
+    assert cpu_train_config("vision", "carved").temperature == TrainConfig().temperature
+    assert cpu_train_config("text", "carved", temperature=3.0).temperature == 3.0

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(flite espeak-ng sox fortunes fortunes-min man-db groff-base manpages mate-backgrounds lomiri-wallpapers-20.04
               gnome-backgrounds ukui-wallpapers chromium chromium-driver
               # probe corpora (nexus_assets/probes/text_corpora.py, image_corpora.py; licenses in datasets.yaml)
-              dict-gcide wordnet-base debian-reference-en
+              dict-gcide wordnet-base debian-reference-en debian-handbook gnome-user-docs
               gcompris-qt-data opencv-doc plasma-workspace-wallpapers stellarium-data)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

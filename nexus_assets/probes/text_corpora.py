@@ -336,28 +336,36 @@ def handbook_paragraphs(html: str) -> list[str]:
     return [p for p in parser.paragraphs if p]
 
 
-def read_debian_handbook(seed: int, notes: list[str], root: Path | str = DEBIAN_HANDBOOK_DIR) -> Iterator[TextItem]:
-    """The Debian Administrator's Handbook (~300k words of system-administration prose, 129 pages);
-    keys carry the page name."""
-    root = Path(root)
+def read_page_corpus(source: str, root: Path, pattern: str, package: str, what: str, parse,
+                     parse_errors: tuple = (), *, seed: int, notes: list[str]) -> Iterator[TextItem]:
+    """A documentation package of one file per page: each page's paragraphs (`parse(text)`) cut into
+    passages keyed "<page stem>:<i>", in seeded order. A missing folder is a noted skip; no page, an
+    unreadable page or no prose at all is an error naming the source and the file or folder."""
     if not root.is_dir():
-        notes.append(f"debian_handbook: {root} not found (apt-get install debian-handbook); skipped, 0 items")
+        notes.append(f"{source}: {root} not found (apt-get install {package}); skipped, 0 items")
         return
-    pages = sorted(root.glob("*.html"))
+    pages = sorted(root.glob(pattern))
     if not pages:
-        raise ProbeSourceError(f"source 'debian_handbook': {root}: no HTML pages")
+        raise ProbeSourceError(f"source '{source}': {root}: no {what}")
     by_key: dict[str, str] = {}
     for page in pages:
         try:
-            html = page.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ProbeSourceError(f"source 'debian_handbook': {page}: unreadable ({e})") from e
-        for i, p in enumerate(paragraphs_to_passages(handbook_paragraphs(html))):
+            paragraphs = parse(page.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, *parse_errors) as e:
+            raise ProbeSourceError(f"source '{source}': {page}: unreadable page ({e})") from e
+        for i, p in enumerate(paragraphs_to_passages(paragraphs)):
             by_key[safe_key(f"{page.stem}:{i}")] = p
     if not by_key:
-        raise ProbeSourceError(f"source 'debian_handbook': {root}: no prose passages in {len(pages)} pages")
+        raise ProbeSourceError(f"source '{source}': {root}: no prose passages in {len(pages)} pages")
     for key in hash_order(by_key, seed):
         yield TextItem(key, by_key[key])
+
+
+def read_debian_handbook(seed: int, notes: list[str], root: Path | str = DEBIAN_HANDBOOK_DIR) -> Iterator[TextItem]:
+    """The Debian Administrator's Handbook (~300k words of system-administration prose, 129 pages);
+    keys carry the page name."""
+    yield from read_page_corpus("debian_handbook", Path(root), "*.html", "debian-handbook", "HTML pages",
+                                handbook_paragraphs, seed=seed, notes=notes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,25 +390,8 @@ def mallard_paragraphs(xml_text: str) -> list[str]:
 def read_gnome_help(seed: int, notes: list[str], root: Path | str = GNOME_HELP_DIR) -> Iterator[TextItem]:
     """The GNOME desktop user help (~290 task pages: files, settings, networking, accessibility);
     keys carry the page id."""
-    root = Path(root)
-    if not root.is_dir():
-        notes.append(f"gnome_help: {root} not found (apt-get install gnome-user-docs); skipped, 0 items")
-        return
-    pages = sorted(root.glob("*.page"))
-    if not pages:
-        raise ProbeSourceError(f"source 'gnome_help': {root}: no Mallard .page files")
-    by_key: dict[str, str] = {}
-    for page in pages:
-        try:
-            paragraphs = mallard_paragraphs(page.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ET.ParseError) as e:
-            raise ProbeSourceError(f"source 'gnome_help': {page}: unreadable page ({e})") from e
-        for i, p in enumerate(paragraphs_to_passages(paragraphs)):
-            by_key[safe_key(f"{page.stem}:{i}")] = p
-    if not by_key:
-        raise ProbeSourceError(f"source 'gnome_help': {root}: no prose passages in {len(pages)} pages")
-    for key in hash_order(by_key, seed):
-        yield TextItem(key, by_key[key])
+    yield from read_page_corpus("gnome_help", Path(root), "*.page", "gnome-user-docs", "Mallard .page files",
+                                mallard_paragraphs, (ET.ParseError,), seed=seed, notes=notes)
 
 
 TEXT_SOURCES = {

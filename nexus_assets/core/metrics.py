@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = [
-    "next_token_hits", "perplexity", "rankdata", "spearman", "recall_at_1_hits", "pairwise_upper",
+    "next_token_hits", "transcripts_agree", "perplexity", "rankdata", "spearman", "recall_at_1_hits", "pairwise_upper",
     "eer", "speaker_pairs", "word_errors", "normalize_transcript", "wer", "topk_agreement",
     "retention", "bootstrap_ci", "ratio_of_sums",
 ]
@@ -183,6 +183,23 @@ def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
     if e[:, 1].sum() == 0:
         raise ValueError("wer: the references have no words")
     return float(e[:, 0].sum() / e[:, 1].sum())
+
+
+def transcripts_agree(refs: Sequence[str], hyps: Sequence[str], max_wer: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per utterance, whether the teacher's transcript `hyp` is within `max_wer` word error rate of the
+    sentence that was spoken (both normalised): distil-whisper's pseudo-label filter, which keeps the
+    student from learning the teacher's mistakes. Returns (keep (N,) bool, wer (N,) float64); an
+    utterance whose reference has no words is kept (nothing to check it against), its WER NaN."""
+    if len(refs) != len(hyps):
+        raise ValueError(f"transcripts_agree: {len(refs)} references but {len(hyps)} hypotheses")
+    if not (isinstance(max_wer, (int, float)) and not isinstance(max_wer, bool) and max_wer >= 0):
+        raise ValueError(f"transcripts_agree: max_wer must be a number >= 0, got {max_wer!r}")
+    rates = np.full(len(refs), np.nan)
+    for i, (r, h) in enumerate(zip(refs, hyps)):
+        errors, words = word_errors(normalize_transcript(r or ""), normalize_transcript(h or ""))
+        if words:
+            rates[i] = errors / words
+    return ~(rates > max_wer), rates
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ def tower_adapter(context: dg.AssetExecutionContext, config: TowerTrainingConfig
             "parameters": summary.get("num_parameters", 0),
             "final_val_losses": dg.MetadataValue.json(summary.get("final_val", {})),
             "final_train_losses": dg.MetadataValue.json(summary.get("final_train", {})),
+            "data_left_out": dg.MetadataValue.json(summary.get("data_notes", {})),
             "rollbacks": summary.get("rollbacks", 0), "nan_skips": summary.get("nan_skips", 0),
             "seconds": summary.get("seconds", 0.0),
             "inputs_hash": sha256_json(summary["inputs"])[:16],

@@ -122,7 +122,7 @@ def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_ent
     """Train one tower from upstream artifacts only. teachers: the registry's TeacherSpecs (default: the
     enabled ones of the registry on disk), which name the tower's heads."""
     from nexus_assets.probes.probe_data import read_probe_rows
-    from .tower_data import load_tower_data
+    from .tower_data import ASR_MAX_TEACHER_WER, load_tower_data
     from .carving import carve_is_the_teacher
     from .train_loop import cpu_train_config, train_tower
 
@@ -136,6 +136,9 @@ def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_ent
     pca, importance = anchoring_inputs(cfg, subspace_dirs, importance_dirs, anchor_variance)
     log(f"[{tower}] {cfg.init} init, width {cfg.width}, depth {cfg.depth}, ranks {cfg.lora_rank}; {len(train)} train / {len(val)} val "
         f"rows; anchoring {sorted(f'{t}:{l}:{m[1].shape[0]}d' for (t, l), m in pca.items())}")
+    for split, data in (("train", train), ("val", val)):
+        for cap, note in data.notes.items():
+            log(f"[{tower}] {cap} ({split}): {note}")
     init_state = carved_init_state(cfg, snapshot_dirs) if cfg.init == "carved" else None
     if carve_is_the_teacher(cfg):
         # nothing pruned, no fresh head: the teacher's own weights are the student (steps can be forced
@@ -146,6 +149,8 @@ def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_ent
     inputs = {"features": {t: str(p) for t, p in sorted(feature_entries.items())},
               "architecture": sha256_json(architecture), "overrides": dict(overrides),
               "anchor_variance": anchor_variance}
+    if any(h.kind == "asr" for h in cfg.capabilities.values()):
+        inputs["asr_max_teacher_wer"] = ASR_MAX_TEACHER_WER
     # one work dir per (inputs, tower config, train config): a killed run resumes from its checkpoints,
     # while changed inputs or settings start fresh instead of resuming someone else's optimizer state
     run_key = sha256_json([inputs, cfg.to_dict(), tc.to_dict()])[:12]
@@ -159,7 +164,8 @@ def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_ent
     summary.update(out_dir=str(work), run_key=run_key, tower_dir=str(tower_dir), teachers=sorted(feature_entries),
                    runtime_files=extra, inputs=inputs, params_sha256=summary["param_sha256"],
                    final_val={c: v.get("val") for c, v in summary["final_losses"].items()},
-                   final_train={c: v.get("train") for c, v in summary["final_losses"].items()})
+                   final_train={c: v.get("train") for c, v in summary["final_losses"].items()},
+                   data_notes={"train": train.notes, "val": val.notes})
     return summary
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nexus_assets.core import metrics as M
 from nexus_assets.core.feature_store import FeatureCacheError, column_matrix, read_features
 from nexus_assets.student.carved import audio_input_features
 from nexus_assets.student.config import TowerConfig
@@ -47,6 +48,9 @@ from nexus_assets.student.transforms import decode_wav, preprocess_image
 __all__ = ["TowerData", "load_tower_data", "synthetic_tower_data", "INPUT_KEYS"]
 
 INPUT_KEYS = ("input_ids", "attention_mask", "pixels", "mels", "mel_mask", "dec_ids", "dec_mask")
+# distil-whisper's pseudo-label filter: an utterance whose teacher transcript is more than 10% WER from the
+# sentence spoken teaches the teacher's mistake, not speech
+ASR_MAX_TEACHER_WER = 0.10
 _PROBE_COLUMN = {"text": "text", "vision": "image", "audio": "wav"}
 _TOKEN_COLUMNS = ("row_id", "position", "token_id", "topk_ids", "topk_logits", "logsumexp")
 
@@ -63,6 +67,7 @@ class TowerData:
     row_ids: list[str]
     tensors: dict[str, torch.Tensor]
     trim: dict[str, tuple[str, int]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # capability -> what loading left out and why
 
     def __post_init__(self):
         n = len(self.row_ids)
@@ -182,6 +187,7 @@ def load_tower_data(
     teacher_features: Mapping[str, Path],
     probe_rows: Mapping[str, "object"],
     splits: Sequence[str] = ("train",),
+    asr_max_wer: float | None = ASR_MAX_TEACHER_WER,
 ) -> TowerData:
     """Read the tower's cached teacher features and probe inputs for `splits` into a TowerData.
 
@@ -190,6 +196,8 @@ def load_tower_data(
         teacher_features: teacher name -> feature cache entry directory (as `feature_store.current_entry`).
         probe_rows: dataset name -> pyarrow Table of probe rows (row_id + `text` / `image` / `wav`).
         splits: which splits to load ("train" for training, "val" for early stopping).
+        asr_max_wer: an "asr" capability learns only from utterances whose teacher transcript is within
+            this WER of the spoken sentence (the probe's `transcript`); None keeps every utterance.
 
     Raises:
         ValueError: a capability's teacher has no features, no probe table has the modality's input
@@ -201,11 +209,13 @@ def load_tower_data(
         raise ValueError(f"tower {tower_cfg.name!r}: teacher_features lacks {missing} "
                          f"(needed by {[c for c, h in caps.items() if h.teacher in missing]})")
     col = _PROBE_COLUMN[tower_cfg.modality]
-    probe = {}
+    probe, spoken = {}, {}
     for name, table in probe_rows.items():
         if col in table.column_names:
             for rid, value in zip(table.column("row_id").to_pylist(), table.column(col).to_pylist()):
                 probe[rid] = value
+            if "transcript" in table.column_names:
+                spoken.update(zip(table.column("row_id").to_pylist(), table.column("transcript").to_pylist()))
     if not probe:
         raise ValueError(f"tower {tower_cfg.name!r}: no probe table in {sorted(probe_rows)} has column {col!r}")
 
@@ -222,12 +232,12 @@ def load_tower_data(
     if not row_ids:
         raise ValueError(f"tower {tower_cfg.name!r}: no row of splits {list(splits)} is common to the "
                          f"teachers {sorted(items)} and the probe rows")
-    src = _Sources(tower_cfg, teacher_features, items, row_ids, probe)
+    src = _Sources(tower_cfg, teacher_features, items, row_ids, probe, spoken, asr_max_wer)
     tensors: dict[str, torch.Tensor] = {}
     trim: dict[str, tuple[str, int]] = {}
     {"text": _text_inputs, "vision": _vision_inputs, "audio": _audio_inputs}[tower_cfg.modality](src, tensors, trim)
     _item_targets(src, tensors)
-    return TowerData(row_ids, tensors, trim)
+    return TowerData(row_ids, tensors, trim, src.notes)
 
 
 @dataclass
@@ -240,6 +250,9 @@ class _Sources:
     items: dict
     row_ids: list[str]
     probe: dict
+    spoken: dict = field(default_factory=dict)  # row_id -> the sentence the probe spoke (audio)
+    asr_max_wer: float | None = None
+    notes: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.n, self.rows = len(self.row_ids), _row_index(self.row_ids)
@@ -332,6 +345,26 @@ def _audio_inputs(src: _Sources, tensors: dict, trim: dict) -> None:
         tensors["dec_mask"] = torch.cat([torch.ones(n, p, dtype=torch.bool), torch.from_numpy(tmask[:, :-1])], 1)
         trim.update({f"{cap}:{c}": (f"{cap}:mask", 0) for c in ("topk_ids", "topk_logits", "logsumexp", "mask", "target_ids")})
         trim.update({"dec_ids": (f"{cap}:mask", p - 1), "dec_mask": (f"{cap}:mask", p - 1)})
+        _filter_teacher_transcripts(src, tensors, cap, h.teacher)
+
+
+def _filter_teacher_transcripts(src: _Sources, tensors: dict, cap: str, teacher: str) -> None:
+    """`<cap>:rows` False where the teacher misheard the spoken sentence (WER > src.asr_max_wer): its
+    transcript would teach the student the teacher's mistake (distil-whisper's pseudo-label filter)."""
+    items = src.items[teacher]
+    if src.asr_max_wer is None or "transcript" not in items.column_names or not src.spoken:
+        return
+    heard = dict(zip(items.column("row_id").to_pylist(), items.column("transcript").to_pylist()))
+    keep, rates = M.transcripts_agree([src.spoken.get(r) or "" for r in src.row_ids],
+                                      [heard.get(r) or "" for r in src.row_ids], src.asr_max_wer)
+    if not keep.any():
+        raise ValueError(f"tower {src.cfg.name!r}: teacher {teacher!r}'s transcripts are more than "
+                         f"{src.asr_max_wer:.0%} WER from the spoken sentence on all {src.n} utterances "
+                         f"(median WER {np.nanmedian(rates):.2f}): the probe's transcripts and audio disagree")
+    if not keep.all():
+        tensors[f"{cap}:rows"] = torch.from_numpy(keep)
+    src.notes[cap] = (f"{int((~keep).sum())} of {src.n} utterances left out: teacher transcript > "
+                      f"{src.asr_max_wer:.0%} WER from the spoken sentence")
 
 
 def _item_targets(src: _Sources, tensors: dict) -> None:
@@ -343,7 +376,7 @@ def _item_targets(src: _Sources, tensors: dict) -> None:
                 if not bool(rows.any()):
                     raise ValueError(f"tower {src.cfg.name!r}: teacher {h.teacher!r} ({cap}) has none of the "
                                      f"{src.n} rows of the tower's splits")
-                tensors[f"{cap}:rows"] = rows
+                tensors[f"{cap}:rows"] = rows & tensors.get(f"{cap}:rows", rows)
         if h.kind == "embedding":
             tensors[f"{cap}:embedding"] = src.item_matrix(h.teacher, "embedding")
         elif h.kind == "classes":

@@ -131,3 +131,17 @@ def test_eer_sort_sweep_equals_brute_force_threshold_sweep():
         if best is None or abs(far - frr) < best[0]:
             best = (abs(far - frr), (far + frr) / 2)
     assert M.eer(scores, same) == pytest.approx(best[1])
+
+
+def test_transcripts_agree_is_distil_whispers_filter():
+    refs = ["turn off the lights", "the cat sat on the hat", "one two three four five six seven eight nine ten", ""]
+    hyps = ["Turn off the lights.", "the cat sat on a mat", "one two three four five six seven eight nine then",
+            "anything"]
+    keep, rates = M.transcripts_agree(refs, hyps, 0.10)
+    assert keep.tolist() == [True, False, True, True]  # 0, 2/6, 1/10 (at the threshold: kept), no reference
+    assert rates[:3] == pytest.approx([0.0, 2 / 6, 0.1]) and np.isnan(rates[3])
+    assert M.transcripts_agree(refs, hyps, 0.0)[0].tolist() == [True, False, False, True]
+    with pytest.raises(ValueError, match="2 references but 1"):
+        M.transcripts_agree(["a", "b"], ["a"], 0.1)
+    with pytest.raises(ValueError, match="max_wer"):
+        M.transcripts_agree(["a"], ["a"], -0.1)

@@ -364,6 +364,49 @@ def test_load_tower_data_audio(tmp_path):
 
     out = StudentTower(cfg)({k: b[k] for k in ("mels", "mel_mask", "dec_ids", "dec_mask")}, "audio.transcribe")["out"]
     assert out.shape == (2, 3, 1200)
+    assert "audio.transcribe:rows" not in data.tensors and data.notes == {}  # no spoken sentence: nothing to check
+
+
+def test_load_tower_data_drops_misheard_utterances(tmp_path):
+    """distil-whisper's filter: an utterance whose teacher transcript is > 10% WER from the sentence spoken
+    is left out of the ASR targets (row mask + a note), the speaker head keeps it; all misheard is an error."""
+    from nexus_assets.training.objective import capability_rows
+
+    cfg = tiny_config("audio")
+    rows = ["a0", "a1", "a2"]
+    rng = np.random.default_rng(0)
+    write_chunk(tmp_path / "spk", 0, pa.table({
+        "row_id": rows, "split": ["train"] * 3, "embedding": _fsl(rng.normal(size=(3, 16)).astype(np.float32)),
+        "hidden.s.1": _fsl(rng.normal(size=(3, 8)).astype(np.float32))}), None)
+    heard = ["Turn off the lights.", "the cat sat on a mat", "Open the door please"]
+    toks = [(r, 2 + j, 7 + j) for r in rows for j in range(2)]
+    write_chunk(tmp_path / "asr", 0, pa.table({
+        "row_id": rows, "split": ["train"] * 3, "transcript": heard,
+        "hidden.encoder.1": _fsl(rng.normal(size=(3, 8)).astype(np.float32)),
+        "hidden.decoder.1": _fsl(rng.normal(size=(3, 8)).astype(np.float32))}), pa.table({
+        "row_id": [t[0] for t in toks], "position": np.array([t[1] for t in toks], np.int32),
+        "token_id": np.array([t[2] for t in toks], np.int32),
+        "topk_ids": _fsl(np.tile(np.arange(4, dtype=np.int32), (6, 1))),
+        "topk_logits": _fsl(np.zeros((6, 4), np.float32)), "logsumexp": np.full(6, 3.0, np.float32)}))
+    # a1: 2 errors in 6 words (33% WER); a0 and a2 match once case and punctuation are normalised
+    spoken = ["turn off the lights", "the cat sat on the hat", "open the door please"]
+    wavs = [_wav_bytes(1600, 440)] * 3
+    probe = {"speech-probe": pa.table({"row_id": rows, "wav": wavs, "transcript": spoken})}
+    entries = {"spkT": tmp_path / "spk", "asrT": tmp_path / "asr"}
+    data = load_tower_data(cfg, entries, probe)
+    assert data.tensors["audio.transcribe:rows"].tolist() == [True, False, True]
+    assert data.notes == {"audio.transcribe": "1 of 3 utterances left out: teacher transcript > 10% WER from the "
+                                              "spoken sentence"}
+    assert "audio.speaker_embed:rows" not in data.tensors
+    res = {"out": torch.zeros(3, 2, 5)}
+    out, batch = capability_rows("audio.transcribe", res, data.batch([0, 1, 2]))
+    assert out["out"].shape[0] == 2 and batch["audio.transcribe:target_ids"].shape[0] == 2
+    within = load_tower_data(cfg, entries, probe, asr_max_wer=0.5)  # 33% is within 50%: counted, none dropped
+    assert "audio.transcribe:rows" not in within.tensors and within.notes["audio.transcribe"].startswith("0 of 3")
+    assert "audio.transcribe:rows" not in load_tower_data(cfg, entries, probe, asr_max_wer=None).tensors
+    bad = {"speech-probe": pa.table({"row_id": rows, "wav": wavs, "transcript": ["no match at all"] * 3})}
+    with pytest.raises(ValueError, match=r"teacher 'asrT'.*all 3 utterances"):
+        load_tower_data(cfg, entries, bad)
 
 
 # -- the no-teacher guarantee --------------------------------------------------------------------------

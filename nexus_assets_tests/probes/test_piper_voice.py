@@ -47,6 +47,19 @@ def test_piper_missing_names_what_to_install(monkeypatch):
     assert ps.engine_missing("piper") == "piper-tts not installed (pip install piper-tts)"
 
 
+def test_piper_synthesis_without_the_package_names_it(monkeypatch, tmp_path):
+    """Called directly (not through the probe builder's engine check), a machine without piper-tts gets the
+    named message, not an ImportError from inside the engine."""
+    import sys
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "piper" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "piper", None)  # `import piper` now raises ImportError
+    monkeypatch.setattr(ps, "_piper_voices", {})
+    with pytest.raises(RuntimeError, match="piper-tts not installed"):
+        ps.synth_piper("joe", "Hello there my friend.", "k", tmp_path)
+
+
 @needs_piper
 def test_piper_is_never_seen_in_the_speech_probe(tmp_path):
     text = pa.table({"source": ["s"] * 8, "item": [f"i{k}" for k in range(8)],

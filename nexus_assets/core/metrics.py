@@ -189,7 +189,8 @@ def transcripts_agree(refs: Sequence[str], hyps: Sequence[str], max_wer: float) 
     """Per utterance, whether the teacher's transcript `hyp` is within `max_wer` word error rate of the
     sentence that was spoken (both normalised): distil-whisper's pseudo-label filter, which keeps the
     student from learning the teacher's mistakes. Returns (keep (N,) bool, wer (N,) float64); an
-    utterance whose reference has no words is kept (nothing to check it against), its WER NaN."""
+    utterance whose reference has no words (a recording of unknown content) is left out: its pseudo-label
+    cannot be checked; its WER is NaN."""
     if len(refs) != len(hyps):
         raise ValueError(f"transcripts_agree: {len(refs)} references but {len(hyps)} hypotheses")
     if not (isinstance(max_wer, (int, float)) and not isinstance(max_wer, bool) and max_wer >= 0):
@@ -199,7 +200,7 @@ def transcripts_agree(refs: Sequence[str], hyps: Sequence[str], max_wer: float) 
         errors, words = word_errors(normalize_transcript(r or ""), normalize_transcript(h or ""))
         if words:
             rates[i] = errors / words
-    return ~(rates > max_wer), rates
+    return rates <= max_wer, rates
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from nexus_assets.core.atomic import atomic_path, write_json
 from .probe_sources import (
+    RECORDED_ENGINES,
     TARGET_SR,
     IMAGE_SOURCES,
     TEXT_SOURCES,
@@ -463,10 +464,12 @@ def _build_audio(spec: DatasetSpec, size: DatasetSize, seed: int, notes: dict,
             cols["split"].append(_split_for(spec, sent["split_key"], engine, family, base_family(family)))
             cols["content_sha"].append(sha256_bytes(wav))
             cols["wav"].append(wav)
-            cols["transcript"].append(sent["transcript"])
+            # a recording (or a sox variant of one), not the sentence: nothing known was said
+            recorded = base_family(family).partition(":")[0] in RECORDED_ENGINES
+            cols["transcript"].append("" if recorded else sent["transcript"])
             cols["speaker"].append(speaker)
             cols["voice_family"].append(family)
-            cols["text_row_id"].append(sent["text_row_id"])
+            cols["text_row_id"].append("" if recorded else sent["text_row_id"])
             cols["duration_s"].append(samples / TARGET_SR)
     return pa.table(cols, schema=SCHEMAS["audio"])
 

@@ -13,6 +13,7 @@ New sources are added by putting a reader in TEXT_SOURCES, IMAGE_SOURCES or VOIC
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
@@ -554,6 +555,78 @@ def synth_piper(voice: str, text: str, key: str, workdir: Path) -> tuple[str, Pa
     return f"piper:{voice}", out
 
 
+# KLettres (Debian klettres-data, GPL-2+): people reading the letters and syllables of ~20 alphabets, one
+# recorded speaker per language folder (checked with GE2E on 12 clips each: every language's clips are closer
+# to each other than to any other language's on average). The only recorded human voices offline; they carry
+# no sentences, so their utterances have no transcript (`RECORDED_ENGINES`) and teach the speaker head only.
+KLETTRES_DIR = Path("/usr/share/klettres")
+KLETTRES_MIN_SECONDS = 2.5    # GE2E's partial window is 1.6 s; one clip is a single letter or syllable (0.2-7 s)
+KLETTRES_MAX_CLIPS = 8
+KLETTRES_GAP_SECONDS = 0.15
+RECORDED_ENGINES = frozenset({"klettres"})
+
+
+def klettres_missing(voice: str | None = None) -> str | None:
+    """Why the klettres engine (or one of its languages) cannot run here, or None when it can."""
+    if not KLETTRES_DIR.is_dir():
+        return f"klettres-data not installed (apt-get install klettres-data): no {KLETTRES_DIR}"
+    if voice is not None and not (KLETTRES_DIR / voice).is_dir():
+        known = sorted(d.name for d in KLETTRES_DIR.iterdir() if any(d.glob("*/*.ogg")))
+        return f"klettres voice {voice!r}: no folder {KLETTRES_DIR / voice} (languages with recordings: {known})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _klettres_clips(voice: str) -> tuple[Path, ...]:
+    missing = klettres_missing(voice)
+    if missing:
+        raise RuntimeError(missing)
+    clips = tuple(sorted((KLETTRES_DIR / voice).glob("*/*.ogg")))
+    if not clips:
+        raise ProbeSourceError(f"klettres voice {voice!r}: no .ogg recordings under {KLETTRES_DIR / voice}")
+    return clips
+
+
+def trim_silence(audio: np.ndarray, rel_threshold: float = 0.02) -> np.ndarray:
+    """The span between the first and last sample louder than `rel_threshold` of the peak (recordings are
+    padded with silence, up to seconds of it)."""
+    loud = np.flatnonzero(np.abs(audio) > rel_threshold * (np.abs(audio).max() + 1e-12))
+    return audio[loud[0]:loud[-1] + 1] if len(loud) else audio[:0]
+
+
+def synth_klettres(voice: str, text: str, key: str, workdir: Path) -> tuple[str, Path]:
+    """Not synthesis: recordings of one language's reader, clips drawn by the key and joined with short
+    gaps until the utterance is long enough for a speaker embedding. `text` is not spoken (see
+    RECORDED_ENGINES)."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    clips = _klettres_clips(voice)
+    rng = seeded_rng("klettres", key)
+    parts, seconds = [], 0.0
+    for i in rng.permutation(len(clips))[:KLETTRES_MAX_CLIPS]:
+        try:
+            audio, sr = sf.read(str(clips[i]), dtype="float32", always_2d=True)
+        except Exception as e:  # noqa: BLE001 - libsndfile raises its own types; name the file
+            raise ProbeSourceError(f"klettres voice {voice!r}: cannot read {clips[i]}: {e}") from e
+        audio = audio.mean(axis=1)
+        if sr != TARGET_SR:
+            g = np.gcd(int(sr), TARGET_SR)
+            audio = resample_poly(audio, TARGET_SR // g, int(sr) // g).astype(np.float32)
+        audio = trim_silence(audio)
+        if len(audio) == 0:
+            continue
+        parts += [audio, np.zeros(int(KLETTRES_GAP_SECONDS * TARGET_SR), np.float32)]
+        seconds += len(audio) / TARGET_SR + KLETTRES_GAP_SECONDS
+        if seconds >= KLETTRES_MIN_SECONDS:
+            break
+    if not parts:
+        raise ProbeSourceError(f"klettres voice {voice!r}: every recording drawn for {key!r} is silent")
+    out = workdir / "out.wav"
+    sf.write(str(out), np.clip(np.concatenate(parts[:-1]), -1.0, 1.0), TARGET_SR, subtype="PCM_16")
+    return f"klettres:{voice}", out
+
+
 _SOX_VOICE = re.compile(r"^(?P<engine>[a-z]+)\.(?P<voice>[^.]+)\.p(?P<cents>-?\d{1,4})\.t(?P<tempo>\d{2,3})$")
 
 
@@ -561,8 +634,8 @@ def parse_sox_voice(voice: str) -> tuple[str, str, int, int]:
     """'flite.slt.p-300.t110' -> ('flite', 'slt', -300, 110): a base engine voice whose pitch moves by
     `cents` and whose tempo is `tempo` % of the original, which sox turns into a new speaker identity."""
     m = _SOX_VOICE.match(voice)
-    if not m or m["engine"] not in ("flite", "espeak", "piper"):
-        raise ValueError(f"sox voice {voice!r}: expected '<flite|espeak|piper>.<voice>.p<cents>.t<tempo %>', "
+    if not m or m["engine"] not in ("flite", "espeak", "piper", "klettres"):
+        raise ValueError(f"sox voice {voice!r}: expected '<flite|espeak|piper|klettres>.<voice>.p<cents>.t<tempo %>', "
                          f"e.g. 'flite.slt.p-300.t110'")
     cents, tempo = int(m["cents"]), int(m["tempo"])
     if not (-1200 <= cents <= 1200 and 50 <= tempo <= 200):
@@ -605,6 +678,7 @@ VOICE_ENGINES: dict[str, tuple[str, Callable[[str, str, str, Path], tuple[str, P
     "espeak": ("espeak-ng", synth_espeak),
     "sox": ("sox", synth_sox),
     "piper": ("piper-tts", synth_piper),
+    "klettres": ("klettres-data", synth_klettres),
 }
 
 
@@ -612,6 +686,8 @@ def engine_missing(engine: str) -> str | None:
     """Why a speech engine cannot run on this machine (what to install), or None when it can."""
     if engine == "piper":
         return piper_missing()
+    if engine == "klettres":
+        return klettres_missing()
     exe = VOICE_ENGINES[engine][0]
     return None if shutil.which(exe) else f"{exe} not installed (apt-get install {exe})"
 

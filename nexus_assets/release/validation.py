@@ -194,6 +194,11 @@ def _asr(rt, entry: Path, ids: list[str], probe: dict, n_boot: int, seed: int) -
 
     t = read_features(entry, "items", columns=["row_id", "transcript"]).to_pylist()
     t_text = {r["row_id"]: r["transcript"] for r in t}
+    # a recording of unknown content (klettres: letters and syllables) has no reference to score against
+    unscored = {r for r in ids if not M.normalize_transcript(probe[r]["transcript"] or "")}
+    ids = [r for r in ids if r not in unscored]
+    if not ids:
+        return {"n": 0, "retention": None, "note": f"none of the {len(unscored)} utterances has a transcript"}
     per = []
     for r in ids:
         ref = M.normalize_transcript(probe[r]["transcript"])
@@ -209,7 +214,7 @@ def _asr(rt, entry: Path, ids: list[str], probe: dict, n_boot: int, seed: int) -
             "teacher_score": 1 - wer_t, "student_score": 1 - wer_s, "retention": M.retention(1 - wer_s, 1 - wer_t),
             "ci95": _ci((es, et, nw), lambda s, t, w: _ratio(1 - s.sum() / w.sum(), 1 - t.sum() / w.sum()),
                         n_boot, seed),
-            "reported": {"wer_student": wer_s, "wer_teacher": wer_t}}
+            "reported": {"wer_student": wer_s, "wer_teacher": wer_t, "without_transcript": len(unscored)}}
 
 
 def _item_matrix(entry: Path, column: str, ids: list[str]) -> np.ndarray:

@@ -350,21 +350,29 @@ def _audio_inputs(src: _Sources, tensors: dict, trim: dict) -> None:
 
 def _filter_teacher_transcripts(src: _Sources, tensors: dict, cap: str, teacher: str) -> None:
     """`<cap>:rows` False where the teacher misheard the spoken sentence (WER > src.asr_max_wer): its
-    transcript would teach the student the teacher's mistake (distil-whisper's pseudo-label filter)."""
+    transcript would teach the student the teacher's mistake (distil-whisper's pseudo-label filter); and,
+    filter or not, where nothing known was said (a recording with no transcript)."""
     items = src.items[teacher]
-    if src.asr_max_wer is None or "transcript" not in items.column_names or not src.spoken:
+    if "transcript" not in items.column_names or not src.spoken:
         return
     heard = dict(zip(items.column("row_id").to_pylist(), items.column("transcript").to_pylist()))
-    keep, rates = M.transcripts_agree([src.spoken.get(r) or "" for r in src.row_ids],
-                                      [heard.get(r) or "" for r in src.row_ids], src.asr_max_wer)
+    # without the filter, only the recordings of unknown content (no spoken sentence) are left out
+    max_wer = np.inf if src.asr_max_wer is None else src.asr_max_wer
+    spoken = [src.spoken.get(r) or "" for r in src.row_ids]
+    keep, rates = M.transcripts_agree(spoken, [heard.get(r) or "" for r in src.row_ids], max_wer)
+    unknown = int(np.isnan(rates).sum())
+    misheard = int((~keep).sum()) - unknown
     if not keep.any():
-        raise ValueError(f"tower {src.cfg.name!r}: teacher {teacher!r}'s transcripts are more than "
-                         f"{src.asr_max_wer:.0%} WER from the spoken sentence on all {src.n} utterances "
-                         f"(median WER {np.nanmedian(rates):.2f}): the probe's transcripts and audio disagree")
+        raise ValueError(f"tower {src.cfg.name!r}: teacher {teacher!r}: no utterance left for {cap!r} "
+                         f"({misheard} with a transcript more than {max_wer:.0%} WER from the spoken sentence, "
+                         f"{unknown} recordings with no transcript): the probe's transcripts and audio disagree")
+    if keep.all() and src.asr_max_wer is None:
+        return
     if not keep.all():
         tensors[f"{cap}:rows"] = torch.from_numpy(keep)
-    src.notes[cap] = (f"{int((~keep).sum())} of {src.n} utterances left out: teacher transcript > "
-                      f"{src.asr_max_wer:.0%} WER from the spoken sentence")
+    why = [f"{misheard} with a teacher transcript > {max_wer:.0%} WER from the spoken sentence"] * (src.asr_max_wer is not None)
+    why += [f"{unknown} recordings with no transcript"] * bool(unknown)
+    src.notes[cap] = f"{int((~keep).sum())} of {src.n} utterances left out: " + ", ".join(why)
 
 
 def _item_targets(src: _Sources, tensors: dict) -> None:

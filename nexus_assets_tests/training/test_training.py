@@ -395,8 +395,8 @@ def test_load_tower_data_drops_misheard_utterances(tmp_path):
     entries = {"spkT": tmp_path / "spk", "asrT": tmp_path / "asr"}
     data = load_tower_data(cfg, entries, probe)
     assert data.tensors["audio.transcribe:rows"].tolist() == [True, False, True]
-    assert data.notes == {"audio.transcribe": "1 of 3 utterances left out: teacher transcript > 10% WER from the "
-                                              "spoken sentence"}
+    assert data.notes == {"audio.transcribe": "1 of 3 utterances left out: 1 with a teacher transcript > 10% WER "
+                                              "from the spoken sentence"}
     assert "audio.speaker_embed:rows" not in data.tensors
     res = {"out": torch.zeros(3, 2, 5)}
     out, batch = capability_rows("audio.transcribe", res, data.batch([0, 1, 2]))
@@ -405,8 +405,16 @@ def test_load_tower_data_drops_misheard_utterances(tmp_path):
     assert "audio.transcribe:rows" not in within.tensors and within.notes["audio.transcribe"].startswith("0 of 3")
     assert "audio.transcribe:rows" not in load_tower_data(cfg, entries, probe, asr_max_wer=None).tensors
     bad = {"speech-probe": pa.table({"row_id": rows, "wav": wavs, "transcript": ["no match at all"] * 3})}
-    with pytest.raises(ValueError, match=r"teacher 'asrT'.*all 3 utterances"):
+    with pytest.raises(ValueError, match=r"teacher 'asrT'.*no utterance left.*3 with a transcript"):
         load_tower_data(cfg, entries, bad)
+    # a recording of unknown content (empty transcript, e.g. klettres) never teaches ASR, filter or not
+    recorded = {"speech-probe": pa.table({"row_id": rows, "wav": wavs, "transcript": [spoken[0], spoken[1], ""]})}
+    for max_wer, mask, note in [(0.10, [True, False, False], "2 of 3 utterances left out: 1 with a teacher "
+                                 "transcript > 10% WER from the spoken sentence, 1 recordings with no transcript"),
+                                (None, [True, True, False], "1 of 3 utterances left out: 1 recordings with no transcript")]:
+        got = load_tower_data(cfg, entries, recorded, asr_max_wer=max_wer)
+        assert got.tensors["audio.transcribe:rows"].tolist() == mask and got.notes["audio.transcribe"] == note
+        assert "audio.speaker_embed:rows" not in got.tensors
 
 
 # -- the no-teacher guarantee --------------------------------------------------------------------------

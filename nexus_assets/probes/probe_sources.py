@@ -599,7 +599,6 @@ def synth_klettres(voice: str, text: str, key: str, workdir: Path) -> tuple[str,
     gaps until the utterance is long enough for a speaker embedding. `text` is not spoken (see
     RECORDED_ENGINES)."""
     import soundfile as sf
-    from scipy.signal import resample_poly
 
     clips = _klettres_clips(voice)
     rng = seeded_rng("klettres", key)
@@ -609,11 +608,7 @@ def synth_klettres(voice: str, text: str, key: str, workdir: Path) -> tuple[str,
             audio, sr = sf.read(str(clips[i]), dtype="float32", always_2d=True)
         except Exception as e:  # noqa: BLE001 - libsndfile raises its own types; name the file
             raise ProbeSourceError(f"klettres voice {voice!r}: cannot read {clips[i]}: {e}") from e
-        audio = audio.mean(axis=1)
-        if sr != TARGET_SR:
-            g = np.gcd(int(sr), TARGET_SR)
-            audio = resample_poly(audio, TARGET_SR // g, int(sr) // g).astype(np.float32)
-        audio = trim_silence(audio)
+        audio = trim_silence(to_mono16k(audio, sr))
         if len(audio) == 0:
             continue
         parts += [audio, np.zeros(int(KLETTRES_GAP_SECONDS * TARGET_SR), np.float32)]
@@ -692,17 +687,24 @@ def engine_missing(engine: str) -> str | None:
     return None if shutil.which(exe) else f"{exe} not installed (apt-get install {exe})"
 
 
-def to_wav16k(path: Path) -> tuple[bytes, int]:
-    """Mono PCM16 at 16 kHz, what every speech teacher here expects; flite writes 8/16 kHz, espeak and
-    piper 22.05."""
-    import soundfile as sf
+def to_mono16k(audio: np.ndarray, sr: int) -> np.ndarray:
+    """(samples, channels) at `sr` -> mono float32 at 16 kHz (polyphase resampling)."""
     from scipy.signal import resample_poly
 
-    audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
     audio = audio.mean(axis=1)
     if sr != TARGET_SR:
         g = np.gcd(int(sr), TARGET_SR)
         audio = resample_poly(audio, TARGET_SR // g, int(sr) // g).astype(np.float32)
+    return audio
+
+
+def to_wav16k(path: Path) -> tuple[bytes, int]:
+    """Mono PCM16 at 16 kHz, what every speech teacher here expects; flite writes 8/16 kHz, espeak and
+    piper 22.05."""
+    import soundfile as sf
+
+    audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    audio = to_mono16k(audio, sr)
     buf = io.BytesIO()
     sf.write(buf, np.clip(audio, -1.0, 1.0), TARGET_SR, format="WAV", subtype="PCM_16")
     return buf.getvalue(), len(audio)

@@ -677,12 +677,13 @@ VOICE_ENGINES: dict[str, tuple[str, Callable[[str, str, str, Path], tuple[str, P
 }
 
 
+_ENGINE_MISSING: dict[str, Callable[[], str | None]] = {"piper": piper_missing, "klettres": klettres_missing}
+
+
 def engine_missing(engine: str) -> str | None:
     """Why a speech engine cannot run on this machine (what to install), or None when it can."""
-    if engine == "piper":
-        return piper_missing()
-    if engine == "klettres":
-        return klettres_missing()
+    if engine in _ENGINE_MISSING:  # engines that are Python or data packages, not executables
+        return _ENGINE_MISSING[engine]()
     exe = VOICE_ENGINES[engine][0]
     return None if shutil.which(exe) else f"{exe} not installed (apt-get install {exe})"
 

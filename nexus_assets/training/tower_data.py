@@ -358,21 +358,25 @@ def _filter_teacher_transcripts(src: _Sources, tensors: dict, cap: str, teacher:
     heard = dict(zip(items.column("row_id").to_pylist(), items.column("transcript").to_pylist()))
     # without the filter, only the recordings of unknown content (no spoken sentence) are left out
     max_wer = np.inf if src.asr_max_wer is None else src.asr_max_wer
-    spoken = [src.spoken.get(r) or "" for r in src.row_ids]
-    keep, rates = M.transcripts_agree(spoken, [heard.get(r) or "" for r in src.row_ids], max_wer)
+    keep, rates = M.transcripts_agree([src.spoken.get(r) or "" for r in src.row_ids],
+                                      [heard.get(r) or "" for r in src.row_ids], max_wer)
     unknown = int(np.isnan(rates).sum())
     misheard = int((~keep).sum()) - unknown
     if not keep.any():
+        why = [f"{unknown} recordings with no transcript"]
+        if src.asr_max_wer is not None:
+            why.insert(0, f"{misheard} with a transcript more than {max_wer:.0%} WER from the spoken sentence")
         raise ValueError(f"tower {src.cfg.name!r}: teacher {teacher!r}: no utterance left for {cap!r} "
-                         f"({misheard} with a transcript more than {max_wer:.0%} WER from the spoken sentence, "
-                         f"{unknown} recordings with no transcript): the probe's transcripts and audio disagree")
-    if keep.all() and src.asr_max_wer is None:
-        return
+                         f"({', '.join(why)}): the probe's transcripts and audio disagree")
     if not keep.all():
         tensors[f"{cap}:rows"] = torch.from_numpy(keep)
-    why = [f"{misheard} with a teacher transcript > {max_wer:.0%} WER from the spoken sentence"] * (src.asr_max_wer is not None)
-    why += [f"{unknown} recordings with no transcript"] * bool(unknown)
-    src.notes[cap] = f"{int((~keep).sum())} of {src.n} utterances left out: " + ", ".join(why)
+    why = []
+    if src.asr_max_wer is not None:  # the filter's count is noted even when it drops nothing
+        why.append(f"{misheard} with a teacher transcript > {max_wer:.0%} WER from the spoken sentence")
+    if unknown:
+        why.append(f"{unknown} recordings with no transcript")
+    if why:
+        src.notes[cap] = f"{int((~keep).sum())} of {src.n} utterances left out: " + ", ".join(why)
 
 
 def _item_targets(src: _Sources, tensors: dict) -> None:

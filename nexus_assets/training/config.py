@@ -104,6 +104,9 @@ class TrainConfig:
     channels_last: bool = False
     """Convolution weights and image batches in channels-last memory format during training (oneDNN's and
     cuDNN's fast layout for convolutions, forward and backward); the saved tower is in the default format."""
+    group_by_length: bool = False
+    """Batches of rows of like length (transformers' length-grouped order, per epoch): sequence towers
+    cut each batch to its longest row, so random batches of short and long rows pay for padding."""
     mixed_precision: str = "no"
     """"no", "bf16" or "auto": the training forward runs under torch.autocast in bfloat16 (weights, optimizer
     state and the losses stay float32; the losses upcast their inputs). On a CPU with AVX512-BF16 or AMX, and

@@ -9,9 +9,11 @@ import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from nexus_assets.core.precision import native_bf16, resolve_dtype
 from nexus_assets.student.config import adapter_name
@@ -69,15 +71,23 @@ def autocast_bf16(mixed_precision: str, device: torch.device, native=native_bf16
     return resolve_dtype(setting, device, native) == "bfloat16"
 
 
-def batch_indices(n: int, global_batch: int, seed: int, phase: int, step: int) -> list[int]:
+def batch_indices(n: int, global_batch: int, seed: int, phase: int, step: int,
+                  lengths: Sequence[int] | None = None) -> list[int]:
     """Rows of one global batch: the stream of per-epoch permutations (seeded by seed, phase, epoch),
-    cut into consecutive global batches. Stateless, so a resumed run sees exactly the same batches."""
+    cut into consecutive global batches. Stateless, so a resumed run sees exactly the same batches.
+
+    With `lengths` (one per row), each epoch's order is transformers' length-grouped one (random
+    mega-batches of 50 batches, sorted by length inside): a batch is cut to its longest row, so rows of
+    like length waste less compute on padding."""
+    if lengths is not None and len(lengths) != n:
+        raise ValueError(f"lengths: {len(lengths)} values for {n} rows")
     out, perms = [], {}
     for pos in range(step * global_batch, (step + 1) * global_batch):
         epoch = pos // n
         if epoch not in perms:
             g = torch.Generator().manual_seed(hash_int(seed, phase, epoch))
-            perms[epoch] = torch.randperm(n, generator=g).tolist()
+            perms[epoch] = (torch.randperm(n, generator=g).tolist() if lengths is None
+                            else get_length_grouped_indices(lengths, global_batch, generator=g))
         out.append(perms[epoch][pos % n])
     return out
 

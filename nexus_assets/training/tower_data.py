@@ -93,6 +93,14 @@ class TowerData:
             out[k] = out[k][:, : lengths[m] + extra]
         return out
 
+    def lengths(self) -> list[int] | None:
+        """Each row's real length under its first sequence mask (None: the rows have no sequence axis)."""
+        if not self.trim:
+            return None
+        mask = self.tensors[next(iter(self.trim.values()))[0]].bool()
+        # its last True + 1, what `batch` cuts to
+        return (mask * torch.arange(1, mask.shape[1] + 1)).amax(1).tolist()
+
     def subset(self, idx: Sequence[int]) -> "TowerData":
         idx_t = torch.as_tensor(idx, dtype=torch.long)
         return TowerData([self.row_ids[i] for i in idx], {k: v[idx_t] for k, v in self.tensors.items()},

@@ -34,6 +34,22 @@ def test_batches_are_a_pure_function_of_seed_phase_step():
     assert sorted(epoch0) == list(range(10))  # one epoch = a permutation of the rows
 
 
+def test_length_grouped_batches_keep_the_epoch_and_cut_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 65, size=800).tolist()
+    grouped = [batch_indices(800, 8, 1, 0, s, lengths) for s in range(100)]
+    assert sorted(sum(grouped, [])) == list(range(800))  # still one permutation per epoch
+    assert grouped[7] == batch_indices(800, 8, 1, 0, 7, lengths)  # stateless: resumable
+
+    def padded(batches):  # tokens a batch pays for: its rows x its longest row
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    plain = [batch_indices(800, 8, 1, 0, s) for s in range(100)]
+    assert padded(grouped) < 0.8 * padded(plain)  # random batches of 5-64 tokens pay ~1.5x their tokens
+    with pytest.raises(ValueError, match="lengths: 3 values for 800 rows"):
+        batch_indices(800, 8, 1, 0, 0, [1, 2, 3])
+
+
 def test_state_round_trips_and_a_phase_end_resets_early_stopping():
     st = TrainState(global_step=7, best_val=0.5, bad_evals=2, loss_window=[1.0])
     assert TrainState.from_dict(st.to_dict()) == st

@@ -261,6 +261,7 @@ def test_load_tower_data_text(tmp_path):
                                torch.from_numpy(np.asarray(enc_items["embedding"][0].as_py(), np.float32)))
     b = data.batch([1])
     assert b["input_ids"].shape == (1, 2) and b["text.generate:mask"].shape == (1, 2)
+    assert data.lengths() == [3, 2]  # what a batch of each row alone is cut to
     val = load_tower_data(cfg, {"lmT": tmp_path / "lm", "encT": tmp_path / "enc"}, probe, splits=("val",))
     assert val.row_ids == ["t1"]
     with pytest.raises(ValueError, match="encT"):

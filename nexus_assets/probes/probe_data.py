@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -536,8 +536,12 @@ def build_probe_dataset(spec: DatasetSpec, profile: str, out_dir: Path, text_tab
     return summary
 
 
-def read_probe_rows(out_dir: Path) -> pa.Table:
-    return pq.read_table(Path(out_dir) / ROWS_FILE)
+def read_probe_rows(out_dir: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """The probe's rows (only `columns` of those the table has, when given)."""
+    path = Path(out_dir) / ROWS_FILE
+    if columns is not None:
+        columns = [c for c in columns if c in pq.read_schema(path).names]
+    return pq.read_table(path, columns=columns)
 
 
 def main(argv: list[str] | None = None) -> None:

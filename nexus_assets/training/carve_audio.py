@@ -17,7 +17,7 @@ Reads the stock Whisper folder `<snapshot>/hf` only; imports no teacher package 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -86,16 +86,23 @@ DEFAULT_PRIOR_IDS = 16384
 
 
 def plan_audio_carve_from_artifacts(snapshot_dir: Path, entry: Path, *, log=print, prior_ids: int = DEFAULT_PRIOR_IDS,
-                                    **settings) -> dict:
+                                    unspoken_rows: Collection[str] = (), **settings) -> dict:
     """`plan_audio_carve` on the teacher's snapshot and its cached transcripts / top-k: train split for the
-    vocabulary, held-out split for the coverage report only."""
+    vocabulary, held-out split for the coverage report only.
+
+    unspoken_rows: clips that speak no sentence (recorded syllables): Whisper's transcripts of them are
+    guesses, and their tokens would widen the vocabulary with nothing a real transcript needs."""
     from nexus_assets.core.feature_store import column_matrix, read_features
+
+    unspoken = set(unspoken_rows)
 
     def rows(split: str) -> set:
         items = read_features(Path(entry), "items", columns=["row_id"], filter_splits=[split])
-        return set(items.column("row_id").to_pylist())
+        return set(items.column("row_id").to_pylist()) - unspoken
 
     train, held = rows("train"), rows("heldout")
+    if unspoken:
+        log(f"[audio carve] {len(unspoken)} clips without a spoken sentence left out of the vocabulary")
     tok = read_features(Path(entry), "tokens", columns=["row_id", "token_id", "topk_ids", "topk_logits", "logsumexp"])
     row_ids = tok.column("row_id").to_pylist()
     sel = np.fromiter((r in train for r in row_ids), dtype=bool, count=tok.num_rows)
@@ -103,6 +110,8 @@ def plan_audio_carve_from_artifacts(snapshot_dir: Path, entry: Path, *, log=prin
     token_ids = tok.column("token_id").to_numpy()
     lse = tok.column("logsumexp").to_numpy()[sel]
     probs = np.exp(column_matrix(tok.column("topk_logits"))[sel].astype(np.float64) - lse[:, None])
-    return plan_audio_carve(snapshot_dir, transcripts_token_ids=token_ids[sel], heldout_token_ids=token_ids[sel_held],
+    plan = plan_audio_carve(snapshot_dir, transcripts_token_ids=token_ids[sel], heldout_token_ids=token_ids[sel_held],
                             topk_ids=column_matrix(tok.column("topk_ids"))[sel], topk_probs=probs,
                             prior_ids=prior_ids, log=log, **settings)
+    plan["report"]["unspoken_rows_left_out"] = len(unspoken)
+    return plan

@@ -122,6 +122,19 @@ def _audio_exit_blocks(plan: dict, asr: TeacherSpec, teachers: Sequence[TeacherS
     _exit_blocks(plan, asr, teachers, feature_entries, measure)
 
 
+def _unspoken_rows(t: TeacherSpec, probe_dirs: Mapping[str, Path] | None) -> set[str]:
+    """Row ids of the teacher's probe clips whose transcript is empty (recorded voices that speak no
+    sentence); none when the probe is not given or has no transcript column."""
+    if not probe_dirs or t.dataset not in probe_dirs:
+        return set()
+    from nexus_assets.probes.probe_data import read_probe_rows
+
+    table = read_probe_rows(Path(probe_dirs[t.dataset]), columns=["row_id", "transcript"])
+    if "transcript" not in table.column_names:
+        return set()
+    return {r for r, s in zip(table.column("row_id").to_pylist(), table.column("transcript").to_pylist()) if not s}
+
+
 def plan_tower_carve(tower: str, teachers: Sequence[TeacherSpec], feature_entries: Mapping[str, Path],
                      snapshot_dirs: Mapping[str, Path], settings: CarveSettings,
                      log: Callable[[str], None] = print, probe_dirs: Mapping[str, Path] | None = None) -> dict:
@@ -145,7 +158,8 @@ def plan_tower_carve(tower: str, teachers: Sequence[TeacherSpec], feature_entrie
     else:
         from .carve_audio import plan_audio_carve_from_artifacts
 
-        plan = plan_audio_carve_from_artifacts(snap, entry, log=log, **settings.audio)
+        plan = plan_audio_carve_from_artifacts(snap, entry, log=log, unspoken_rows=_unspoken_rows(t, probe_dirs),
+                                               **settings.audio)
         _audio_exit_blocks(plan, t, teachers, feature_entries, snap / "hf", probe_dirs, log)
     plan["teacher"] = t.name
     return plan

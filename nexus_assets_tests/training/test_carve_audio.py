@@ -192,3 +192,45 @@ def test_real_whisper_tiny_en_whole_carve_is_the_teacher(real_snap, tmp_path):
     got = small.generate({"mels": mels, "mel_mask": torch.ones(mels.shape[:2], dtype=torch.bool)},
                          "audio.transcribe", 60)[0]
     assert 0 < len(got) <= 60 and "brown fox" in tok.decode(got).lower()
+
+
+def test_clips_without_a_spoken_sentence_do_not_widen_the_vocabulary(snap, tmp_path):
+    """Whisper's transcript of a recorded syllable is a guess: its tokens stay out of the carve's vocabulary
+    (and out of the held-out coverage), and the probe's empty transcripts name those clips."""
+    import types
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nexus_assets.core.feature_store import write_chunk
+    from nexus_assets.probes.probe_data import ROWS_FILE
+    from nexus_assets.training.carve_audio import plan_audio_carve_from_artifacts
+    from nexus_assets.training.carving import _unspoken_rows
+
+    _, d = snap
+    toks = {"s0": [11, 12], "r0": [77, 78], "h0": [11, 99], "h1": [88]}  # r0 / h1: recorded, no sentence
+    splits = {"s0": "train", "r0": "train", "h0": "heldout", "h1": "heldout"}
+    pairs = [(r, i) for r, ids in toks.items() for i in ids]
+    k = 2
+    fsl = lambda m: pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), k)  # noqa: E731
+    tokens = pa.table({"row_id": [r for r, _ in pairs], "position": np.arange(len(pairs), dtype=np.int32),
+                       "token_id": np.array([i for _, i in pairs], np.int32),
+                       "topk_ids": fsl(np.tile(np.array([11, 12], np.int32), (len(pairs), 1))),
+                       "topk_logits": fsl(np.zeros((len(pairs), k), np.float32)),
+                       "logsumexp": np.full(len(pairs), np.log(2.0), np.float32)})
+    write_chunk(tmp_path / "feat", 0, pa.table({"row_id": list(toks), "split": [splits[r] for r in toks]}), tokens)
+    (tmp_path / "probe").mkdir()
+    pq.write_table(pa.table({"row_id": list(toks), "transcript": ["a b", "", "a c", ""],
+                             "wav": [b"x"] * 4}), tmp_path / "probe" / ROWS_FILE)
+
+    unspoken = _unspoken_rows(types.SimpleNamespace(dataset="speech"), {"speech": tmp_path / "probe"})
+    assert unspoken == {"r0", "h1"}
+    args = dict(decoder_layers=None, vocab_mass=1.0, max_seconds=2, anchor_layers=["encoder.1"], prior_ids=0,
+                log=lambda s: None)
+    every = plan_audio_carve_from_artifacts(d, tmp_path / "feat", **args)
+    spoken = plan_audio_carve_from_artifacts(d, tmp_path / "feat", unspoken_rows=unspoken, **args)
+    assert {77, 78} <= set(every["vocab"]) and not {77, 78} & set(spoken["vocab"])
+    assert every["report"]["heldout_transcript_coverage"] == pytest.approx(1 / 3)  # 11 of 11, 99, 88
+    assert spoken["report"]["heldout_transcript_coverage"] == 0.5  # 11 of 11, 99
+    assert spoken["report"]["unspoken_rows_left_out"] == 2
+    assert _unspoken_rows(types.SimpleNamespace(dataset="other"), {"speech": tmp_path / "probe"}) == set()

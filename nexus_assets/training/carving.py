@@ -123,16 +123,18 @@ def _audio_exit_blocks(plan: dict, asr: TeacherSpec, teachers: Sequence[TeacherS
 
 
 def _unspoken_rows(t: TeacherSpec, probe_dirs: Mapping[str, Path] | None) -> set[str]:
-    """Row ids of the teacher's probe clips whose transcript is empty (recorded voices that speak no
-    sentence); none when the probe is not given or has no transcript column."""
+    """Row ids of the teacher's probe clips whose transcript has no words (recorded voices that speak no
+    sentence: the rule ASR targets and validation use); none when the probe is not given or has no
+    transcript column."""
     if not probe_dirs or t.dataset not in probe_dirs:
         return set()
+    from nexus_assets.core.metrics import normalize_transcript
     from nexus_assets.probes.probe_data import read_probe_rows
 
     table = read_probe_rows(Path(probe_dirs[t.dataset]), columns=["row_id", "transcript"])
     if "transcript" not in table.column_names:
         return set()
-    return {r for r, s in zip(table.column("row_id").to_pylist(), table.column("transcript").to_pylist()) if not s}
+    return {r for r, s in zip(table.column("row_id").to_pylist(), table.column("transcript").to_pylist()) if not normalize_transcript(s or "")}
 
 
 def plan_tower_carve(tower: str, teachers: Sequence[TeacherSpec], feature_entries: Mapping[str, Path],

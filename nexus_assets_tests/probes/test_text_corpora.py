@@ -270,11 +270,14 @@ def test_stdlib_sotu_and_moby_dick_samples(tmp_path):
     sotu.mkdir(), moby.mkdir()
     (sotu / "1790_george_washington_n.txt").write_text(SOTU)
     (sotu / "1790_george_washington_n.json").write_text("{}")  # the package's other format: not read
+    (sotu / "1801_thomas_jefferson_dr.txt").write_text(SOTU)  # a two-letter party (Democratic-Republican)
     (moby / "chapter_1.txt").write_text(MOBY)
     (moby / "extracts.txt").write_text("not a chapter")
     items = list(read_sotu(0, [], sotu))
-    assert [it.item for it in items] == ["1790_george_washington_n:0", "1790_george_washington_n:1"]
-    assert items[0].text.startswith("Fellow-Citizens of the Senate") and items[1].text.endswith("commerce.")
+    assert sorted(it.item for it in items) == ["1790_george_washington_n:0", "1790_george_washington_n:1",
+                                               "1801_thomas_jefferson_dr:0", "1801_thomas_jefferson_dr:1"]
+    assert all(it.text.startswith("Fellow-Citizens of the Senate") for it in items if it.item.endswith(":0"))
+    assert all(it.text.endswith("commerce.") for it in items if it.item.endswith(":1"))
     items = list(read_moby_dick(0, [], moby))
     assert sorted(it.item for it in items) == ["chapter_1:0", "chapter_1:1"]
     assert items[0].text.startswith("Call me Ishmael") or items[1].text.startswith("Call me Ishmael")
@@ -282,7 +285,7 @@ def test_stdlib_sotu_and_moby_dick_samples(tmp_path):
     (moby / "chapter_1.txt").write_text("CHAPTER 1. Loomings.\n")
     with pytest.raises(ProbeSourceError, match=r"moby_dick.*chapter_1.txt.*no prose"):
         list(read_moby_dick(0, [], moby))
-    (sotu / "1790_george_washington_n.txt").unlink()
+    (sotu / "1790_george_washington_n.txt").unlink(), (sotu / "1801_thomas_jefferson_dr.txt").unlink()
     with pytest.raises(ProbeSourceError, match=r"sotu.*no State of the Union address"):
         list(read_sotu(0, [], sotu))
     notes = []

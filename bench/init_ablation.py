@@ -25,6 +25,17 @@ def _asset(root: Path, asset: str, partition: str):
     return pickle.loads(f.read_bytes())
 
 
+def upstream_paths(root: Path, teachers) -> dict[str, dict[str, Path]]:
+    """The finished run's folders a tower trains from, per teacher (per dataset for probes): the keyword
+    arguments of `train_tower_from_artifacts` (feature_entries, subspace_dirs, importance_dirs,
+    snapshot_dirs, probe_dirs)."""
+    per_teacher = {"feature_entries": "teacher_features", "subspace_dirs": "activation_subspace",
+                   "importance_dirs": "neuron_importance", "snapshot_dirs": "teacher_snapshot"}
+    out = {k: {t.name: Path(_asset(root, a, t.name)["path"]) for t in teachers} for k, a in per_teacher.items()}
+    out["probe_dirs"] = {d: Path(_asset(root, "probe_dataset", d)["path"]) for d in sorted({t.dataset for t in teachers})}
+    return out
+
+
 def main() -> None:
     from nexus_assets.core.contracts import load_contracts
     from nexus_assets.core.paths import artifacts_root
@@ -45,15 +56,11 @@ def main() -> None:
     root = artifacts_root()
     reg = load_registry()
     teachers = [t for t in reg.enabled_teachers() if t.tower == args.tower]
-    datasets = sorted({t.dataset for t in teachers})
     arch = _asset(root, "student_architecture", args.tower)
     if arch.get("init") != "carved":
         raise SystemExit(f"student_architecture[{args.tower}] has no carve plan (init {arch.get('init')!r})")
-    feats = {t.name: Path(_asset(root, "teacher_features", t.name)["path"]) for t in teachers}
-    subs = {t.name: Path(_asset(root, "activation_subspace", t.name)["path"]) for t in teachers}
-    imps = {t.name: Path(_asset(root, "neuron_importance", t.name)["path"]) for t in teachers}
-    snaps = {t.name: Path(_asset(root, "teacher_snapshot", t.name)["path"]) for t in teachers}
-    probes = {d: Path(_asset(root, "probe_dataset", d)["path"]) for d in datasets}
+    up = upstream_paths(root, teachers)
+    feats, probes = up["feature_entries"], up["probe_dirs"]
     d = cpu_train_config(args.tower, init="carved")
     overrides = {"phase_a_steps": args.phase_a or d.phase_a_steps, "phase_b_steps": args.phase_b or d.phase_b_steps,
                  "batch_size": args.batch_size or d.batch_size}
@@ -65,9 +72,8 @@ def main() -> None:
         for name, a, extra in (("random", random_arch, {}), ("carved", arch, {"lr": d.lr, "adapter_lr": d.adapter_lr})):
             t0 = time.perf_counter()
             # the random arm keeps its own learning rates (1e-3 / 2e-3 suit a fresh network)
-            s = train_tower_from_artifacts(args.tower, architecture=a, feature_entries=feats, subspace_dirs=subs,
-                                           importance_dirs=imps, snapshot_dirs=snaps, probe_dirs=probes,
-                                           overrides={**overrides, **extra}, anchor_variance=0.95,
+            s = train_tower_from_artifacts(args.tower, architecture=a, **up, overrides={**overrides, **extra},
+                                           anchor_variance=0.95,
                                            out_dir=Path(tmp) / name, log=lambda m: None)
             train_s = time.perf_counter() - t0
             rep = validate_tower(Path(s["tower_dir"]), args.tower, sorted(s["capabilities"]), feats, tables, contracts,

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from init_ablation import _asset  # noqa: E402
+from init_ablation import _asset, upstream_paths  # noqa: E402
 
 
 def main() -> None:
@@ -44,11 +44,9 @@ def main() -> None:
     reg = load_registry()
     teachers = [t for t in reg.enabled_teachers() if t.tower == args.tower]
     arch = _asset(root, "student_architecture", args.tower)
-    feats = {t.name: Path(_asset(root, "teacher_features", t.name)["path"]) for t in teachers}
-    subs = {t.name: Path(_asset(root, "activation_subspace", t.name)["path"]) for t in teachers}
-    imps = {t.name: Path(_asset(root, "neuron_importance", t.name)["path"]) for t in teachers}
-    snaps = {t.name: Path(_asset(root, "teacher_snapshot", t.name)["path"]) for t in teachers}
-    probes = {d: Path(_asset(root, "probe_dataset", d)["path"]) for d in sorted({t.dataset for t in teachers})}
+    up = upstream_paths(root, teachers)
+    feats, subs, imps, snaps, probes = (up[k] for k in ("feature_entries", "subspace_dirs", "importance_dirs",
+                                                        "snapshot_dirs", "probe_dirs"))
     cfg = tower_config_from_architecture(args.tower, arch, reg.enabled_teachers(), feats, snaps)
     data = load_tower_data(cfg, feats, {d: read_probe_rows(p) for d, p in probes.items()}, splits=("train",))
     lengths = data.lengths()

@@ -157,7 +157,8 @@ class Phase:
 
 def setup_phase(phase: str, tower: StudentTower, objective: TowerObjective, caps: list[str], tc: TrainConfig) -> Phase:
     """Phase "a": everything trains on every capability. Phase "b:<cap>": only cap's (new) LoRA adapter,
-    head and anchor projections train, LwF keeps the other heads in place."""
+    head and anchor projections train, LwF keeps the other heads in place; a phase (b) of 0 steps adds
+    no adapter (the capability runs the bare backbone)."""
     if phase == "a":
         steps, lr = tc.phase_a_steps, tc.lr
         objective.phase_caps, objective.lwf_caps = caps, []
@@ -166,7 +167,9 @@ def setup_phase(phase: str, tower: StudentTower, objective: TowerObjective, caps
     else:
         cap = phase[2:]
         steps, lr = tc.phase_b_steps_by_capability.get(cap, tc.phase_b_steps), tc.adapter_lr
-        if cap not in tower.adapters:
+        if steps and cap not in tower.adapters:
+            # a phase of no steps adds no adapter: an untrained LoRA (B = 0) changes no output, yet the
+            # tower would carry it and the runtime run its matmuls on every targeted layer
             tower.add_adapter(cap)
         tower.set_capability(cap)
         objective.phase_caps, objective.lwf_caps = [cap], [c for c in caps if c != cap]

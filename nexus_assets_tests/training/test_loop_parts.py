@@ -214,7 +214,9 @@ def test_phase_b_steps_by_capability_overrides_one_capability_only():
     tc = TrainConfig(phase_b_steps=7, phase_b_steps_by_capability={caps[0]: 0})
     obj = TowerObjective(tower, tc, {})
     assert setup_phase(f"b:{caps[0]}", tower, obj, caps, tc).steps == 0
+    assert tower.adapters == [] and tower.capability == caps[0]  # no steps: no adapter
     assert [setup_phase(f"b:{c}", tower, obj, caps, tc).steps for c in caps[1:]] == [7] * (len(caps) - 1)
+    assert tower.adapters == caps[1:]
     with pytest.raises(ValueError, match="phase_b_steps_by_capability: steps of 'x'"):
         TrainConfig(phase_b_steps_by_capability={"x": -1})
     carved_audio = cpu_train_config("audio", init="carved", profile="default")

@@ -131,6 +131,42 @@ def test_phase_b_trains_only_adapter_and_head(tmp_path):
     assert any(not torch.equal(heads_a[k], heads_ab[k]) for k in heads_a)
 
 
+def test_a_capability_with_no_phase_b_steps_gets_no_adapter(tmp_path):
+    """An untrained LoRA changes no output; the tower must not carry it (nor the runtime run it)."""
+    from nexus_assets.student.tower import load_tower
+
+    cfg = tiny_config("text")
+    tc = _tc(phase_b_steps=4, phase_b_steps_by_capability={"text.generate": 0})
+    train_tower(cfg, _data("text"), None, tc, tmp_path, log=_quiet)
+    meta = json.loads((tmp_path / "tower" / "config.json").read_text())
+    assert meta["adapters"] == {"text.embed": "text_embed"}
+    assert not (tmp_path / "tower" / "text_generate").exists() and (tmp_path / "tower" / "text_embed").is_dir()
+    tower = load_tower(tmp_path / "tower")
+    batch = _data("text", 4, 2).batch([0, 1, 2, 3])
+    inputs = {k: v for k, v in batch.items() if ":" not in k}
+    with torch.no_grad():
+        tower.set_capability("text.generate")
+        gen = tower.head_forward("text.generate", tower.encode(inputs, ["text.generate"]), inputs)["out"]
+        with tower.adapters_disabled():
+            bare = tower.head_forward("text.generate", tower.encode(inputs, ["text.generate"]), inputs)["out"]
+        tower.set_capability("text.embed")
+        emb = tower.encode(inputs, ["text.embed"])
+        with tower.adapters_disabled():
+            emb_bare = tower.encode(inputs, ["text.embed"])
+    torch.testing.assert_close(gen, bare, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(_flat(emb), _flat(emb_bare)))  # the trained one applies
+
+
+def _flat(x):
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _flat(v)]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _flat(v)]
+    return []
+
+
 class _Kill(Exception):
     pass
 

@@ -445,10 +445,61 @@ def _trim_exit_adapter(folder: Path, blocks: int) -> int:
     return int(dropped)
 
 
+def _merge_past_other_exits(directory: Path, meta: dict) -> int:
+    """Fold the deep capability's LoRA on the blocks no other capability runs into the base weights.
+
+    When every other capability of the tower exits early (reads blocks 0..k-1 only, `exit_block` k >= 1),
+    blocks >= K = the deepest of those exits run for one capability alone, so its adapter there can be
+    merged (W += scale * B @ A) without changing any output: that pass then runs LoRA matmuls on K blocks
+    instead of all, and the bundle carries the delta inside weights it ships anyway. The text tower's
+    text.embed exits after block 1 of 12, so text.generate keeps its LoRA on block 0 only. Returns the
+    LoRA parameters removed (0 when the tower has no such capability)."""
+    import re
+    import shutil
+    import tempfile
+
+    from nexus_assets.core.atomic import atomic_path
+
+    caps = meta["tower"]["capabilities"]
+    adapters = meta.get("adapters", {})
+    deep = [c for c in adapters if not int(caps[c].get("exit_block", 0))]
+    others = [c for c in caps if c not in deep]
+    if len(deep) != 1 or not others or any(not int(caps[c].get("exit_block", 0)) for c in others):
+        return 0
+    cap, k = deep[0], max(int(caps[c]["exit_block"]) for c in others)
+    tower = load_tower(directory)
+    name = adapter_name(cap)
+    regex = tower.backbone.peft_config[name].target_modules
+    if not isinstance(regex, str) or regex.count(r"\d+") != 1:
+        return 0
+    block_of = re.compile(regex.replace(r"\d+", r"(\d+)"))  # the block index `_trim_exit_adapter` narrows
+    merged = 0
+    with torch.no_grad():
+        for mod_name, mod in tower.backbone.named_modules():
+            lora_a, m = getattr(mod, "lora_A", None), block_of.fullmatch(mod_name)
+            if lora_a is None or name not in lora_a or m is None or int(m.group(1)) < k:
+                continue
+            mod.base_layer.weight += mod.get_delta_weight(name).to(mod.base_layer.weight.dtype)
+            mod.lora_B[name].weight.zero_()
+            merged += 1
+    if not merged:
+        return 0
+    with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
+        fresh = save_tower(tower, Path(tmp) / "tower")
+        # the weight files only: the folder's tokenizer, card and the rest stay as they are
+        for src in [fresh / "backbone.safetensors", *sorted((fresh / "hf").glob("*.safetensors")),
+                    fresh / adapters[cap] / "adapter_model.safetensors"]:
+            if src.exists():
+                with atomic_path(directory / src.relative_to(fresh)) as dst:
+                    shutil.copyfile(src, dst)
+    return _trim_exit_adapter(directory / adapters[cap], k)
+
+
 def strip_for_runtime(directory: str | os.PathLike) -> int:
     """Drop what inference never runs from a `save_tower` folder, in place (each file replaced
-    atomically): the training-only anchor projections, and an early-exit capability's LoRA weights on
-    blocks past its exit. What a bundle ships is what inference runs. Returns the parameters removed (0
+    atomically): the training-only anchor projections, an early-exit capability's LoRA weights on
+    blocks past its exit, and the deep capability's LoRA on the blocks only it runs, merged into the
+    weights (`_merge_past_other_exits`). What a bundle ships is what inference runs. Returns the parameters removed (0
     if already stripped)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -459,10 +510,11 @@ def strip_for_runtime(directory: str | os.PathLike) -> int:
     meta = json.loads((directory / "config.json").read_text())
     if meta.get("anchor_projections") == "dropped":
         return 0
+    merged = _merge_past_other_exits(directory, meta)  # first: it loads the tower as saved
     with safe_open(str(directory / "heads.safetensors"), "pt") as f:
         file_meta = dict(f.metadata() or {})
         keep = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("anchor_proj.")}
-        dropped = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("anchor_proj."))
+        dropped = merged + sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("anchor_proj."))
     with atomic_path(directory / "heads.safetensors") as tmp:
         save_file(keep, str(tmp), metadata=file_meta)
     for cap, name in meta.get("adapters", {}).items():

@@ -135,6 +135,12 @@ def guard_step(loss_val: float, window: list, tc: TrainConfig) -> str:
     return "ok"
 
 
+def patience_evals(tc: TrainConfig, phase_steps: int) -> int:
+    """Validation passes without improvement that stop a phase of `phase_steps`: `patience`, or
+    `patience_fraction` of the phase, whichever is longer."""
+    return max(tc.patience, math.ceil(tc.patience_fraction * phase_steps / tc.eval_every))
+
+
 def lr_lambda_for(warmup: int, total: int):
     """Linear warmup over `warmup` steps, then cosine decay to 10% of the peak at `total`."""
     def f(s: int) -> float:

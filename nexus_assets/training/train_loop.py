@@ -51,7 +51,8 @@ from nexus_assets.student.tower import StudentTower, save_tower
 from .checkpoints import CHECKPOINT_DIR, latest_checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from .config import TrainConfig, TrainHooks, TrainingDiverged, cpu_train_config
 from .loop_parts import (Dist, Phase, TrainState, autocast_bf16, batch_indices, evaluate, guard_step,
-                         params_sha256, probe_pooled_head, setup_dist, setup_phase, to_device, training_curve)
+                         params_sha256, patience_evals, probe_pooled_head, setup_dist, setup_phase, to_device,
+                         training_curve)
 from .objective import TowerObjective, anchor_context
 from .tower_data import TowerData
 
@@ -326,7 +327,7 @@ def _validate(run: _Run, ph: Phase, data_val: TowerData | None, step: int) -> bo
         st.best_val, st.bad_evals = val, 0
     else:
         st.bad_evals += 1
-        if st.bad_evals >= tc.patience and step < ph.steps:
+        if st.bad_evals >= patience_evals(tc, ph.steps) and step < ph.steps:
             run.say(f"[{run.cfg.name}] phase {ph.name}: early stop at step {step} (val {val:.4f}, best {st.best_val:.4f})")
             stop = True
     run.tower.train()

@@ -8,7 +8,7 @@ import torch
 
 from nexus_assets.training.checkpoints import read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from nexus_assets.training.config import TrainConfig
-from nexus_assets.training.loop_parts import TrainState, batch_indices, guard_step, lr_lambda_for
+from nexus_assets.training.loop_parts import TrainState, batch_indices, guard_step, lr_lambda_for, patience_evals
 
 
 def test_guard_step_decides_ok_nan_and_spike():
@@ -18,6 +18,12 @@ def test_guard_step_decides_ok_nan_and_spike():
     assert guard_step(100.0, [1.0, 1.0], tc) == "ok"  # too little history to call a spike
     assert guard_step(4.5, [1.0, 1.0, 1.0], tc) == "spike"
     assert guard_step(3.9, [1.0, 1.0, 1.0], tc) == "ok"
+
+
+def test_patience_grows_with_the_phase():
+    tc = TrainConfig(patience=5, patience_fraction=0.1, eval_every=20)
+    assert patience_evals(tc, 100) == 5 and patience_evals(tc, 2160) == 11 and patience_evals(tc, 10800) == 54
+    assert patience_evals(TrainConfig(patience=5, patience_fraction=0.0), 10800) == 5
 
 
 def test_schedule_warms_up_then_decays_to_a_tenth():

@@ -41,7 +41,8 @@ def _quiet(msg: str) -> None:
 @pytest.mark.parametrize("field, value", [("phase_a_steps", -1), ("batch_size", 0), ("lr", 0.0),
                                           ("temperature", float("nan")), ("spike_factor", 1.0), ("device", "tpu"),
                                           ("teacher_weights", {"x": -1.0}), ("checkpoint_every", 0),
-                                          ("mixed_precision", "fp16"), ("channels_last", "yes")])
+                                          ("mixed_precision", "fp16"), ("channels_last", "yes"),
+                                          ("patience_fraction", 1.5)])
 def test_train_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
@@ -249,6 +250,11 @@ def test_early_stopping(tmp_path):
                     _tc(phase_a_steps=40, eval_every=2, patience=2, min_delta=1e9), tmp_path, log=_quiet)
     assert s["phases"]["a"]["stopped_early"] is True
     assert s["phases"]["a"]["steps_run"] == 6  # evals at 2 (best), 4 (bad 1), 6 (bad 2 -> stop)
+    # a longer phase waits longer: 0.1 of 200 steps = 10 passes of 2 steps without improvement
+    s = train_tower(tiny_config("vision"), _data("vision"), _data("vision", 16, 1),
+                    _tc(phase_a_steps=200, phase_b_steps=0, eval_every=2, patience=2, min_delta=1e9,
+                        patience_fraction=0.1), tmp_path / "long", log=_quiet)
+    assert s["phases"]["a"]["stopped_early"] is True and s["phases"]["a"]["steps_run"] == 2 + 10 * 2
 
 
 # -- data loading from a real feature-cache layout ---------------------------------------------------

@@ -262,7 +262,8 @@ def probe_pooled_head(tower: StudentTower, cap: str, data: TowerData, tc: TrainC
     grads = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=tc.head_probe_lr, weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(params, lr=tc.head_probe_lr, weight_decay=tc.weight_decay,
+                            fused=fused_adam_supported(params))
     gen = torch.Generator().manual_seed(tc.seed)
     with torch.enable_grad():
         for _ in range(tc.head_probe_epochs):

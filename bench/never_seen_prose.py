@@ -70,10 +70,14 @@ def main() -> None:
                              splits=("ood",))
         for cap, r in sorted(rep["capabilities"].items()):
             x = r["splits"]["ood"]
-            f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
             ci = x.get("ci95") or [None, None]
-            print(f"{src:10s} {cap:14s} {f(x.get('retention')):>9s} {f(ci[0]):>7s}-{f(ci[1]):<7s} "
-                  f"{f(x.get('student_score')):>8s} {f(x.get('teacher_score')):>8s} {x.get('n_units', 0):>5}")
+            print(f"{src:10s} {cap:14s} {_fmt(x.get('retention')):>9s} {_fmt(ci[0]):>7s}-{_fmt(ci[1]):<7s} "
+                  f"{_fmt(x.get('student_score')):>8s} {_fmt(x.get('teacher_score')):>8s} {x.get('n_units', 0):>5}")
+
+
+def _fmt(v) -> str:
+    """A figure to three places, or n/a where the split had none."""
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ def _unspoken_rows(t: TeacherSpec, probe_dirs: Mapping[str, Path] | None) -> set
     table = read_probe_rows(Path(probe_dirs[t.dataset]), columns=["row_id", "transcript"])
     if "transcript" not in table.column_names:
         return set()
-    return {r for r, s in zip(table.column("row_id").to_pylist(), table.column("transcript").to_pylist()) if not normalize_transcript(s or "")}
+    ids, transcripts = table.column("row_id").to_pylist(), table.column("transcript").to_pylist()
+    return {r for r, s in zip(ids, transcripts) if not normalize_transcript(s or "")}
 
 
 def plan_tower_carve(tower: str, teachers: Sequence[TeacherSpec], feature_entries: Mapping[str, Path],

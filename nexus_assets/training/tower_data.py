@@ -135,21 +135,27 @@ def remap_topk(ids: np.ndarray, logits: np.ndarray, old_to_new: np.ndarray, fall
     """
     new = old_to_new[ids]
     lg = logits.astype(np.float32).copy()
-    is_fb = new == fallback
-    dup = is_fb.sum(-1) > 1
-    if dup.any():
-        flat_new, flat_lg, flat_fb = new.reshape(-1, new.shape[-1]), lg.reshape(-1, lg.shape[-1]), is_fb.reshape(-1, new.shape[-1])
-        k = new.shape[-1]
-        pool = list(range(fallback - 1, max(fallback - 1 - 4 * k, -1), -1))  # the rarest kept ids
-        for r in np.nonzero(dup.reshape(-1))[0]:
-            slots = np.nonzero(flat_fb[r])[0]
-            lse = np.logaddexp.reduce(flat_lg[r, slots].astype(np.float64))
-            flat_lg[r, slots[0]] = lse
-            used = set(flat_new[r].tolist())
-            free = (c for c in pool if c not in used)
-            for s_ in slots[1:]:
-                flat_new[r, s_] = next(free)
-                flat_lg[r, s_] = -1e4
+    k = new.shape[-1]
+    flat_new, flat_lg = new.reshape(-1, k), lg.reshape(-1, k)
+    is_fb = flat_new == fallback
+    rows = np.nonzero(is_fb.sum(-1) > 1)[0]
+    # the rarest kept ids fill the other fallback slots: a row has at most k - 2 of them in use and at most
+    # k - 1 slots to fill, so the first 2k candidates always hold enough free ones
+    pool = np.arange(fallback - 1, max(fallback - 1 - 2 * k, -1), -1)
+    fb, nw = is_fb[rows], flat_new[rows]
+    lse = np.logaddexp.reduce(np.where(fb, flat_lg[rows].astype(np.float64), -np.inf), axis=-1)
+    rank = np.cumsum(fb, axis=-1) - 1  # 0 for a row's first fallback slot, then 1, 2, ...
+    used = np.zeros((len(rows), len(pool) + 1), dtype=bool)  # last column: ids outside the pool
+    at = fallback - 1 - nw
+    used[np.arange(len(rows))[:, None], np.where((at >= 0) & (at < len(pool)), at, len(pool))] = True
+    order = np.argsort(used[:, :-1], axis=-1, kind="stable")  # a row's free candidates first, rarest first
+    out_new, out_lg = nw.copy(), flat_lg[rows]
+    first, extra = fb & (rank == 0), fb & (rank > 0)
+    out_lg[first] = lse[np.nonzero(first)[0]]
+    er, ec = np.nonzero(extra)
+    out_new[er, ec] = pool[order[er, rank[er, ec] - 1]]
+    out_lg[er, ec] = -1e4
+    flat_new[rows], flat_lg[rows] = out_new, out_lg
     return new, lg
 
 

@@ -179,6 +179,41 @@ def test_remap_topk_merges_dropped_ids_into_the_fallback():
     assert np.logaddexp.reduce(out[0].astype(np.float64)) == pytest.approx(np.logaddexp.reduce(lg[0].astype(np.float64)))
 
 
+def _remap_topk_one_row_at_a_time(ids, logits, old_to_new, fallback):
+    """The definition, row by row: the reference the vectorised remap_topk must reproduce."""
+    new, lg = old_to_new[ids].copy(), logits.astype(np.float32).copy()
+    k = new.shape[-1]
+    pool = list(range(fallback - 1, max(fallback - 1 - 4 * k, -1), -1))
+    for r in range(new.shape[0]):
+        slots = np.nonzero(new[r] == fallback)[0]
+        if len(slots) < 2:
+            continue
+        lg[r, slots[0]] = np.logaddexp.reduce(lg[r, slots].astype(np.float64))
+        free = (c for c in pool if c not in set(new[r].tolist()))
+        for s_ in slots[1:]:
+            new[r, s_], lg[r, s_] = next(free), -1e4
+    return new, lg
+
+
+def test_remap_topk_matches_the_row_by_row_definition_on_random_top_k():
+    """Many rows, several dropped ids each, kept ids drawn from the rare end the fillers come from."""
+    from nexus_assets.training.tower_data import remap_topk
+
+    rng = np.random.default_rng(0)
+    teacher_vocab, kept, k = 400, 150, 8
+    vocab = np.sort(rng.choice(teacher_vocab, kept, replace=False))
+    old_to_new = np.full(teacher_vocab, kept)
+    old_to_new[vocab] = np.arange(kept)
+    ids = np.stack([rng.choice(teacher_vocab, k, replace=False) for _ in range(3000)])
+    ids[::7, :3] = vocab[-3:]  # rows that already use the rarest kept ids, which fillers must skip
+    lg = rng.normal(size=ids.shape).astype(np.float32)
+    want_new, want_lg = _remap_topk_one_row_at_a_time(ids, lg, old_to_new, kept)
+    got_new, got_lg = remap_topk(ids.reshape(30, 100, k), lg.reshape(30, 100, k), old_to_new, kept)
+    assert (want_lg == -1e4).any(-1).sum() > 1000  # rows with merged fallbacks are many
+    np.testing.assert_array_equal(got_new.reshape(-1, k), want_new)
+    np.testing.assert_array_equal(got_lg.reshape(-1, k), want_lg)
+
+
 def test_carve_statistics_read_the_train_split_only(tmp_path):
     """The vocabulary and block scores must never see held-out or never-seen rows."""
     from nexus_assets.core.feature_store import read_features

@@ -72,24 +72,57 @@ def autocast_bf16(mixed_precision: str, device: torch.device, native=native_bf16
 
 
 def batch_indices(n: int, global_batch: int, seed: int, phase: int, step: int,
-                  lengths: Sequence[int] | None = None) -> list[int]:
-    """Rows of one global batch: the stream of per-epoch permutations (seeded by seed, phase, epoch),
-    cut into consecutive global batches. Stateless, so a resumed run sees exactly the same batches.
+                  lengths: Sequence[int] | None = None, sources: Sequence[str] | None = None,
+                  source_alpha: float = 1.0) -> list[int]:
+    """Rows of one global batch: the stream of per-epoch orders (seeded by seed, phase, epoch), cut into
+    consecutive global batches. Stateless, so a resumed run sees exactly the same batches.
 
     With `lengths` (one per row), each epoch's order is transformers' length-grouped one (random
     mega-batches of 50 batches, sorted by length inside): a batch is cut to its longest row, so rows of
-    like length waste less compute on padding."""
-    if lengths is not None and len(lengths) != n:
-        raise ValueError(f"lengths: {len(lengths)} values for {n} rows")
+    like length waste less compute on padding. With `sources` (one per row) and `source_alpha` < 1, an
+    epoch is n rows drawn per source (`source_epoch_rows`) instead of every row once."""
+    for name, v in (("lengths", lengths), ("sources", sources)):
+        if v is not None and len(v) != n:
+            raise ValueError(f"{name}: {len(v)} values for {n} rows")
     out, perms = [], {}
     for pos in range(step * global_batch, (step + 1) * global_batch):
         epoch = pos // n
         if epoch not in perms:
             g = torch.Generator().manual_seed(hash_int(seed, phase, epoch))
-            perms[epoch] = (torch.randperm(n, generator=g).tolist() if lengths is None
-                            else get_length_grouped_indices(lengths, global_batch, generator=g))
+            rows = (source_epoch_rows(sources, source_alpha, g) if sources is not None and source_alpha != 1.0
+                    else list(range(n)))
+            order = (torch.randperm(n, generator=g).tolist() if lengths is None
+                     else get_length_grouped_indices([lengths[r] for r in rows], global_batch, generator=g))
+            perms[epoch] = [rows[i] for i in order]
         out.append(perms[epoch][pos % n])
     return out
+
+
+def source_epoch_rows(sources: Sequence[str], alpha: float, generator: torch.Generator) -> list[int]:
+    """One epoch of len(sources) rows in which source s gets a share proportional to n_s ** alpha (the
+    temperature sampling multilingual pretraining uses across languages): alpha 1 keeps the rows' own mix,
+    0 gives every source the same share. Rows of one source are drawn without replacement, cycling through
+    fresh permutations when its share exceeds its rows. So a small source keeps its steps when big ones
+    grow: at fixed steps the student spends them in proportion to what it is shown."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"source_alpha: must be in [0, 1], got {alpha!r}")
+    by_source: dict[str, list[int]] = {}
+    for i, s in enumerate(sources):
+        by_source.setdefault(s, []).append(i)
+    names = sorted(by_source)
+    weight = [len(by_source[s]) ** alpha for s in names]
+    exact = [len(sources) * w / sum(weight) for w in weight]
+    quota = [math.floor(x) for x in exact]
+    for j in sorted(range(len(names)), key=lambda j: (quota[j] - exact[j], j))[: len(sources) - sum(quota)]:
+        quota[j] += 1  # largest remainders first, so the quotas sum to the epoch
+    rows: list[int] = []
+    for s, q in zip(names, quota):
+        members = by_source[s]
+        while q > 0:
+            take = torch.randperm(len(members), generator=generator)[:q].tolist()
+            rows += [members[i] for i in take]
+            q -= len(take)
+    return rows
 
 
 def hash_int(*parts: int) -> int:

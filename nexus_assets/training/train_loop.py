@@ -224,11 +224,13 @@ def _run_phase(run: _Run, phase_idx: int, data_train: TowerData, data_val: Tower
     run.say(f"[{run.cfg.name}] phase {ph.name}: {ph.steps} steps, {sum(p.numel() for p in ph.params):,} trainable params")
     gb = tc.batch_size * dd.world
     lengths = data_train.lengths() if tc.group_by_length else None
+    sources = [r.split("/", 1)[0] for r in data_train.row_ids] if tc.source_alpha != 1.0 else None
     step = st.phase_step
     while step < ph.steps:
         alpha = tc.alpha_start + (tc.alpha_end - tc.alpha_start) * step / max(ph.steps - 1, 1)
         run.objective.anchor_mult = alpha * st.anchor_boost
-        batch = data_train.batch(batch_indices(len(data_train), gb, tc.seed, phase_idx, step, lengths)[dd.rank::dd.world])
+        batch = data_train.batch(batch_indices(len(data_train), gb, tc.seed, phase_idx, step, lengths, sources,
+                                                 tc.source_alpha)[dd.rank::dd.world])
         if run.hooks.batch:
             batch = run.hooks.batch(ph.name, step, batch)
         _step(run, ph, model, to_device(batch, dd.device, tc.channels_last), step)

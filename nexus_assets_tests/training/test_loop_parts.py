@@ -56,6 +56,35 @@ def test_length_grouped_batches_keep_the_epoch_and_cut_padding():
         batch_indices(800, 8, 1, 0, 0, [1, 2, 3])
 
 
+def test_source_sampling_gives_each_source_its_share_of_an_epoch():
+    """90 rows of a big source, 10 of a small one, 100-row epochs: shares follow n_s ** alpha."""
+    from collections import Counter
+
+    sources = ["big"] * 90 + ["small"] * 10
+    lengths = list(range(5, 105))
+
+    def epoch(alpha, lens=None, e=0):
+        return sum((batch_indices(100, 10, 1, 0, s, lens, sources, alpha) for s in range(10 * e, 10 * e + 10)), [])
+
+    # alpha 1: exactly the default batches (every row once per epoch), with or without length grouping
+    assert epoch(1.0) == sum((batch_indices(100, 10, 1, 0, s) for s in range(10)), [])
+    assert epoch(1.0, lengths) == sum((batch_indices(100, 10, 1, 0, s, lengths) for s in range(10)), [])
+    # alpha 0: every source alike, 50 / 50; the small source's 10 rows each 5 times, the big one's 50 distinct
+    e0 = epoch(0.0)
+    assert Counter(sources[i] for i in e0) == {"big": 50, "small": 50}
+    assert Counter(i for i in e0 if i >= 90) == {i: 5 for i in range(90, 100)}
+    assert len({i for i in e0 if i < 90}) == 50
+    # alpha 0.5: sqrt(90) : sqrt(10) = 3 : 1 -> 75 / 25, also when length-grouped
+    for lens in (None, lengths):
+        assert Counter(sources[i] for i in epoch(0.5, lens)) == {"big": 75, "small": 25}
+    assert epoch(0.0, e=0) != epoch(0.0, e=1)  # each epoch draws afresh (the big source's 50 differ)
+    assert epoch(0.5, lengths) == epoch(0.5, lengths)  # stateless: resumable
+    with pytest.raises(ValueError, match="source_alpha: must be in"):
+        batch_indices(100, 10, 1, 0, 0, None, sources, 1.5)
+    with pytest.raises(ValueError, match="sources: 3 values for 100 rows"):
+        batch_indices(100, 10, 1, 0, 0, None, ["a", "b", "c"], 0.5)
+
+
 def test_state_round_trips_and_a_phase_end_resets_early_stopping():
     st = TrainState(global_step=7, best_val=0.5, bad_evals=2, loss_window=[1.0])
     assert TrainState.from_dict(st.to_dict()) == st

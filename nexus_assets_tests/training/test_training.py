@@ -42,7 +42,7 @@ def _quiet(msg: str) -> None:
                                           ("temperature", float("nan")), ("spike_factor", 1.0), ("device", "tpu"),
                                           ("teacher_weights", {"x": -1.0}), ("checkpoint_every", 0),
                                           ("mixed_precision", "fp16"), ("channels_last", "yes"),
-                                          ("patience_fraction", 1.5)])
+                                          ("patience_fraction", 1.5), ("source_alpha", 1.5), ("source_alpha", -0.1)])
 def test_train_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
@@ -188,6 +188,27 @@ def test_resume_is_bit_for_bit(tmp_path, kill_at, resume_at):
     assert resumed["resumed_from_step"] == resume_at
     assert resumed["param_sha256"] == ref["param_sha256"]
     assert resumed["history"]["train_loss"] == ref["history"]["train_loss"]
+
+
+@pytest.mark.parametrize("alpha, small_rows", [(1.0, 12), (0.0, 48)])
+def test_source_alpha_sets_each_probe_sources_share_of_the_steps(tmp_path, monkeypatch, alpha, small_rows):
+    """28 rows of one source, 4 of another (the row id's first part), 12 steps of 8 = 3 epochs: the small
+    source gets its 4 rows an epoch by default, half of every epoch at source_alpha 0."""
+    import nexus_assets.training.train_loop as tl
+
+    drawn = []
+
+    def recording(*args, **kw):
+        rows = tl_batch_indices(*args, **kw)
+        drawn.extend(rows)
+        return rows
+
+    tl_batch_indices = tl.batch_indices
+    monkeypatch.setattr(tl, "batch_indices", recording)
+    data = _data("text", 32)
+    data.row_ids = [f"big/{i}/0" for i in range(28)] + [f"small/{i}/0" for i in range(4)]
+    train_tower(tiny_config("text"), data, None, _tc(phase_b_steps=0, source_alpha=alpha), tmp_path, log=_quiet)
+    assert len(drawn) == 96 and sum(i >= 28 for i in drawn) == small_rows
 
 
 def test_resume_refuses_another_config(tmp_path):

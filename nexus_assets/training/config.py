@@ -47,6 +47,13 @@ class TrainConfig:
     """Weight of the Gram (batch-relational) loss of embedding heads."""
     w_cosine: float = 1.0
     """Weight of the cosine loss of embedding heads."""
+    w_neighbour: float = 0.0
+    """Weight of the neighbour-ranking loss of embedding heads (`losses.neighbour_kd_loss`: each row's
+    softmax over its cosines to a bank of the training rows' teacher embeddings); 0 = off."""
+    neighbour_temperature: float = 0.05
+    """Softmax temperature of the neighbour-ranking loss, on cosines."""
+    neighbour_bank_rows: int = 2048
+    """Training rows (a seeded draw) whose teacher embeddings make the bank; 0 = every training row."""
     w_lwf: float = 0.5
     """Weight of the learning-without-forgetting loss in phase (b)."""
     w_ce: float = 0.0
@@ -125,13 +132,14 @@ class TrainConfig:
         ints = {"phase_a_steps": 0, "phase_b_steps": 0, "batch_size": 1, "warmup_steps": 0, "eval_every": 1,
                 "val_batches": 1, "patience": 1, "spike_window": 2, "spike_min_history": 2, "max_rollbacks": 0,
                 "max_nan_skips": 0, "checkpoint_every": 1, "keep_checkpoints": 1, "log_every": 1, "num_threads": 0,
-                "head_probe_epochs": 0}
+                "head_probe_epochs": 0, "neighbour_bank_rows": 0}
         for name, lo in ints.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name}: must be an int >= {lo}, got {v!r}")
-        pos = ("lr", "adapter_lr", "head_probe_lr", "carved_lr_scale", "temperature", "grad_clip", "spike_factor", "anchor_escalation")
-        nonneg = ("weight_decay", "w_kd", "w_anchor", "w_gram", "w_cosine", "w_lwf", "w_ce", "alpha_start", "alpha_end",
+        pos = ("lr", "adapter_lr", "head_probe_lr", "carved_lr_scale", "temperature", "grad_clip", "spike_factor", "anchor_escalation",
+               "neighbour_temperature")
+        nonneg = ("weight_decay", "w_kd", "w_anchor", "w_gram", "w_cosine", "w_neighbour", "w_lwf", "w_ce", "alpha_start", "alpha_end",
                   "min_delta")
         for name in pos + nonneg:
             v = getattr(self, name)

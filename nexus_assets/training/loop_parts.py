@@ -103,9 +103,8 @@ def source_epoch_rows(sources: Sequence[str], alpha: float, generator: torch.Gen
     temperature sampling multilingual pretraining uses across languages): alpha 1 keeps the rows' own mix,
     0 gives every source the same share. Rows of one source are drawn without replacement, cycling through
     fresh permutations when its share exceeds its rows. So a small source keeps its steps when big ones
-    grow: at fixed steps the student spends them in proportion to what it is shown."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"source_alpha: must be in [0, 1], got {alpha!r}")
+    grow: at fixed steps the student spends them in proportion to what it is shown. `alpha`'s range is
+    TrainConfig.source_alpha's to check (the one place a user sets it)."""
     by_source: dict[str, list[int]] = {}
     for i, s in enumerate(sources):
         by_source.setdefault(s, []).append(i)
@@ -255,7 +254,7 @@ _PROBE_TARGET = {"embedding": "embedding", "classes": "logits"}
 
 
 def probe_pooled_head(tower: StudentTower, cap: str, data: TowerData, tc: TrainConfig, device,
-                      chunk: int = 32, minibatch: int = 64) -> dict | None:
+                      chunk: int = 32, minibatch: int = 64, bank: torch.Tensor | None = None) -> dict | None:
     """Linear-probe warm start of `cap`'s pooled head (LP-FT): pool the last block of the (frozen) backbone
     over every training row once, then fit the head alone on those cached states with its own weighted
     losses for `tc.head_probe_epochs` epochs. Deterministic (seeded shuffles, row-order features), so a run
@@ -285,7 +284,7 @@ def probe_pooled_head(tower: StudentTower, cap: str, data: TowerData, tc: TrainC
     feats, target = torch.cat(pooled), torch.cat(targets)  # (N, W), (N, D | C)
 
     def loss_of(rows: torch.Tensor) -> torch.Tensor:
-        parts = task_losses(cap, spec.kind, {"out": head.from_pooled(feats[rows])}, {key: target[rows]}, tc)
+        parts = task_losses(cap, spec.kind, {"out": head.from_pooled(feats[rows])}, {key: target[rows]}, tc, bank)
         return sum(task_loss_weight(n, tc) * v for n, v in parts.items())
 
     every = torch.arange(len(feats), device=feats.device)

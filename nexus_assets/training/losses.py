@@ -22,6 +22,7 @@ __all__ = [
     "anchoring_loss",
     "gram_loss",
     "cosine_embedding_loss",
+    "neighbour_kd_loss",
     "lwf_loss",
     "router_balance_loss",
     "router_entropy",
@@ -363,6 +364,47 @@ def cosine_embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch
         raise _shape_error("teacher", teacher, f"(B, D)={tuple(student.shape)}")
     cos = F.cosine_similarity(_f32(student), _f32(teacher), dim=-1)  # (B,)
     return (1.0 - cos).mean()
+
+
+def neighbour_kd_loss(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Tensor, temperature: float,
+                      self_cosine: float = 1.0 - 1e-6) -> torch.Tensor:
+    """KL(teacher || student) of each row's softmax over its cosines to a fixed bank of teacher embeddings.
+
+    Retrieval asks which other passage is NEAREST, a ranking that a cosine loss of ~0.1 per row (or a
+    Gram loss over 8 rows) can leave scrambled. Scoring student and teacher rows against the same many
+    teacher anchors at a low temperature (CompRess, Abbasi Koohpayegani et al. 2020, its "1q" form) puts
+    the weight on each row's nearest neighbours. Bank entries whose cosine with the teacher row is
+    >= `self_cosine` (the row itself, or an identical text) are left out of both softmaxes: the row's
+    own position is what the cosine loss is for.
+
+    Args:
+        student (torch.Tensor): (B, D) student embeddings, in the teacher's space.
+        teacher (torch.Tensor): (B, D) teacher embeddings of the same rows.
+        bank (torch.Tensor): (M, D) teacher embeddings (the training rows'), M >= 2; no gradient.
+        temperature (float): softmax temperature on cosines (> 0; 0.05 is SimCSE's).
+        self_cosine (float): bank entries at least this close to the teacher row are masked.
+
+    Returns:
+        torch.Tensor: 0-dim loss, mean over the B rows; 0 when the student ranks the bank as the teacher does.
+    """
+    _check_temperature(temperature)
+    if student.ndim != 2:
+        raise _shape_error("student", student, "(B, D)")
+    if teacher.shape != student.shape:
+        raise _shape_error("teacher", teacher, f"(B, D)={tuple(student.shape)}")
+    if bank.ndim != 2 or bank.shape[1] != student.shape[1] or bank.shape[0] < 2:
+        raise _shape_error("bank", bank, f"(M, D) with M >= 2, D={student.shape[1]}")
+    b = F.normalize(_f32(bank).detach(), dim=-1)
+    ct = F.normalize(_f32(teacher), dim=-1) @ b.T  # (B, M)
+    cs = F.normalize(_f32(student), dim=-1) @ b.T  # (B, M)
+    masked = ct >= self_cosine
+    if bool(masked.all(1).any()):
+        raise ValueError("bank: every entry is the teacher row itself for some row; the bank needs other rows")
+    ct, cs = ct.masked_fill(masked, -math.inf), cs.masked_fill(masked, -math.inf)
+    log_pt = F.log_softmax(ct / temperature, dim=-1)
+    log_ps = F.log_softmax(cs / temperature, dim=-1)
+    kl = torch.where(masked, torch.zeros_like(log_pt), log_pt.exp() * (log_pt - log_ps))  # (B, M)
+    return kl.sum(-1).mean()
 
 
 def lwf_loss(

@@ -13,8 +13,8 @@ from nexus_assets.student.config import TowerConfig
 from nexus_assets.student.tower import StudentTower
 
 from .config import TrainConfig
-from .losses import (anchoring_loss, cosine_embedding_loss, gram_loss, lwf_loss, next_token_ce_loss,
-                     sequence_kd_loss, topk_kd_loss, weighted_sum)
+from .losses import (anchoring_loss, cosine_embedding_loss, gram_loss, lwf_loss, neighbour_kd_loss,
+                     next_token_ce_loss, sequence_kd_loss, topk_kd_loss, weighted_sum)
 from .tower_data import INPUT_KEYS, TowerData
 
 
@@ -53,6 +53,30 @@ def anchor_context(cfg: TowerConfig, data: TowerData, pca, importance) -> dict[t
     return out
 
 
+def neighbour_banks(cfg: TowerConfig, data: TowerData, tc: TrainConfig) -> dict[str, torch.Tensor]:
+    """Per embedding capability: the teacher embeddings of `tc.neighbour_bank_rows` training rows (a draw
+    seeded by tc.seed; every row when 0 or fewer rows), the fixed anchors of `neighbour_kd_loss`. Empty
+    when the loss is off (`tc.w_neighbour` 0)."""
+    if tc.w_neighbour == 0:
+        return {}
+    banks = {}
+    for cap, spec in cfg.capabilities.items():
+        if spec.kind != "embedding":
+            continue
+        emb = data.tensors[f"{cap}:embedding"]  # (N, D)
+        rows = data.tensors.get(f"{cap}:rows")
+        if rows is not None:
+            emb = emb[rows]
+        if tc.neighbour_bank_rows and emb.shape[0] > tc.neighbour_bank_rows:
+            gen = torch.Generator().manual_seed(tc.seed)
+            emb = emb[torch.randperm(emb.shape[0], generator=gen)[: tc.neighbour_bank_rows]]
+        if emb.shape[0] < 2:
+            raise ValueError(f"w_neighbour: capability {cap!r} has {emb.shape[0]} training rows with teacher "
+                             "embeddings; its neighbour bank needs at least 2")
+        banks[cap] = emb.float().clone()
+    return banks
+
+
 def capability_rows(cap: str, res: dict, batch: dict) -> tuple[dict, dict] | None:
     """The head output and batch restricted to the rows `cap`'s teacher has features for ("<cap>:rows",
     see tower_data); unchanged when there is no mask, None when the batch holds none of its rows."""
@@ -67,8 +91,10 @@ def capability_rows(cap: str, res: dict, batch: dict) -> tuple[dict, dict] | Non
     return out, sub
 
 
-def task_losses(cap: str, kind: str, res: dict, batch: dict, tc: TrainConfig) -> dict[str, torch.Tensor]:
-    """Unweighted distillation losses of one capability's head output (no anchoring)."""
+def task_losses(cap: str, kind: str, res: dict, batch: dict, tc: TrainConfig,
+                bank: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Unweighted distillation losses of one capability's head output (no anchoring); `bank`: the
+    capability's neighbour bank (`neighbour_banks`), None = no neighbour-ranking loss."""
     out = res["out"]
     if kind in ("lm", "asr"):
         mask = batch[f"{cap}:mask"]  # (B, T|U)
@@ -85,14 +111,17 @@ def task_losses(cap: str, kind: str, res: dict, batch: dict, tc: TrainConfig) ->
     losses = {"cosine": cosine_embedding_loss(out, t)}
     if out.shape[0] >= 2:
         losses["gram"] = gram_loss(out, t)
+    if bank is not None:
+        losses["neighbour"] = neighbour_kd_loss(out, t, bank, tc.neighbour_temperature)
     return losses
 
 
-_KIND_WEIGHT = {"kd": "w_kd", "ce": "w_ce", "cosine": "w_cosine", "gram": "w_gram"}
+_KIND_WEIGHT = {"kd": "w_kd", "ce": "w_ce", "cosine": "w_cosine", "gram": "w_gram", "neighbour": "w_neighbour"}
 
 
 def task_loss_weight(name: str, tc: TrainConfig, teacher_weight: float = 1.0) -> float:
-    """The TrainConfig weight of one `task_losses` entry ("kd", "ce", "cosine", "gram") times the teacher's."""
+    """The TrainConfig weight of one `task_losses` entry ("kd", "ce", "cosine", "gram", "neighbour") times the
+    teacher's."""
     return getattr(tc, _KIND_WEIGHT[name]) * teacher_weight
 
 
@@ -122,11 +151,12 @@ class TowerObjective(nn.Module):
     phase_caps: capabilities trained now; lwf_caps: heads kept in place by LwF (phase b only).
     """
 
-    def __init__(self, tower: StudentTower, tc: TrainConfig, anchors: dict):
+    def __init__(self, tower: StudentTower, tc: TrainConfig, anchors: dict, banks: dict | None = None):
         super().__init__()
         self.tower = tower
         self.tc = tc
         self.anchors = anchors
+        self.banks = banks or {}  # capability -> (M, D) teacher embeddings (neighbour_banks)
         self.phase_caps: list[str] = []
         self.lwf_caps: list[str] = []
         self.anchor_mult = 1.0
@@ -151,7 +181,7 @@ class TowerObjective(nn.Module):
             if kept is None:  # no row of this batch has the capability's teacher features
                 continue
             res, cb = kept
-            for name, loss in task_losses(cap, spec.kind, res, cb, tc).items():
+            for name, loss in task_losses(cap, spec.kind, res, cb, tc, self.banks.get(cap)).items():
                 losses[f"{cap}.{name}"] = loss
                 weights[f"{cap}.{name}"] = task_loss_weight(name, tc, tw)
             if spec.anchor_layers:

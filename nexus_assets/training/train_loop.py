@@ -53,7 +53,7 @@ from .config import TrainConfig, TrainHooks, TrainingDiverged, cpu_train_config
 from .loop_parts import (Dist, Phase, TrainState, autocast_bf16, batch_indices, evaluate, guard_step,
                          params_sha256, patience_evals, probe_pooled_head, setup_dist, setup_phase, to_device,
                          training_curve)
-from .objective import TowerObjective, anchor_context
+from .objective import TowerObjective, anchor_context, neighbour_banks
 from .tower_data import TowerData
 
 __all__ = ["TrainConfig", "TrainHooks", "train_tower", "cpu_train_config", "TrainingDiverged", "CHECKPOINT_DIR"]
@@ -166,8 +166,9 @@ def _start(cfg, data_train, tc, out_dir, pca, importance, log, hooks, init_state
     for a in anchors.values():
         a.mean, a.components = a.mean.to(dd.device), a.components.to(dd.device)
         a.importance = None if a.importance is None else a.importance.to(dd.device)
+    banks = {cap: b.to(dd.device) for cap, b in neighbour_banks(cfg, data_train, tc).items()}
     caps = list(cfg.capabilities)
-    run = _Run(cfg, tc, tower, TowerObjective(tower, tc, anchors), dd, TrainState(), out_dir, say, hooks,
+    run = _Run(cfg, tc, tower, TowerObjective(tower, tc, anchors, banks), dd, TrainState(), out_dir, say, hooks,
                ["a"] + [f"b:{c}" for c in caps], caps)
     ckpt = latest_checkpoint(out_dir)
     if ckpt is not None:
@@ -201,7 +202,8 @@ def _run_phase(run: _Run, phase_idx: int, data_train: TowerData, data_val: Tower
     ph = setup_phase(run.phases[phase_idx], run.tower, run.objective, run.caps, tc)
     probe = None
     if ph.name.startswith("b:") and st.phase_step == 0 and run.opt_state is None:
-        probe = probe_pooled_head(run.tower, ph.name[2:], data_train, tc, dd.device)
+        probe = probe_pooled_head(run.tower, ph.name[2:], data_train, tc, dd.device,
+                                  bank=run.objective.banks.get(ph.name[2:]))
         if probe is not None:
             run.say(f"[{run.cfg.name}] phase {ph.name}: linear-probe warm start of the head on {probe['rows']} rows, "
                     f"{probe['epochs']} epochs, loss {probe['loss_before']:.4f} -> {probe['loss_after']:.4f} "

@@ -79,8 +79,6 @@ def test_source_sampling_gives_each_source_its_share_of_an_epoch():
         assert Counter(sources[i] for i in epoch(0.5, lens)) == {"big": 75, "small": 25}
     assert epoch(0.0, e=0) != epoch(0.0, e=1)  # each epoch draws afresh (the big source's 50 differ)
     assert epoch(0.5, lengths) == epoch(0.5, lengths)  # stateless: resumable
-    with pytest.raises(ValueError, match="source_alpha: must be in"):
-        batch_indices(100, 10, 1, 0, 0, None, sources, 1.5)
     with pytest.raises(ValueError, match="sources: 3 values for 100 rows"):
         batch_indices(100, 10, 1, 0, 0, None, ["a", "b", "c"], 0.5)
 
@@ -153,6 +151,29 @@ def test_linear_probe_reaches_a_head_target_that_is_a_linear_map_and_leaves_the_
     assert rep["loss_after"] < 0.05 * rep["loss_before"]  # the probe finds it (cosine loss near 0)
     assert params_sha256(tower.backbone) == backbone  # only the head moved
     assert tower.training  # the mode it was called in
+
+
+def test_linear_probe_fits_the_neighbour_ranking_when_given_a_bank():
+    """With a bank of the rows' teacher embeddings the probe's loss holds the neighbour term (it starts
+    higher than without) and fits it too: the head's outputs rank the bank as the teacher's do."""
+    from nexus_assets.training.losses import neighbour_kd_loss
+    from nexus_assets.training.loop_parts import probe_pooled_head
+    from nexus_assets.training.objective import neighbour_banks
+    from nexus_assets.training.tower_data import INPUT_KEYS
+
+    tc = TrainConfig(head_probe_epochs=150, head_probe_lr=1e-2, w_gram=0.0, w_neighbour=1.0, neighbour_temperature=0.1)
+    reps = []
+    for bank_on in (False, True):
+        tower, data = _probe_case()
+        bank = neighbour_banks(tower.cfg, data, tc)["text.embed"] if bank_on else None
+        reps.append(probe_pooled_head(tower, "text.embed", data, tc, torch.device("cpu"), bank=bank))
+    assert reps[1]["loss_before"] > reps[0]["loss_before"] + 0.1
+    assert reps[1]["loss_after"] < 0.1 * reps[1]["loss_before"]
+    tower.eval()
+    with torch.no_grad():
+        batch = data.batch(list(range(len(data))))
+        out = tower({k: v for k, v in batch.items() if k in INPUT_KEYS}, "text.embed")["out"]
+    assert float(neighbour_kd_loss(out, batch["text.embed:embedding"], bank, 0.1)) < 0.1
 
 
 def test_linear_probe_is_deterministic_and_skips_heads_it_cannot_probe():

@@ -15,6 +15,7 @@ from nexus_assets.training.losses import (
     cosine_embedding_loss,
     gram_loss,
     lwf_loss,
+    neighbour_kd_loss,
     next_token_ce_loss,
     router_balance_loss,
     router_entropy,
@@ -366,6 +367,72 @@ def test_gram_hand_value_b2():
     # two off-diagonal entries, each (0 - 1/sqrt2)^2 = 0.5
     loss = gram_loss(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]))
     assert_close(loss, torch.tensor(0.5))
+
+
+# ---------------------------------------------------------------- neighbour_kd_loss
+
+
+def test_neighbour_kd_zero_when_the_student_is_the_teacher_up_to_scale():
+    g = torch.Generator().manual_seed(0)
+    teacher, bank = torch.randn(5, 8, generator=g), torch.randn(30, 8, generator=g)
+    assert_close(neighbour_kd_loss(3.0 * teacher, teacher, bank, 0.05), torch.tensor(0.0), atol=1e-6, rtol=0)
+
+
+def test_neighbour_kd_hand_value():
+    # one row, bank of two unit vectors; teacher cosines (1/sqrt2, 1/sqrt2), student cosines (1, 0), T = 1:
+    # p_t = (1/2, 1/2), p_s = softmax(1, 0); KL = sum p_t (log p_t - log p_s)
+    teacher, student = torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 0.0]])
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    log_ps = torch.log_softmax(torch.tensor([1.0, 0.0]), 0)
+    expected = 0.5 * (math.log(0.5) - log_ps[0]) + 0.5 * (math.log(0.5) - log_ps[1])
+    assert_close(neighbour_kd_loss(student, teacher, bank, 1.0), expected.float())
+
+
+def test_neighbour_kd_leaves_the_row_itself_out_of_the_bank():
+    g = torch.Generator().manual_seed(1)
+    teacher, student, bank = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g), torch.randn(20, 6, generator=g)
+    with_self = neighbour_kd_loss(student, teacher, torch.cat([bank, teacher]), 0.1)
+    # row b's own teacher vector is masked for row b only; the other rows' vectors stay in its bank, so compare
+    # row by row against a bank holding the other rows but not itself
+    per_row = [neighbour_kd_loss(student[b:b + 1], teacher[b:b + 1], torch.cat([bank, teacher[torch.arange(4) != b]]), 0.1)
+               for b in range(4)]
+    assert_close(with_self, torch.stack(per_row).mean())
+
+
+def test_neighbour_kd_ranks_the_nearest_neighbours_not_the_far_ones():
+    """Swapping the student's two nearest bank neighbours costs more than swapping two far ones."""
+    bank = torch.eye(4)
+    teacher = torch.tensor([[0.9, 0.6, 0.1, 0.0]])
+    near_swap = torch.tensor([[0.6, 0.9, 0.1, 0.0]])
+    far_swap = torch.tensor([[0.9, 0.6, 0.0, 0.1]])
+    assert neighbour_kd_loss(near_swap, teacher, bank, 0.05) > 10 * neighbour_kd_loss(far_swap, teacher, bank, 0.05)
+
+
+def test_neighbour_kd_gradient_reaches_the_student_only():
+    student = torch.randn(3, 5, requires_grad=True)
+    bank = torch.randn(10, 5, requires_grad=True)
+    neighbour_kd_loss(student, torch.randn(3, 5), bank, 0.05).backward()
+    assert student.grad is not None and float(student.grad.abs().sum()) > 0
+    assert bank.grad is None
+
+
+@pytest.mark.parametrize("student, teacher, bank, match", [
+    (torch.randn(4), torch.randn(4), torch.randn(5, 4), "student"),
+    (torch.randn(2, 4), torch.randn(3, 4), torch.randn(5, 4), "teacher"),
+    (torch.randn(2, 4), torch.randn(2, 4), torch.randn(5, 3), "bank"),
+    (torch.randn(2, 4), torch.randn(2, 4), torch.randn(1, 4), "bank"),
+])
+def test_neighbour_kd_rejects_bad_shapes(student, teacher, bank, match):
+    with pytest.raises(ValueError, match=match):
+        neighbour_kd_loss(student, teacher, bank, 0.05)
+
+
+def test_neighbour_kd_needs_a_bank_beyond_the_row_itself():
+    t = torch.randn(1, 4)
+    with pytest.raises(ValueError, match="bank"):
+        neighbour_kd_loss(torch.randn(1, 4), t, torch.cat([t, 2 * t]), 0.05)
+    with pytest.raises(ValueError, match="temperature"):
+        neighbour_kd_loss(torch.randn(1, 4), t, torch.randn(3, 4), 0.0)
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,9 @@ def _quiet(msg: str) -> None:
                                           ("temperature", float("nan")), ("spike_factor", 1.0), ("device", "tpu"),
                                           ("teacher_weights", {"x": -1.0}), ("checkpoint_every", 0),
                                           ("mixed_precision", "fp16"), ("channels_last", "yes"),
-                                          ("patience_fraction", 1.5), ("source_alpha", 1.5), ("source_alpha", -0.1)])
+                                          ("patience_fraction", 1.5), ("source_alpha", 1.5), ("source_alpha", -0.1),
+                                          ("w_neighbour", -1.0), ("neighbour_temperature", 0.0),
+                                          ("neighbour_bank_rows", -1)])
 def test_train_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
@@ -209,6 +211,35 @@ def test_source_alpha_sets_each_probe_sources_share_of_the_steps(tmp_path, monke
     data.row_ids = [f"big/{i}/0" for i in range(28)] + [f"small/{i}/0" for i in range(4)]
     train_tower(tiny_config("text"), data, None, _tc(phase_b_steps=0, source_alpha=alpha), tmp_path, log=_quiet)
     assert len(drawn) == 96 and sum(i >= 28 for i in drawn) == small_rows
+
+
+def test_neighbour_banks_draw_training_rows_with_teacher_embeddings():
+    from nexus_assets.training.objective import neighbour_banks
+
+    cfg, data = tiny_config("text"), _data("text", 32)
+    assert neighbour_banks(cfg, data, _tc()) == {}  # the loss is off by default
+    bank = neighbour_banks(cfg, data, _tc(w_neighbour=1.0, neighbour_bank_rows=5))["text.embed"]
+    emb = data.tensors["text.embed:embedding"]
+    assert bank.shape == (5, emb.shape[1])
+    assert all(any(torch.equal(b, e) for e in emb) for b in bank)  # rows of the data, no two the same
+    assert len({tuple(b.tolist()) for b in bank}) == 5
+    assert neighbour_banks(cfg, data, _tc(w_neighbour=1.0, neighbour_bank_rows=0))["text.embed"].shape[0] == 32
+    rows = torch.zeros(32, dtype=torch.bool)
+    rows[3] = True  # only one row has the teacher's embedding
+    data.tensors["text.embed:rows"] = rows
+    with pytest.raises(ValueError, match="w_neighbour.*text.embed"):
+        neighbour_banks(cfg, data, _tc(w_neighbour=1.0))
+
+
+def test_neighbour_loss_trains_through_the_loop(tmp_path):
+    lines = []
+    train_tower(tiny_config("text"), _data("text"), None, _tc(phase_b_steps=0, log_every=1, w_neighbour=1.0),
+                tmp_path / "on", log=lines.append)
+    assert any("text.embed.neighbour=" in x for x in lines)
+    lines_off = []
+    train_tower(tiny_config("text"), _data("text"), None, _tc(phase_b_steps=0, log_every=1), tmp_path / "off",
+                log=lines_off.append)
+    assert not any("neighbour" in x for x in lines_off)
 
 
 def test_resume_refuses_another_config(tmp_path):

@@ -200,6 +200,7 @@ def setup_phase(phase: str, tower: StudentTower, objective: TowerObjective, caps
     if phase == "a":
         steps, lr = tc.phase_a_steps, tc.lr
         objective.phase_caps, objective.lwf_caps = caps, []
+        objective.use_banks = tc.neighbour_in_phase_a
         for p in tower.parameters():
             p.requires_grad_(True)
     else:
@@ -211,6 +212,7 @@ def setup_phase(phase: str, tower: StudentTower, objective: TowerObjective, caps
             tower.add_adapter(cap)
         tower.set_capability(cap)
         objective.phase_caps, objective.lwf_caps = [cap], [c for c in caps if c != cap]
+        objective.use_banks = True
         for p in tower.parameters():
             p.requires_grad_(False)
         for p in tower.lora_parameters(cap) + tower.head_parameters(cap):

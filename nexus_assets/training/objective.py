@@ -157,6 +157,7 @@ class TowerObjective(nn.Module):
         self.tc = tc
         self.anchors = anchors
         self.banks = banks or {}  # capability -> (M, D) teacher embeddings (neighbour_banks)
+        self.use_banks = True  # off in phase (a) unless tc.neighbour_in_phase_a (set by setup_phase)
         self.phase_caps: list[str] = []
         self.lwf_caps: list[str] = []
         self.anchor_mult = 1.0
@@ -181,7 +182,8 @@ class TowerObjective(nn.Module):
             if kept is None:  # no row of this batch has the capability's teacher features
                 continue
             res, cb = kept
-            for name, loss in task_losses(cap, spec.kind, res, cb, tc, self.banks.get(cap)).items():
+            bank = self.banks.get(cap) if self.use_banks else None
+            for name, loss in task_losses(cap, spec.kind, res, cb, tc, bank).items():
                 losses[f"{cap}.{name}"] = loss
                 weights[f"{cap}.{name}"] = task_loss_weight(name, tc, tw)
             if spec.anchor_layers:

@@ -44,7 +44,7 @@ def _quiet(msg: str) -> None:
                                           ("mixed_precision", "fp16"), ("channels_last", "yes"),
                                           ("patience_fraction", 1.5), ("source_alpha", 1.5), ("source_alpha", -0.1),
                                           ("w_neighbour", -1.0), ("neighbour_temperature", 0.0),
-                                          ("neighbour_bank_rows", -1)])
+                                          ("neighbour_bank_rows", -1), ("neighbour_in_phase_a", 1)])
 def test_train_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
@@ -231,14 +231,15 @@ def test_neighbour_banks_draw_training_rows_with_teacher_embeddings():
         neighbour_banks(cfg, data, _tc(w_neighbour=1.0))
 
 
-def test_neighbour_loss_trains_through_the_loop(tmp_path):
+@pytest.mark.parametrize("in_phase_a", [False, True])
+def test_neighbour_loss_trains_the_embedding_phase_and_phase_a_only_when_asked(tmp_path, in_phase_a):
     lines = []
-    train_tower(tiny_config("text"), _data("text"), None, _tc(phase_b_steps=0, log_every=1, w_neighbour=1.0),
-                tmp_path / "on", log=lines.append)
-    assert any("text.embed.neighbour=" in x for x in lines)
+    train_tower(tiny_config("text"), _data("text"), None,
+                _tc(log_every=1, w_neighbour=1.0, neighbour_in_phase_a=in_phase_a), tmp_path / "on", log=lines.append)
+    with_loss = {x.split()[1] for x in lines if "text.embed.neighbour=" in x}  # the phases whose steps log it
+    assert with_loss == ({"a", "b:text.embed"} if in_phase_a else {"b:text.embed"})
     lines_off = []
-    train_tower(tiny_config("text"), _data("text"), None, _tc(phase_b_steps=0, log_every=1), tmp_path / "off",
-                log=lines_off.append)
+    train_tower(tiny_config("text"), _data("text"), None, _tc(log_every=1), tmp_path / "off", log=lines_off.append)
     assert not any("neighbour" in x for x in lines_off)
 
 

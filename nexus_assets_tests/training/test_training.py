@@ -557,3 +557,6 @@ def test_carved_text_distils_at_temperature_one_and_overrides_win():
     assert cpu_train_config("text", "random").temperature == TrainConfig().temperature
     assert cpu_train_config("vision", "carved").temperature == TrainConfig().temperature
     assert cpu_train_config("text", "carved", temperature=3.0).temperature == 3.0
+    # measured: the neighbour-ranking loss lifts the carved text.embed (phase b only); not on random init or audio
+    assert cpu_train_config("text", "carved").w_neighbour > 0 and not cpu_train_config("text", "carved").neighbour_in_phase_a
+    assert cpu_train_config("text", "random").w_neighbour == 0 == cpu_train_config("audio", "carved").w_neighbour

@@ -250,7 +250,8 @@ CARVED_PHASE_B_BY_CAPABILITY = {"audio": {"audio.transcribe": 0}}
 # 0.766-0.988 / 0.732-0.806) held-out / never-seen; text.generate unchanged (0.756 / 0.678 -> 0.753 / 0.676, its
 # phase (a) is the same); the probe costs 296 s instead of 64. Linear probe alone on the trained tower (w, bank,
 # temperature): off 0.832 / 0.690, 1 / 2,048 / 0.05 0.902 / 0.735, 1 / 2,048 / 0.1 0.870 / 0.722, 3 / all / 0.05
-# 0.891 / 0.762. Audio's speaker head is not measured with it, so it stays off there.
+# 0.891 / 0.762. Not on audio: the speaker head with it (w 3, every row, phase b) scored 1 - EER retention
+# 0.956 / 0.753 against 0.955 / 0.776 (never-seen CIs 0.746-0.759 / 0.771-0.783): worse on the Piper voice.
 CARVED_NEIGHBOUR = {"text": {"w_neighbour": 3.0, "neighbour_bank_rows": 0}}
 
 

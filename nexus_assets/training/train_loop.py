@@ -80,6 +80,8 @@ class _Run:
     opt_state: dict | None = None
     sched_state: dict | None = None
     good: dict = field(default_factory=dict)
+    ema: Any = None  # torch.optim.swa_utils.AveragedModel of the tower while phase (a) runs with ema_decay
+    ema_state: dict | None = None  # a resumed checkpoint's average, loaded when its phase starts
 
     def checkpoint(self, ph: Phase | None) -> None:
         if not self.dd.is_main:
@@ -88,13 +90,37 @@ class _Run:
             "tower": self.cfg.to_dict(), "train": self.tc.to_dict(), "adapters": list(self.tower.adapters),
             "model": self.tower.state_dict(), "optimizer": None if ph is None else ph.opt.state_dict(),
             "scheduler": None if ph is None else ph.sched.state_dict(), "rng": rng_state(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "state": copy.deepcopy(self.st.to_dict()), "global_step": self.st.global_step,
             "phase_idx": self.st.phase_idx}, self.tc.keep_checkpoints)
 
     def snapshot(self, ph: Phase) -> None:
         """The in-memory last good state a loss spike rolls back to."""
         self.good = {"model": copy.deepcopy(self.tower.state_dict()), "opt": copy.deepcopy(ph.opt.state_dict()),
-                     "sched": copy.deepcopy(ph.sched.state_dict())}
+                     "sched": copy.deepcopy(ph.sched.state_dict()),
+                     "ema": None if self.ema is None else copy.deepcopy(self.ema.state_dict())}
+
+    def start_average(self, ph: Phase) -> None:
+        """The weight average of phase (a) when tc.ema_decay > 0 (resumed from the checkpoint's)."""
+        if self.tc.ema_decay <= 0 or ph.name != "a":
+            return
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.ema = AveragedModel(self.tower, multi_avg_fn=get_ema_multi_avg_fn(self.tc.ema_decay))
+        if self.ema_state is not None:
+            self.ema.load_state_dict(self.ema_state)
+        self.ema_state = None
+
+    def end_average(self, ph: Phase) -> None:
+        """Load the average into the tower at the end of its phase."""
+        if self.ema is None:
+            return
+        with torch.no_grad():
+            for avg, p in zip(self.ema.module.parameters(), self.tower.parameters()):
+                p.copy_(avg)
+        self.say(f"[{self.cfg.name}] phase {ph.name}: the tower now holds the average of its weights "
+                 f"(ema_decay {self.tc.ema_decay}, {int(self.ema.n_averaged)} steps averaged)")
+        self.ema = None
 
 
 def train_tower(
@@ -180,6 +206,7 @@ def _start(cfg, data_train, tc, out_dir, pca, importance, log, hooks, init_state
         tower.load_state_dict(saved["model"])
         run.st = TrainState.from_dict(saved["state"])
         run.opt_state, run.sched_state = saved.get("optimizer"), saved.get("scheduler")
+        run.ema_state = saved.get("ema")
         set_rng_state(saved["rng"])
         run.resumed_from = run.st.global_step
         where = (f"phase {run.phases[run.st.phase_idx]} step {run.st.phase_step}"
@@ -212,6 +239,7 @@ def _run_phase(run: _Run, phase_idx: int, data_train: TowerData, data_val: Tower
         ph.opt.load_state_dict(run.opt_state)
         ph.sched.load_state_dict(run.sched_state)
         run.opt_state = run.sched_state = None
+    run.start_average(ph)
     model = run.objective
     if dd.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -248,6 +276,7 @@ def _run_phase(run: _Run, phase_idx: int, data_train: TowerData, data_val: Tower
             run.checkpoint(ph)
         if run.hooks.after_step:
             run.hooks.after_step(st.global_step)
+    run.end_average(ph)
 
 
 def _step(run: _Run, ph: Phase, model, batch: dict, step: int) -> None:
@@ -269,6 +298,8 @@ def _step(run: _Run, ph: Phase, model, batch: dict, step: int) -> None:
         else:
             ph.opt.step()
             ph.sched.step()
+            if run.ema is not None:
+                run.ema.update_parameters(run.tower)
     elif dd.world > 1:
         (total * 0.0).backward()  # DDP expects a backward after every training forward; drop its grads
         ph.opt.zero_grad(set_to_none=True)
@@ -286,6 +317,8 @@ def _step(run: _Run, ph: Phase, model, batch: dict, step: int) -> None:
         run.tower.load_state_dict(run.good["model"])
         ph.opt.load_state_dict(run.good["opt"])
         ph.sched.load_state_dict(run.good["sched"])
+        if run.ema is not None:
+            run.ema.load_state_dict(run.good["ema"])
         st.anchor_boost *= tc.anchor_escalation
         # the window keeps the pre-spike losses: a loss level that stays 4x up keeps rolling back until
         # max_rollbacks says the run diverged, instead of becoming the new normal

@@ -44,7 +44,8 @@ def _quiet(msg: str) -> None:
                                           ("mixed_precision", "fp16"), ("channels_last", "yes"),
                                           ("patience_fraction", 1.5), ("source_alpha", 1.5), ("source_alpha", -0.1),
                                           ("w_neighbour", -1.0), ("neighbour_temperature", 0.0),
-                                          ("neighbour_bank_rows", -1), ("neighbour_in_phase_a", 1)])
+                                          ("neighbour_bank_rows", -1), ("neighbour_in_phase_a", 1),
+                                          ("ema_decay", 1.0), ("ema_decay", -0.1)])
 def test_train_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
@@ -190,6 +191,85 @@ def test_resume_is_bit_for_bit(tmp_path, kill_at, resume_at):
     assert resumed["resumed_from_step"] == resume_at
     assert resumed["param_sha256"] == ref["param_sha256"]
     assert resumed["history"]["train_loss"] == ref["history"]["train_loss"]
+
+
+def _spy_average(monkeypatch) -> list:
+    """Records the tower's weights at each fold into the average."""
+    from torch.optim.swa_utils import AveragedModel
+
+    seen = []
+    original = AveragedModel.update_parameters
+
+    def spy(self, model):
+        seen.append([p.detach().clone() for p in model.parameters()])
+        return original(self, model)
+
+    monkeypatch.setattr(AveragedModel, "update_parameters", spy)
+    return seen
+
+
+def _fold(steps: list, decay: float) -> list:
+    avg = steps[0]
+    for step in steps[1:]:
+        avg = [decay * a + (1 - decay) * p for a, p in zip(avg, step)]
+    return avg
+
+
+def test_ema_phase_a_ends_holding_the_average_of_its_accepted_steps(tmp_path, monkeypatch):
+    """The saved tower (no phase (b) steps) is the EMA, folded by hand, of the weights after each step."""
+    from nexus_assets.student.tower import load_tower
+
+    seen = _spy_average(monkeypatch)
+    cfg, train = tiny_config("text"), _data("text")
+    logs = []
+    s = train_tower(cfg, train, None, _tc(phase_b_steps=0, ema_decay=0.8), tmp_path / "ema", log=logs.append)
+    assert len(seen) == s["phases"]["a"]["steps_run"] == 12
+    got = list(load_tower(tmp_path / "ema" / "tower").parameters())
+    expected = _fold(seen, 0.8)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(g, last) for g, last in zip(got, seen[-1]))  # not the last step's weights
+    assert any("average of its weights" in m and "12 steps averaged" in m for m in logs)
+    plain = train_tower(cfg, train, None, _tc(phase_b_steps=0), tmp_path / "plain", log=_quiet)
+    assert plain["param_sha256"] != s["param_sha256"]
+    for g, last in zip(load_tower(tmp_path / "plain" / "tower").parameters(), seen[-1]):
+        torch.testing.assert_close(g, last)  # off: the last step's weights, the same steps as with it
+
+
+def test_ema_rollback_drops_the_folds_since_the_snapshot(tmp_path, monkeypatch):
+    from nexus_assets.student.tower import load_tower
+
+    seen = _spy_average(monkeypatch)
+
+    def spike(phase, step, loss):
+        return loss * 1000.0 if (phase, step) == ("a", 9) else loss
+
+    s = train_tower(tiny_config("text"), _data("text"), None, _tc(phase_b_steps=0, ema_decay=0.8),
+                    tmp_path, log=_quiet, hooks=TrainHooks(loss=spike))
+    assert s["rollbacks"] == 1 and len(seen) == 11  # steps 0-8 and 10-11 folded; 9 spiked
+    # the snapshot after step 7 holds the average of 8 folds: step 8's fold is rolled back with the weights
+    expected = _fold(seen[:8] + seen[9:], 0.8)
+    for g, e in zip(load_tower(tmp_path / "tower").parameters(), expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_resume_is_bit_for_bit(tmp_path):
+    cfg = tiny_config("text")
+    train, val = _data("text"), _data("text", 16, 1)
+    tc = _tc(ema_decay=0.9)
+    ref = train_tower(cfg, train, val, tc, tmp_path / "ref", log=_quiet)
+
+    def kill(step):
+        if step == 7:
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        train_tower(cfg, train, val, tc, tmp_path / "run", log=_quiet, hooks=TrainHooks(after_step=kill))
+    resumed = train_tower(cfg, train, val, tc, tmp_path / "run", log=_quiet)
+    assert resumed["resumed_from_step"] == 4
+    assert resumed["param_sha256"] == ref["param_sha256"]
+    assert resumed["param_sha256"] != train_tower(cfg, train, val, _tc(), tmp_path / "plain", log=_quiet)["param_sha256"]
 
 
 @pytest.mark.parametrize("alpha, small_rows", [(1.0, 12), (0.0, 48)])

@@ -41,6 +41,33 @@ def next_token_hits(pred_ids: np.ndarray, next_ids: np.ndarray, valid: np.ndarra
     return (pred_ids == next_ids)[valid]
 
 
+def trimmed_vocabulary_positions(token_ids: np.ndarray, kept: np.ndarray, window: int = 8) -> dict[str, np.ndarray]:
+    """Classes of the positions of one row by what a trimmed vocabulary hides there, to split a next-token
+    score by them: a student that reads a dropped input token as its nearest kept one, and cannot name a
+    dropped next token, loses most where these hold.
+
+    Args:
+        token_ids: (T,) the row's token ids in the teacher's vocabulary.
+        kept: (V,) bool, True for ids the student's vocabulary keeps.
+        window: how many input tokens back (the current one included) `recent_input_dropped` looks.
+
+    Returns:
+        (T,) bool masks, position t predicting token t + 1 (the last position has no next token: False in
+        `next_dropped`): `input_dropped` (token t is dropped), `recent_input_dropped` (one of tokens
+        t - window + 1 .. t is), `next_dropped` (token t + 1 is).
+    """
+    ids = np.asarray(token_ids)
+    if ids.ndim != 1:
+        raise ValueError(f"token_ids: expected (T,), got shape {ids.shape}")
+    if window < 1:
+        raise ValueError(f"window: must be >= 1, got {window}")
+    dropped = ~np.asarray(kept, dtype=bool)[ids]  # (T,)
+    recent = np.convolve(dropped.astype(np.int64), np.ones(window, dtype=np.int64))[:len(ids)] > 0
+    nxt = np.zeros_like(dropped)
+    nxt[:-1] = dropped[1:]
+    return {"input_dropped": dropped, "recent_input_dropped": recent, "next_dropped": nxt}
+
+
 def perplexity(logprobs: np.ndarray) -> float:
     """exp(-mean log p) over per-token log-probs of the true next tokens (natural log)."""
     lp = np.asarray(logprobs, dtype=np.float64)

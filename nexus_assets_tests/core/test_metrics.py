@@ -145,3 +145,19 @@ def test_transcripts_agree_is_distil_whispers_filter():
         M.transcripts_agree(["a", "b"], ["a"], 0.1)
     with pytest.raises(ValueError, match="max_wer"):
         M.transcripts_agree(["a"], ["a"], -0.1)
+
+
+def test_trimmed_vocabulary_positions_marks_what_the_vocabulary_hides():
+    kept = np.array([True, True, False, True, False, True])  # ids 2 and 4 dropped
+    ids = np.array([0, 2, 1, 1, 1, 4, 5])
+    m = M.trimmed_vocabulary_positions(ids, kept, window=2)
+    assert m["input_dropped"].tolist() == [False, True, False, False, False, True, False]
+    assert m["recent_input_dropped"].tolist() == [False, True, True, False, False, True, True]
+    assert m["next_dropped"].tolist() == [True, False, False, False, True, False, False]
+    wide = M.trimmed_vocabulary_positions(ids, kept, window=8)
+    assert wide["recent_input_dropped"].tolist() == [False] + [True] * 6
+    assert not M.trimmed_vocabulary_positions(ids, np.ones(6, bool))["recent_input_dropped"].any()
+    with pytest.raises(ValueError, match="window"):
+        M.trimmed_vocabulary_positions(ids, kept, window=0)
+    with pytest.raises(ValueError, match="token_ids"):
+        M.trimmed_vocabulary_positions(ids[None], kept)

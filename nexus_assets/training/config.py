@@ -260,7 +260,11 @@ CARVED_PHASE_B_BY_CAPABILITY = {"audio": {"audio.transcribe": 0}}
 # temperature): off 0.832 / 0.690, 1 / 2,048 / 0.05 0.902 / 0.735, 1 / 2,048 / 0.1 0.870 / 0.722, 3 / all / 0.05
 # 0.891 / 0.762. Not on audio: the speaker head with it (w 3, every row, phase b) scored 1 - EER retention
 # 0.956 / 0.753 against 0.955 / 0.776 (never-seen CIs 0.746-0.759 / 0.771-0.783): worse on the Piper voice.
-CARVED_NEIGHBOUR = {"text": {"w_neighbour": 3.0, "neighbour_bank_rows": 0}}
+# Its probe runs 50 epochs, not the 100 of a bank-less probe (2026-12-06, linear probe alone on the trained tower,
+# same bank and seed; held-out / never-seen, probe seconds on 2 cores): 100 epochs 0.891 / 0.762 (296 s idle),
+# 50 0.864 / 0.773 (132 s), 30 0.870 / 0.755 (88 s): within the held-out CI of about +-0.11 and the never-seen
+# CI of +-0.04 of each other, so half the epochs take 2.7 minutes off README command 1 for nothing measurable.
+CARVED_NEIGHBOUR = {"text": {"w_neighbour": 3.0, "neighbour_bank_rows": 0, "head_probe_epochs": 50}}
 
 
 def cpu_train_config(tower: str, init: str = "random", profile: str | None = None, **overrides) -> TrainConfig:
@@ -294,7 +298,7 @@ def cpu_train_config(tower: str, init: str = "random", profile: str | None = Non
                 "mixed_precision": CARVED_MIXED_PRECISION[tower], "channels_last": CARVED_CHANNELS_LAST[tower],
                 "group_by_length": CARVED_GROUP_BY_LENGTH[tower],
                 "phase_b_steps_by_capability": dict(CARVED_PHASE_B_BY_CAPABILITY.get(tower, {})),
-                **CARVED_NEIGHBOUR.get(tower, {}), **probe}
+                **probe, **CARVED_NEIGHBOUR.get(tower, {})}
     return TrainConfig(**{**base, **overrides})
 
 

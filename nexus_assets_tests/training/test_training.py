@@ -640,3 +640,8 @@ def test_carved_text_distils_at_temperature_one_and_overrides_win():
     # measured: the neighbour-ranking loss lifts the carved text.embed (phase b only); not on random init or audio
     assert cpu_train_config("text", "carved").w_neighbour > 0 and not cpu_train_config("text", "carved").neighbour_in_phase_a
     assert cpu_train_config("text", "random").w_neighbour == 0 == cpu_train_config("audio", "carved").w_neighbour
+    # its probe over the whole-train bank runs half the epochs of a bank-less one; no probe on audio
+    assert cpu_train_config("text", "carved").head_probe_epochs == 50
+    assert cpu_train_config("text", "random").head_probe_epochs == 100
+    assert cpu_train_config("audio", "carved").head_probe_epochs == 0
+    assert cpu_train_config("text", "carved", head_probe_epochs=7).head_probe_epochs == 7

@@ -13,7 +13,7 @@ alone costs a network that was never trained around it, and what input rows woul
 Reads a finished pipeline run (README command 1) from NEXUS_HOME like bench/init_ablation.py.
 
 Run:
-    .venv/bin/python bench/vocabulary_cost.py [--tower DIR] [--rows 600] [--teacher-bound]
+    .venv/bin/python bench/vocabulary_cost.py [--tower DIR] [--rows N] [--teacher-bound [--bound-rows 600]]
 """
 from __future__ import annotations
 
@@ -138,7 +138,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tower", default=None, help="a trained text tower folder (default: the pipeline's)")
-    ap.add_argument("--rows", type=int, default=None, help="at most this many rows per split (default: all)")
+    ap.add_argument("--rows", type=int, default=None, help="part 1: at most this many rows per split (default: all)")
+    ap.add_argument("--bound-rows", type=int, default=600, help="part 2: rows per split (the teacher runs once per "
+                    "variant)")
     ap.add_argument("--teacher-bound", action="store_true", help="also part 2 (loads the teacher)")
     ap.add_argument("--extra-rows", default="2000,4000,8000", help="part 2: input rows kept, comma-separated")
     args = ap.parse_args()
@@ -154,7 +156,7 @@ def main() -> None:
     print(f"text tower vocabulary: {kept.sum()} of {V} teacher ids kept")
     student_breakdown(tower, entry, kept, args.rows)
     if args.teacher_bound:
-        teacher_bound(snapshot, entry, vocab, args.rows, [int(k) for k in args.extra_rows.split(",") if k])
+        teacher_bound(snapshot, entry, vocab, args.bound_rows, [int(k) for k in args.extra_rows.split(",") if k])
 
 
 if __name__ == "__main__":

@@ -33,16 +33,21 @@ from init_ablation import _asset  # noqa: E402
 WINDOW = 8
 
 
-def _rows(entry: Path, split: str, limit: int | None) -> list[list[dict]]:
+def _token_table(entry: Path):
+    """The teacher's cached token rows, read once for both parts and both splits."""
+    from nexus_assets.core.feature_store import read_features
+
+    return read_features(entry, "tokens", columns=["row_id", "position", "token_id", "topk_ids", "has_next"])
+
+
+def _rows(tok, entry: Path, split: str, limit: int | None) -> list[list[dict]]:
     """The split's cached token rows (sorted by position, at most 64 tokens: the tower's max_len)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from nexus_assets.core.feature_store import read_features
     from nexus_assets.release.validation import _cached_rows
 
     ids = sorted(_cached_rows(entry, split))[:limit]
-    tok = read_features(entry, "tokens", columns=["row_id", "position", "token_id", "topk_ids", "has_next"])
     tok = tok.filter(pc.is_in(tok.column("row_id"), value_set=pa.array(ids)))
     by = defaultdict(list)
     for r in tok.to_pylist():
@@ -51,7 +56,7 @@ def _rows(entry: Path, split: str, limit: int | None) -> list[list[dict]]:
     return sorted(rows, key=len)
 
 
-def student_breakdown(tower: Path, entry: Path, kept: np.ndarray, limit: int | None) -> None:
+def student_breakdown(tower: Path, tok, entry: Path, kept: np.ndarray, limit: int | None) -> None:
     from nexus_assets.core import metrics as M
     from nexus_assets.runtime.bundle import load_tower_dir
 
@@ -59,7 +64,7 @@ def student_breakdown(tower: Path, entry: Path, kept: np.ndarray, limit: int | N
     print(f"\nPart 1: {tower} (no teacher loaded), next-token accuracy by position class")
     print(f"{'split':8s} {'positions':38s} {'share':>6s} {'student':>8s} {'teacher':>8s} {'retention':>9s}")
     for split in ("heldout", "ood"):
-        rows = _rows(entry, split, limit)
+        rows = _rows(tok, entry, split, limit)
         acc = defaultdict(lambda: np.zeros(3))  # class -> positions, student hits, teacher hits
         for c in range(0, len(rows), 32):
             part = rows[c:c + 32]
@@ -83,13 +88,12 @@ def student_breakdown(tower: Path, entry: Path, kept: np.ndarray, limit: int | N
                   f"{(s / t if t else float('nan')):9.3f}")
 
 
-def teacher_bound(snapshot: Path, entry: Path, vocab: dict, limit: int | None, extra_rows: list[int]) -> None:
+def teacher_bound(snapshot: Path, tok, entry: Path, vocab: dict, limit: int | None, extra_rows: list[int]) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
     import torch
     from transformers import AutoModelForCausalLM
 
-    from nexus_assets.core.feature_store import read_features
     from nexus_assets.release.validation import _cached_rows
 
     model = AutoModelForCausalLM.from_pretrained(snapshot / "hf", dtype=torch.float32).eval()
@@ -98,9 +102,8 @@ def teacher_bound(snapshot: Path, entry: Path, vocab: dict, limit: int | None, e
     teacher_ids = np.asarray(vocab["teacher_ids"])
     read_as = torch.as_tensor(teacher_ids[np.asarray(vocab["input_ids"])[:V]])  # teacher id each id is read as
     dropped = np.setdiff1d(np.arange(V), teacher_ids)
-    tok = read_features(entry, "tokens", columns=["row_id", "token_id"])
-    tok = tok.filter(pc.is_in(tok.column("row_id"), value_set=pa.array(sorted(_cached_rows(entry, "train")))))
-    counts = np.bincount(tok.column("token_id").to_numpy(), minlength=V)
+    train = tok.filter(pc.is_in(tok.column("row_id"), value_set=pa.array(sorted(_cached_rows(entry, "train")))))
+    counts = np.bincount(train.column("token_id").to_numpy(), minlength=V)
     by_count = dropped[np.argsort(-counts[dropped], kind="stable")]
     variants = {"teacher's own rows (no trimming)": torch.arange(V), "as the tower reads them": read_as}
     for k in extra_rows:
@@ -110,7 +113,7 @@ def teacher_bound(snapshot: Path, entry: Path, vocab: dict, limit: int | None, e
     print(f"\nPart 2: the teacher, dropped input tokens re-embedded ({len(dropped)} of {V} ids dropped; "
           f"{counts[dropped].sum() / counts.sum():.3f} of the train tokens)")
     for split in ("heldout", "ood"):
-        rows = _rows(entry, split, limit)
+        rows = _rows(tok, entry, split, limit)
         for name, mapping in variants.items():
             hits = n = 0
             for c in range(0, len(rows), 32):
@@ -132,8 +135,6 @@ def teacher_bound(snapshot: Path, entry: Path, vocab: dict, limit: int | None, e
 
 
 def main() -> None:
-    import torch
-
     from nexus_assets.core.paths import artifacts_root
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -144,7 +145,6 @@ def main() -> None:
     ap.add_argument("--teacher-bound", action="store_true", help="also part 2 (loads the teacher)")
     ap.add_argument("--extra-rows", default="2000,4000,8000", help="part 2: input rows kept, comma-separated")
     args = ap.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     root = artifacts_root()
     tower = Path(args.tower) if args.tower else Path(_asset(root, "tower_adapter", "text")["path"])
     vocab = json.loads((tower / "hf" / "vocab.json").read_text())
@@ -154,9 +154,10 @@ def main() -> None:
     kept = np.zeros(V, bool)
     kept[vocab["teacher_ids"]] = True
     print(f"text tower vocabulary: {kept.sum()} of {V} teacher ids kept")
-    student_breakdown(tower, entry, kept, args.rows)
+    tok = _token_table(entry)
+    student_breakdown(tower, tok, entry, kept, args.rows)
     if args.teacher_bound:
-        teacher_bound(snapshot, entry, vocab, args.bound_rows, [int(k) for k in args.extra_rows.split(",") if k])
+        teacher_bound(snapshot, tok, entry, vocab, args.bound_rows, [int(k) for k in args.extra_rows.split(",") if k])
 
 
 if __name__ == "__main__":

@@ -160,19 +160,18 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 if name in pos else v >= 0)):
                 raise ValueError(f"{name}: must be a finite number {'> 0' if name in pos else '>= 0'}, got {v!r}")
-        if not (isinstance(self.ema_decay, (int, float)) and not isinstance(self.ema_decay, bool)
-                and 0.0 <= self.ema_decay < 1.0):
-            raise ValueError(f"ema_decay: must be a number in [0, 1), got {self.ema_decay!r}")
-        if not (isinstance(self.source_alpha, (int, float)) and 0.0 <= self.source_alpha <= 1.0):
-            raise ValueError(f"source_alpha: must be a number in [0, 1], got {self.source_alpha!r}")
+        # shares and decays: (name, closed at 1); NaN fails both comparisons
+        for name, upper_closed in (("ema_decay", False), ("source_alpha", True), ("patience_fraction", True)):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and 0.0 <= v and (v <= 1.0 if upper_closed else v < 1.0)):
+                raise ValueError(f"{name}: must be a number in [0, 1{']' if upper_closed else ')'}, got {v!r}")
         for cap, v in self.phase_b_steps_by_capability.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"phase_b_steps_by_capability: steps of {cap!r} must be an int >= 0, got {v!r}")
         for t, w in self.teacher_weights.items():
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
                 raise ValueError(f"teacher_weights: weight of {t!r} must be a finite number >= 0, got {w!r}")
-        if not (isinstance(self.patience_fraction, (int, float)) and 0 <= self.patience_fraction <= 1):
-            raise ValueError(f"patience_fraction: must be a number in [0, 1], got {self.patience_fraction!r}")
         if self.spike_factor <= 1:
             raise ValueError(f"spike_factor: must be > 1, got {self.spike_factor}")
         if not isinstance(self.neighbour_in_phase_a, bool):

@@ -46,7 +46,12 @@ class TrainConfig:
     CIs (+-0.012 / +-0.007), since the cosine decay to 10% already quiets the last steps; after phase (b) 0.998
     gave 0.754 / 0.680 against 0.756 / 0.678. Kept for longer runs at a flatter rate (`full`, `gpu`)."""
     warmup_steps: int = 10
-    """Linear warmup steps of each phase, then cosine decay to 10% of the peak."""
+    """Linear warmup steps of each phase, then the decay (`lr_decay`) to `lr_floor` of the peak."""
+    lr_decay: str = "cosine"
+    """Shape of the decay after warmup: "cosine" or "linear" (Bergsma et al. 2025, "Straight to Zero":
+    linear decay to zero beat a cosine to 10% for LLM pre-training at many tokens per parameter)."""
+    lr_floor: float = 0.1
+    """The rate at the phase's last step, as a share of the peak, in [0, 1]."""
     temperature: float = 2.0
     """Softmax temperature of top-k KD and of LwF on logits heads."""
     w_kd: float = 1.0
@@ -161,7 +166,8 @@ class TrainConfig:
             if not (isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 if name in pos else v >= 0)):
                 raise ValueError(f"{name}: must be a finite number {'> 0' if name in pos else '>= 0'}, got {v!r}")
         # shares and decays: (name, closed at 1); NaN fails both comparisons
-        for name, upper_closed in (("ema_decay", False), ("source_alpha", True), ("patience_fraction", True)):
+        for name, upper_closed in (("ema_decay", False), ("source_alpha", True), ("patience_fraction", True),
+                                   ("lr_floor", True)):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool)
                     and 0.0 <= v and (v <= 1.0 if upper_closed else v < 1.0)):
@@ -178,6 +184,8 @@ class TrainConfig:
             raise ValueError(f"neighbour_in_phase_a: must be true or false, got {self.neighbour_in_phase_a!r}")
         if not isinstance(self.channels_last, bool):
             raise ValueError(f"channels_last: must be true or false, got {self.channels_last!r}")
+        if self.lr_decay not in ("cosine", "linear"):
+            raise ValueError(f"lr_decay: must be 'cosine' or 'linear', got {self.lr_decay!r}")
         if self.mixed_precision not in ("no", "bf16", "auto"):
             raise ValueError(f"mixed_precision: must be 'no', 'bf16' or 'auto', got {self.mixed_precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -173,12 +173,17 @@ def patience_evals(tc: TrainConfig, phase_steps: int) -> int:
     return max(tc.patience, math.ceil(tc.patience_fraction * phase_steps / tc.eval_every))
 
 
-def lr_lambda_for(warmup: int, total: int):
-    """Linear warmup over `warmup` steps, then cosine decay to 10% of the peak at `total`."""
+def lr_lambda_for(warmup: int, total: int, decay: str = "cosine", floor: float = 0.1):
+    """Linear warmup over `warmup` steps, then a cosine or linear decay to `floor` x the peak at `total`."""
+    if decay not in ("cosine", "linear"):
+        raise ValueError(f"lr_decay: must be 'cosine' or 'linear', got {decay!r}")
+
     def f(s: int) -> float:
         if s < warmup:
             return (s + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(total - warmup, 1))))
+        t = min(1.0, (s - warmup) / max(total - warmup, 1))
+        left = 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1.0 - t
+        return floor + (1.0 - floor) * left
     return f
 
 
@@ -223,7 +228,7 @@ def setup_phase(phase: str, tower: StudentTower, objective: TowerObjective, caps
               {"params": [p for p in params if id(p) in carved], "lr": lr * tc.carved_lr_scale}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=tc.weight_decay,
                             fused=fused_adam_supported(params))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_for(tc.warmup_steps, max(steps, 1)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_for(tc.warmup_steps, max(steps, 1), tc.lr_decay, tc.lr_floor))
     return Phase(phase, steps, params, opt, sched)
 
 

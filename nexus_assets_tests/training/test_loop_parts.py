@@ -33,6 +33,16 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
     assert f(12) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+def test_linear_schedule_decays_straight_to_its_floor():
+    f = lr_lambda_for(warmup=4, total=20, decay="linear", floor=0.0)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0) and f(12) == pytest.approx(0.5) and f(20) == 0.0 and f(30) == 0.0
+    g = lr_lambda_for(warmup=0, total=10, decay="linear", floor=0.2)
+    assert g(5) == pytest.approx(0.2 + 0.8 * 0.5) and g(10) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="lr_decay"):
+        lr_lambda_for(4, 20, decay="step")
+
+
 def test_batches_are_a_pure_function_of_seed_phase_step():
     a = batch_indices(10, 4, seed=1, phase=0, step=3)
     assert a == batch_indices(10, 4, seed=1, phase=0, step=3)

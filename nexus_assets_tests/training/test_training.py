@@ -510,6 +510,23 @@ def test_text_rows_only_the_lm_teacher_has_are_kept_and_masked_for_the_others(tm
                              {})["out"]
     want = torch.nn.functional.cross_entropy(out[:, :3].reshape(-1, out.shape[-1]), nxt[:, :3].reshape(-1))
     assert abs(parts["text.generate.ce"] - float(want)) < 1e-4
+    # w_anchor 0 (the carved text default): no anchor term at all, the other terms unchanged
+    obj = TowerObjective(tower, TC(batch_size=6, w_anchor=0.0), anchor_context(cfg, data, None, None))
+    obj.phase_caps = ["text.generate"]
+    _, off = obj(data.batch(list(range(6))))
+    obj.tc = TC(batch_size=6, w_anchor=0.5)
+    _, on = obj(data.batch(list(range(6))))
+    assert "text.generate.anchor" in on and set(off) == set(on) - {"text.generate.anchor"}
+    assert abs(off["text.generate.kd"] - on["text.generate.kd"]) < 1e-6
+
+
+def test_carved_anchoring_weight_is_per_tower():
+    from nexus_assets.training.config import CARVED_W_ANCHOR, cpu_train_config
+
+    assert cpu_train_config("text", "carved").w_anchor == CARVED_W_ANCHOR["text"] == 0.0
+    assert cpu_train_config("audio", "carved").w_anchor == 0.05
+    assert cpu_train_config("text", "carved", w_anchor=0.3).w_anchor == 0.3  # overrides win
+    assert cpu_train_config("text").w_anchor == TrainConfig().w_anchor  # the random-init tower keeps its own
 
 
 def test_load_tower_data_audio(tmp_path):

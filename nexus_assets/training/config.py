@@ -49,7 +49,9 @@ class TrainConfig:
     """Linear warmup steps of each phase, then the decay (`lr_decay`) to `lr_floor` of the peak."""
     lr_decay: str = "cosine"
     """Shape of the decay after warmup: "cosine" or "linear" (Bergsma et al. 2025, "Straight to Zero":
-    linear decay to zero beat a cosine to 10% for LLM pre-training at many tokens per parameter)."""
+    linear decay to zero beat a cosine to 10% for LLM pre-training at many tokens per parameter). Measured on the
+    carved text tower (2026-12-06, the default's 2,160 steps, seed 0; text.generate held-out / never-seen): linear
+    to 0 0.753 / 0.681 against the cosine's 0.753 / 0.676 in the same harness: flat, so the cosine stays."""
     lr_floor: float = 0.1
     """The rate at the phase's last step, as a share of the peak, in [0, 1]."""
     temperature: float = 2.0

@@ -264,7 +264,7 @@ CARVED_GROUP_BY_LENGTH = {"text": True, "vision": False, "audio": False}
 # in the same harness and 0.756 / 0.678 (0.743-0.769 / 0.671-0.685) in the pipeline report; 0 0.756 / 0.687
 # (0.743-0.768 / 0.680-0.694), text.embed 0.880 / 0.766 against 0.859 / 0.758; README command 1 with it: 0.755 /
 # 0.680 (0.743-0.768 / 0.673-0.688), text.embed 0.902 / 0.766. So text.generate +0.002-0.011 never-seen (inside
-# run-to-run noise), text.embed up, and no anchor compute: off. The 12-of-30-block tower is short of capacity,
+# run-to-run noise), text.embed up, and the anchoring loss is not computed: off. The 12-of-30-block tower is short of capacity,
 # and pulling its blocks towards the depths of the teacher they replace can only spend some of it. Audio
 # keeps 0.05 (its speaker head trains through anchoring's LoRA phase; not measured at 0), vision trains no steps.
 CARVED_W_ANCHOR = {"text": 0.0, "vision": 0.05, "audio": 0.05}

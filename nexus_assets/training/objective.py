@@ -186,7 +186,7 @@ class TowerObjective(nn.Module):
             for name, loss in task_losses(cap, spec.kind, res, cb, tc, bank).items():
                 losses[f"{cap}.{name}"] = loss
                 weights[f"{cap}.{name}"] = task_loss_weight(name, tc, tw)
-            if spec.anchor_layers and tc.w_anchor > 0:  # off: no anchor term at all (nor its compute)
+            if spec.anchor_layers and tc.w_anchor > 0:  # off: no anchoring loss (the heads' anchor projections still run)
                 per_layer = []
                 for layer in spec.anchor_layers:
                     a = self.anchors[(cap, layer)]

@@ -2,8 +2,9 @@
 
 Part 1 (no teacher loaded): the pipeline's text tower (or `--tower DIR`) scored through the runtime on the
 held-out and never-seen rows, its next-token retention split by `metrics.trimmed_vocabulary_positions`:
-positions whose input token is dropped (the tower reads it as its nearest kept token), positions with a
-dropped token among the last 8 inputs, positions whose next token is dropped (the tower cannot name it).
+positions whose input token is dropped (the tower reads it as its nearest kept token; a dropped token with
+an input row of its own, the carve's `input_rows`, reads as itself and does not count), positions with such
+a token among the last 8 inputs, positions whose next token is dropped (the tower cannot name it).
 
 Part 2 (`--teacher-bound`, loads SmolLM2 from the teacher snapshot): the TEACHER itself with its dropped
 input tokens re-embedded the way the tower reads them, or with the teacher's own rows kept for the most
@@ -56,7 +57,8 @@ def _rows(tok, entry: Path, split: str, limit: int | None) -> list[list[dict]]:
     return sorted(rows, key=len)
 
 
-def student_breakdown(tower: Path, tok, entry: Path, kept: np.ndarray, limit: int | None) -> None:
+def student_breakdown(tower: Path, tok, entry: Path, kept: np.ndarray, limit: int | None,
+                      read_as_itself: np.ndarray | None = None) -> None:
     from nexus_assets.core import metrics as M
     from nexus_assets.runtime.bundle import load_tower_dir
 
@@ -75,7 +77,9 @@ def student_breakdown(tower: Path, tok, entry: Path, kept: np.ndarray, limit: in
                 nxt = np.concatenate([ids[1:ts], [-1]])
                 s_hit = (lp.argmax(-1).numpy() == nxt) & valid
                 t_hit = (np.array([r["topk_ids"][0] for r in rr[:ts]]) == nxt) & valid
-                classes = M.trimmed_vocabulary_positions(ids[:ts], kept, WINDOW)
+                classes = M.trimmed_vocabulary_positions(ids[:ts], kept if read_as_itself is None else read_as_itself,
+                                                         WINDOW)
+                classes["next_dropped"] = M.trimmed_vocabulary_positions(ids[:ts], kept, WINDOW)["next_dropped"]
                 classes["all"] = np.ones(ts, bool)
                 classes["no dropped token among last 8 inputs"] = ~classes["recent_input_dropped"]
                 for name, m in classes.items():
@@ -100,7 +104,9 @@ def teacher_bound(snapshot: Path, tok, entry: Path, vocab: dict, limit: int | No
     E = model.get_input_embeddings().weight.detach()
     V = E.shape[0]
     teacher_ids = np.asarray(vocab["teacher_ids"])
-    read_as = torch.as_tensor(teacher_ids[np.asarray(vocab["input_ids"])[:V]])  # teacher id each id is read as
+    reads = np.asarray(vocab["input_ids"])[:V]  # new id each teacher id is read as; > fallback: its own input row
+    own = reads > vocab["fallback"]
+    read_as = torch.as_tensor(np.where(own, np.arange(V), teacher_ids[np.minimum(reads, len(teacher_ids) - 1)]))
     dropped = np.setdiff1d(np.arange(V), teacher_ids)
     train = tok.filter(pc.is_in(tok.column("row_id"), value_set=pa.array(sorted(_cached_rows(entry, "train")))))
     counts = np.bincount(train.column("token_id").to_numpy(), minlength=V)
@@ -153,9 +159,10 @@ def main() -> None:
     V = json.loads((snapshot / "hf" / "config.json").read_text())["vocab_size"]
     kept = np.zeros(V, bool)
     kept[vocab["teacher_ids"]] = True
-    print(f"text tower vocabulary: {kept.sum()} of {V} teacher ids kept")
+    own_row = np.asarray(vocab["input_ids"]) > vocab["fallback"]  # input-only rows (carve `input_rows`)
+    print(f"text tower vocabulary: {kept.sum()} of {V} teacher ids kept, {own_row.sum()} more read through input rows")
     tok = _token_table(entry)
-    student_breakdown(tower, tok, entry, kept, args.rows)
+    student_breakdown(tower, tok, entry, kept, args.rows, read_as_itself=kept | own_row)
     if args.teacher_bound:
         teacher_bound(snapshot, tok, entry, vocab, args.bound_rows, [int(k) for k in args.extra_rows.split(",") if k])
 

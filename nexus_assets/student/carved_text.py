@@ -7,8 +7,10 @@ features and metrics are unchanged); inside, `old_to_new` maps them to the kept 
 The "lm" head therefore predicts len(vocab) + 1 classes; `to_teacher_vocab` spreads the fallback's
 probability evenly over the dropped ids, giving a proper distribution over the teacher's vocabulary for
 perplexity and accuracy. Generation never emits the fallback. As INPUT, a dropped id reads as its nearest
-kept token (`carve["input_map"]`, teacher id -> new id, chosen at carve time); a plan without one reads
-dropped ids as the fallback slot.
+kept token (`carve["input_map"]`, teacher id -> new id, chosen at carve time), or, for the most frequent
+dropped ids (`carve["input_rows"]`), as a row of its own: input-only rows stored after the fallback in the
+same embedding matrix, which the "lm" head never scores (it reads rows [0, len(vocab)]) and generation
+suppresses; a plan without an input map reads dropped ids as the fallback slot.
 
 Runtime-safe: torch + transformers only.
 """
@@ -44,15 +46,23 @@ def vocab_maps(vocab: list[int], teacher_vocab: int) -> tuple[torch.Tensor, torc
 
 
 def reading_map(plan: Mapping, old_to_new: torch.Tensor, fallback: int) -> torch.Tensor:
-    """(teacher_vocab,) teacher id -> the new id the backbone READS: the plan's nearest-kept-token map, or
-    `old_to_new` (dropped ids -> the fallback slot) for a plan without one."""
+    """(teacher_vocab,) teacher id -> the new id the backbone READS: the plan's map (nearest kept token, or an
+    input-only row after the fallback), or `old_to_new` (dropped ids -> the fallback slot) without one."""
     given = plan.get("input_map")
     if given is None:
         return old_to_new.clone()
+    n_rows = len(plan.get("input_rows", []))
+    top = fallback + n_rows
     m = torch.tensor([int(i) for i in given], dtype=torch.long, device="cpu")
-    if m.shape != old_to_new.shape or int(m.min()) < 0 or int(m.max()) > fallback:
-        raise ValueError(f"carve.input_map: expected one id in [0, {fallback}] per teacher id "
+    if m.shape != old_to_new.shape or int(m.min()) < 0 or int(m.max()) > top:
+        raise ValueError(f"carve.input_map: expected one id in [0, {top}] per teacher id "
                          f"({old_to_new.numel()}), got {m.numel()} ids")
+    if n_rows:
+        own = torch.tensor([int(t) for t in plan["input_rows"]], dtype=torch.long, device="cpu")
+        if int(own.min()) < 0 or int(own.max()) >= old_to_new.numel() or bool((old_to_new[own] < fallback).any()):
+            raise ValueError("carve.input_rows: must be dropped teacher ids")
+        if not torch.equal(m[own], torch.arange(fallback + 1, top + 1, device="cpu")):
+            raise ValueError("carve.input_map: an input_rows id must read its own row (fallback + 1 + its index)")
     kept = old_to_new < fallback
     if not torch.equal(m[kept], old_to_new[kept]):
         raise ValueError("carve.input_map: a kept teacher id must read as itself")
@@ -82,7 +92,8 @@ class CarvedLlamaBackbone(nn.Module):
         plan = cfg.carve
         hf = dict(plan["hf_config"])
         vocab = list(plan["vocab"])
-        hf["vocab_size"] = len(vocab) + 1
+        self.n_input_rows = len(plan.get("input_rows", []))
+        hf["vocab_size"] = len(vocab) + 1 + self.n_input_rows  # kept + fallback + input-only rows
         hf["tie_word_embeddings"] = True
         self.hf_config = LlamaConfig(**hf)
         self.lm = LlamaForCausalLM(self.hf_config)
@@ -91,6 +102,7 @@ class CarvedLlamaBackbone(nn.Module):
         self.register_buffer("new_to_old", new_to_old, persistent=False)
         self.register_buffer("input_map", reading_map(plan, old_to_new, len(vocab)), persistent=False)
         self.n_dropped = int(plan["teacher_vocab"]) - len(vocab)
+        self.n_outputs = len(vocab) + 1  # what the "lm" head scores: the kept vocabulary + fallback
         self.eos_new = [int(old_to_new[e]) for e in plan.get("eos_ids", []) if int(old_to_new[e]) < len(vocab)]
         # teacher layer "layers.i" (its hidden_states[i]) -> index into this backbone's hidden_states
         self.anchor_map: dict[str, int] = dict(plan.get("anchor_map", {}))
@@ -128,7 +140,7 @@ class CarvedLlamaBackbone(nn.Module):
         return _TiedLMHead() if spec.kind == "lm" else None
 
     def lm_weight(self) -> torch.Tensor:
-        return self.lm.model.embed_tokens.weight  # (V' + 1, H), tied output matrix
+        return self.lm.model.embed_tokens.weight[:self.n_outputs]  # (V' + 1, H), tied output matrix
 
     # -- teacher vocabulary ----------------------------------------------------------------------------
 
@@ -151,8 +163,8 @@ class CarvedLlamaBackbone(nn.Module):
         out = self.lm.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False,
             eos_token_id=self.eos_new or None, pad_token_id=self.eos_new[0] if self.eos_new else 0,
-            no_repeat_ngram_size=4, repetition_penalty=1.1,
-            bad_words_ids=[[self.hf_config.vocab_size - 1]])  # never the fallback slot
+            no_repeat_ngram_size=4, repetition_penalty=1.1,  # never the fallback slot or an input-only row
+            suppress_tokens=list(range(self.n_outputs - 1, self.hf_config.vocab_size)))
         rows = []
         for row in out[:, ids.shape[1]:].tolist():
             keep = []
@@ -176,8 +188,10 @@ class CarvedLlamaBackbone(nn.Module):
         cfg = self.hf_config.to_dict()
         cfg["architectures"] = ["LlamaForCausalLM"]
         (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+        # rows after the fallback are input-only: a stock model's logits there must be masked, as generate_ids does
         (folder / "vocab.json").write_text(json.dumps({"teacher_ids": self.new_to_old[:-1].tolist(),
                                                        "fallback": len(self.new_to_old) - 1,
+                                                       "input_only_rows": self.n_input_rows,
                                                        "input_ids": self.input_map.tolist()}))
         return keys | {"lm.lm_head.weight"}
 

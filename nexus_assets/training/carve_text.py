@@ -13,7 +13,12 @@ and tokens to keep, measured on the cached probe tokens, and the teacher weights
   (5% of their input tokens outside a 99.9%-mass vocabulary): teacher-forced top-1 agreement 0.78 / 0.79
   with the fallback's mean embedding, 0.86 / 0.86 with the nearest kept token, 0.84 / 0.84 with a rank-128
   embedding of every dropped row (3.2M more parameters); 0.99 / 0.97 with no token dropped.
-* size: blocks x MLP width chosen to fit `param_fraction` of the teacher's parameters.
+* frequent dropped tokens as INPUT (`input_rows`): the N most frequent dropped train tokens keep the
+  teacher's own input row, read-only (no output class: the tower cannot name them). Measured with the
+  teacher itself (bench/vocabulary_cost.py part 2, the 11,322-token vocabulary, held-out / never-seen
+  teacher-forced agreement): nearest kept token 0.775 / 0.820; own rows for the 2,000 / 4,000 / 8,000 most
+  frequent dropped tokens 0.800 / 0.835, 0.821 / 0.846, 0.854 / 0.868.
+* size: blocks x MLP width chosen to fit `param_fraction` of the teacher's parameters (input rows included).
 * embedding heads exit early: a pooled (sentence) head reads the first k carved blocks (through the final
   norm) and a pass for it alone runs no further. k is measured: the fewest blocks whose mean-pooled states
   a ridge map fits to the embedding teacher's cached train embeddings best (cosine on a held-back fold of
@@ -49,6 +54,8 @@ class TextCarveTarget:
             closest in angle (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers"), so
             the kept blocks still see the residual stream they were trained on; "influence" keeps the
             blocks of highest block influence wherever they are (ShortGPT).
+        input_rows: how many of the most frequent dropped train tokens keep an input-only embedding row
+            (the teacher's); 0 = every dropped token reads as its nearest kept token.
     """
 
     param_fraction: float = 0.26
@@ -57,6 +64,7 @@ class TextCarveTarget:
     sample_rows: int = 48
     min_blocks: int = 2
     block_selection: str = "contiguous"
+    input_rows: int = 0
 
     def __post_init__(self):
         for f in ("param_fraction", "mlp_keep", "vocab_mass"):
@@ -67,6 +75,8 @@ class TextCarveTarget:
             raise ValueError(f"text carve block_selection: 'contiguous' or 'influence', got {self.block_selection!r}")
         if self.sample_rows < 1 or self.min_blocks < 1:
             raise ValueError("text carve sample_rows and min_blocks: must be >= 1")
+        if isinstance(self.input_rows, bool) or not isinstance(self.input_rows, int) or self.input_rows < 0:
+            raise ValueError(f"text carve input_rows: must be an int >= 0, got {self.input_rows!r}")
 
 
 def block_influence(hidden_states: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -113,6 +123,23 @@ def vocab_by_coverage(counts: np.ndarray, mass: float, always: list[int]) -> lis
     cum = np.cumsum(counts[order]) / total
     n = int(np.searchsorted(cum, mass - 1e-12) + 1)
     return sorted(set(order[:n].tolist()) | set(always))
+
+
+def frequent_dropped(counts: np.ndarray, vocab: list[int], n: int) -> list[int]:
+    """The `n` dropped ids most frequent in `counts` (ties by id), those counted at least once; in that order."""
+    dropped = np.ones(len(counts), dtype=bool)
+    dropped[np.asarray(vocab, dtype=np.int64)] = False
+    ids = np.nonzero(dropped & (counts > 0))[0]
+    order = np.lexsort((ids, -counts[ids]))
+    return ids[order][:n].tolist()
+
+
+def with_input_rows(input_map: list[int], extra: list[int], fallback: int) -> list[int]:
+    """`input_map` with each id of `extra` reading its own row: new id fallback + 1 + its index in `extra`."""
+    out = list(input_map)
+    for j, t in enumerate(extra):
+        out[t] = fallback + 1 + j
+    return out
 
 
 def nearest_kept(embedding: torch.Tensor, vocab: list[int], chunk: int = 4096) -> list[int]:
@@ -208,21 +235,23 @@ def embedding_exit_block(plan: dict, model_dir: Path, token_rows: dict[str, list
     return {"blocks": choose_exit_block(scores), "fold_cosine": [round(v, 4) for v in scores], "rows": len(ids)}
 
 
-def layer_budget(teacher_cfg: dict, vocab_size: int, target: TextCarveTarget, teacher_params: int) -> tuple[int, int]:
-    """(blocks, mlp width) fitting param_fraction * teacher_params with the kept vocabulary (tied)."""
+def layer_budget(teacher_cfg: dict, vocab_size: int, target: TextCarveTarget, teacher_params: int,
+                 input_rows: int = 0) -> tuple[int, int]:
+    """(blocks, mlp width) fitting param_fraction * teacher_params with the kept vocabulary (tied) and
+    `input_rows` input-only rows."""
     h, heads, kv = teacher_cfg["hidden_size"], teacher_cfg["num_attention_heads"], teacher_cfg["num_key_value_heads"]
     d = teacher_cfg.get("head_dim") or h // heads
     inter = max(1, int(round(teacher_cfg["intermediate_size"] * target.mlp_keep)))
     per_block = h * heads * d * 2 + h * kv * d * 2 + 3 * h * inter + 2 * h
-    fixed = (vocab_size + 1) * h + h
+    fixed = (vocab_size + 1 + input_rows) * h + h
     if target.param_fraction >= 1.0:  # no depth cut asked for (the fallback row alone must not drop a block)
         return teacher_cfg["num_hidden_layers"], inter
     budget = target.param_fraction * teacher_params
     blocks = int((budget - fixed) // per_block)
     if blocks < target.min_blocks:
         raise ValueError(f"tower 'text': param_fraction {target.param_fraction} leaves {max(blocks, 0)} blocks "
-                         f"(< min_blocks {target.min_blocks}) after a {vocab_size}-token vocabulary; raise "
-                         "param_fraction or lower vocab_mass / mlp_keep")
+                         f"(< min_blocks {target.min_blocks}) after a {vocab_size}-token vocabulary and "
+                         f"{input_rows} input rows; raise param_fraction or lower vocab_mass / mlp_keep / input_rows")
     return min(blocks, teacher_cfg["num_hidden_layers"]), inter
 
 
@@ -312,9 +341,10 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
     specials = sorted({int(i) for i in (tcfg.get("bos_token_id"), tcfg.get("eos_token_id"),
                                           tcfg.get("pad_token_id")) if isinstance(i, int)})
     vocab = vocab_by_coverage(counts + soft, target.vocab_mass, specials)
-    blocks, inter = layer_budget(tcfg, len(vocab), target, teacher_params)
+    extra = frequent_dropped(counts, vocab, target.input_rows)
+    blocks, inter = layer_budget(tcfg, len(vocab), target, teacher_params, input_rows=len(extra))
     log(f"[text carve] vocabulary {len(vocab)}/{teacher_vocab} (covering {target.vocab_mass:.3%} of the train "
-        f"tokens + the teacher's next-token mass); budget: {blocks} blocks, MLP {inter}")
+        f"tokens + the teacher's next-token mass), {len(extra)} input-only rows; budget: {blocks} blocks, MLP {inter}")
     n_layers = model.config.num_hidden_layers
     bi, taylor, ang = score_teacher(model, _sample_batches(token_rows, target.sample_rows, max_len),
                                     n_drop=n_layers - blocks)
@@ -342,9 +372,10 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with torch.device("meta"):  # the carved shape, to count its parameters exactly
-        shape = LlamaForCausalLM(LlamaConfig(**{**hf, "vocab_size": len(vocab) + 1, "tie_word_embeddings": True}))
+        shape = LlamaForCausalLM(LlamaConfig(**{**hf, "vocab_size": len(vocab) + 1 + len(extra),
+                                                "tie_word_embeddings": True}))
     student_params = sum(p.numel() for p in shape.parameters())
-    input_map = nearest_kept(model.get_input_embeddings().weight.detach(), vocab)
+    input_map = with_input_rows(nearest_kept(model.get_input_embeddings().weight.detach(), vocab), extra, len(vocab))
     report = {
         "teacher_params": int(teacher_params), "student_params": int(student_params),
         "param_fraction": student_params / teacher_params,
@@ -355,8 +386,11 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
         "mlp_neurons_kept": f"{inter}/{tcfg['intermediate_size']} per block",
         "mlp_importance_mass_kept": {k: round(v, 4) for k, v in mass.items()},
         "vocab_kept": len(vocab), "vocab_teacher": teacher_vocab,
-        "dropped_input_tokens": "read as their nearest kept token (teacher input-embedding cosine)",
+        "dropped_input_tokens": (f"the {len(extra)} most frequent read their own (teacher) input row, the rest "
+                                 "as their nearest kept token (teacher input-embedding cosine)"),
+        "input_rows": len(extra),
         "train_token_coverage": float(counts[vocab].sum() / max(counts.sum(), 1.0)),
+        "train_input_token_coverage": float(counts[vocab + extra].sum() / max(counts.sum(), 1.0)),
         "teacher_next_token_mass_covered": float(soft[vocab].sum() / max(soft.sum(), 1e-12)),
         "heads": f"all {tcfg['num_attention_heads']} query / {tcfg['num_key_value_heads']} kv heads kept",
     }
@@ -364,7 +398,7 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
         f"{teacher_params / 1e6:.1f}M params ({report['param_fraction']:.2f})")
     return {"family": "llama", "teacher_vocab": teacher_vocab, "vocab": vocab, "hf_config": hf,
             "blocks": kept_blocks, "mlp_neurons": kept_neurons, "anchor_map": anchor_map, "eos_ids": eos_ids,
-            "input_map": input_map, "target": asdict(target), "report": report}
+            "input_map": input_map, "input_rows": extra, "target": asdict(target), "report": report}
 
 
 def carved_text_config(base, plan: dict, lora_rank: int):
@@ -399,7 +433,8 @@ def carved_text_state(plan: dict, model_dir: Path) -> dict[str, torch.Tensor]:
     dropped = torch.ones(emb.shape[0], dtype=torch.bool)
     dropped[vocab] = False
     fallback = emb[dropped].mean(0, keepdim=True) if dropped.any() else emb.mean(0, keepdim=True)
-    out = {"backbone.lm.model.embed_tokens.weight": torch.cat([emb[vocab], fallback]).contiguous(),
+    extra = torch.as_tensor(plan.get("input_rows", []), dtype=torch.long)  # input-only rows, after the fallback
+    out = {"backbone.lm.model.embed_tokens.weight": torch.cat([emb[vocab], fallback, emb[extra]]).contiguous(),
            "backbone.lm.model.norm.weight": sd["model.norm.weight"]}
     out["backbone.lm.lm_head.weight"] = out["backbone.lm.model.embed_tokens.weight"]
     for j, b in enumerate(plan["blocks"]):

@@ -5,8 +5,9 @@ import torch
 
 from nexus_assets.student.config import HeadSpec, TowerConfig
 from nexus_assets.student.tower import StudentTower, load_tower, save_tower
-from nexus_assets.training.carve_text import (TextCarveTarget, block_influence, carved_text_state, layer_budget,
-                                              nearest_kept, plan_text_carve, vocab_by_coverage)
+from nexus_assets.training.carve_text import (TextCarveTarget, block_influence, carved_text_state,
+                                              frequent_dropped, layer_budget, nearest_kept, plan_text_carve,
+                                              vocab_by_coverage, with_input_rows)
 
 V = 96
 
@@ -248,6 +249,85 @@ def test_reading_map_falls_back_without_a_plan_map_and_checks_a_given_one():
         reading_map({"input_map": [1, 1, 1, 0]}, old_to_new, 2)
     with pytest.raises(ValueError, match="carve.input_map: expected one id"):
         reading_map({"input_map": [0, 1, 1]}, old_to_new, 2)
+
+
+def test_frequent_dropped_ids_get_input_rows_after_the_fallback():
+    counts = np.array([9, 0, 5, 7, 5, 1], dtype=float)
+    assert frequent_dropped(counts, [0, 3], 2) == [2, 4]  # most frequent dropped first, ties by id
+    assert frequent_dropped(counts, [0, 3], 10) == [2, 4, 5]  # never an id the train tokens never spell (1)
+    assert frequent_dropped(counts, [0, 3], 0) == []
+    assert with_input_rows([0, 0, 1, 1, 0, 1], [2, 4], fallback=2) == [0, 0, 3, 1, 4, 1]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="input_rows"):
+            TextCarveTarget(input_rows=bad)
+    cfg = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+           "num_hidden_layers": 8}
+    target = TextCarveTarget(param_fraction=0.5, mlp_keep=1.0)
+    # input rows are parameters: a block of this config is 9,280 = 290 rows of 32; the budget fits 5.07 blocks
+    assert layer_budget(cfg, 90, target, 100_000) == (5, 64)
+    assert layer_budget(cfg, 90, target, 100_000, input_rows=290) == (4, 64)
+
+
+def test_reading_map_checks_input_rows():
+    from nexus_assets.student.carved_text import reading_map, vocab_maps
+
+    old_to_new, _ = vocab_maps([0, 2], 5)  # ids 1, 3, 4 dropped; fallback = 2, input rows from 3
+    plan = {"input_map": [0, 3, 1, 0, 4], "input_rows": [1, 4]}
+    assert reading_map(plan, old_to_new, 2).tolist() == [0, 3, 1, 0, 4]
+    with pytest.raises(ValueError, match="expected one id in"):
+        reading_map({"input_map": [0, 3, 1, 0, 4]}, old_to_new, 2)  # row 3 with no input rows declared
+    with pytest.raises(ValueError, match="input_rows: must be dropped"):
+        reading_map({"input_map": [0, 3, 1, 0, 4], "input_rows": [0, 4]}, old_to_new, 2)
+    with pytest.raises(ValueError, match="must read its own row"):
+        reading_map({"input_map": [0, 4, 1, 0, 3], "input_rows": [1, 4]}, old_to_new, 2)
+
+
+def test_input_rows_read_the_teachers_row_and_are_never_an_output(tiny_llama, tmp_path):
+    """A frequent dropped token read through its own row gives the teacher's own outputs at that position
+    (every block kept), while the output stays the kept vocabulary + fallback and generation never names it."""
+    model, d = tiny_llama
+    rows = _rows()
+    counts = np.bincount(np.concatenate([np.asarray(r) for r in rows.values()]), minlength=V).astype(float)
+    kept_probe = TextCarveTarget(1.0, 1.0, 0.8)
+    base = plan_text_carve(d, token_rows=rows, topk_ids=np.array([[3]]), target=kept_probe, max_len=16,
+                           log=lambda s: None)
+    plan = plan_text_carve(d, token_rows=rows, topk_ids=np.array([[3]]), max_len=16, log=lambda s: None,
+                           target=TextCarveTarget(1.0, 1.0, 0.8, input_rows=3))
+    assert plan["vocab"] == base["vocab"] and len(plan["input_rows"]) == 3
+    assert plan["input_rows"] == frequent_dropped(counts, plan["vocab"], 3)
+    rep = plan["report"]
+    assert rep["student_params"] == base["report"]["student_params"] + 3 * 32
+    assert rep["train_input_token_coverage"] > rep["train_token_coverage"]
+    tower = StudentTower(_tower(plan)).eval()
+    tower.load_state_dict(carved_text_state(plan, d), strict=False)
+    own = plan["input_rows"][0]
+    ids = torch.tensor([[5, own, 7]])
+    with torch.no_grad():
+        out = tower({"input_ids": ids}, "text.generate")["out"]
+        ref = torch.log_softmax(model(input_ids=ids).logits, -1)
+    assert out.shape[-1] == len(plan["vocab"]) + 1  # the input rows are not scored
+    got = tower.base_backbone().to_teacher_vocab(out)
+    kept = torch.as_tensor(plan["vocab"])
+    # kept ids' log-probs differ from the teacher's only by the dropped mass the fallback pools
+    torch.testing.assert_close(got[..., kept] - got[..., kept].logsumexp(-1, keepdim=True),
+                               ref[..., kept] - ref[..., kept].logsumexp(-1, keepdim=True), atol=1e-4, rtol=1e-4)
+    # the same tower without the row (nearest kept token) reads that position differently
+    tower0 = StudentTower(_tower(base)).eval()
+    tower0.load_state_dict(carved_text_state(base, d), strict=False)
+    with torch.no_grad():
+        out0 = tower0({"input_ids": ids}, "text.generate")["out"]
+    assert not torch.allclose(out0[0, 1:], out[0, 1:], atol=1e-3)
+    gen = tower.generate({"input_ids": torch.tensor([[5, own, 7]])}, "text.generate", max_new_tokens=8)[0]
+    assert all(t in set(plan["vocab"]) for t in gen)
+    # saved, reloaded and quantized like any carved tower
+    tower.add_adapter("text.generate")
+    save_tower(tower, tmp_path / "t")
+    from nexus_assets.runtime.towerload import load_student
+
+    back, _ = load_student(tmp_path / "t")
+    with torch.no_grad():
+        torch.testing.assert_close(back({"input_ids": ids}, "text.generate")["out"],
+                                   tower({"input_ids": ids}, "text.generate")["out"])
 
 
 def test_ridge_fold_cosine_and_exit_choice_known_answers():

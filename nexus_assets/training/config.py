@@ -78,6 +78,11 @@ class TrainConfig:
     steps, the same batches, so the shared blocks pay for it."""
     w_lwf: float = 0.5
     """Weight of the learning-without-forgetting loss in phase (b)."""
+    kd_divergence: str = "forward"
+    """"forward" = KL(teacher || student) (mass-covering, Hinton's KD); "reverse" = KL(student || teacher)
+    (mode-seeking, MiniLLM), on the same cached top-k + tail buckets (`losses.topk_kd_loss`)."""
+    kd_skew: float = 0.0
+    """alpha in [0, 1) of DistiLLM's skew KL: the KL's second argument mixed with its first (0 = plain KL)."""
     w_ce: float = 0.0
     """Weight of cross-entropy on the TRUE next token of "lm" heads, next to their KD (the data's own labels,
     as DistilBERT's hard loss); 0 = KD only. Targets the trimmed vocabulary drops do not count."""
@@ -169,7 +174,7 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be a finite number {'> 0' if name in pos else '>= 0'}, got {v!r}")
         # shares and decays: (name, closed at 1); NaN fails both comparisons
         for name, upper_closed in (("ema_decay", False), ("source_alpha", True), ("patience_fraction", True),
-                                   ("lr_floor", True)):
+                                   ("lr_floor", True), ("kd_skew", False)):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool)
                     and 0.0 <= v and (v <= 1.0 if upper_closed else v < 1.0)):
@@ -186,6 +191,8 @@ class TrainConfig:
             raise ValueError(f"neighbour_in_phase_a: must be true or false, got {self.neighbour_in_phase_a!r}")
         if not isinstance(self.channels_last, bool):
             raise ValueError(f"channels_last: must be true or false, got {self.channels_last!r}")
+        if self.kd_divergence not in ("forward", "reverse"):
+            raise ValueError(f"kd_divergence: must be 'forward' or 'reverse', got {self.kd_divergence!r}")
         if self.lr_decay not in ("cosine", "linear"):
             raise ValueError(f"lr_decay: must be 'cosine' or 'linear', got {self.lr_decay!r}")
         if self.mixed_precision not in ("no", "bf16", "auto"):

@@ -108,6 +108,8 @@ def topk_kd_loss(
     teacher_logsumexp: torch.Tensor,
     temperature: float,
     mask: torch.Tensor | None = None,
+    reverse: bool = False,
+    skew: float = 0.0,
 ) -> torch.Tensor:
     """Temperature-scaled KL(teacher || student) from a cached teacher top-k plus its tail mass.
 
@@ -143,6 +145,11 @@ def topk_kd_loss(
         temperature (float): softmax temperature T > 0, applied to both sides.
         mask (torch.Tensor | None): bool, shape (N,); True marks rows that count. Masked rows are not
             read beyond their shape, so padding may hold anything. None counts every row.
+        reverse (bool): KL(student || teacher) on the same buckets instead (mode-seeking, as MiniLLM);
+            a teacher bucket of probability 0 is read as log-probability -80 so the loss stays finite.
+        skew (float): alpha in [0, 1) of DistiLLM's skew KL (Ko et al. 2024): the second argument of the
+            KL is mixed with the first, KL(p || a p + (1 - a) q) (reverse: KL(q || a q + (1 - a) p)),
+            which bounds the gradient where the student is far off. 0 = the plain KL.
 
     Returns:
         torch.Tensor: 0-dim loss, the mean over counted rows; 0 (still attached to the graph) when no
@@ -178,11 +185,26 @@ def topk_kd_loss(
     else:
         teacher_buckets, student_buckets = z, s_topk  # (n, V): every id is cached, no tail
 
-    p = F.softmax(teacher_buckets / temperature, dim=-1)
     log_q = F.log_softmax(student_buckets / temperature, dim=-1)
+    if reverse or skew > 0:
+        return kl_between_buckets(F.log_softmax(teacher_buckets / temperature, dim=-1), log_q, reverse, skew) \
+            * (temperature**2)
+    p = F.softmax(teacher_buckets / temperature, dim=-1)
     # xlogy gives 0 * log 0 = 0 for an empty teacher tail.
     kl = (torch.xlogy(p, p) - p * log_q).sum(dim=-1)  # (n,)
     return kl.sum() * (temperature**2) / max(kl.shape[0], 1)
+
+
+def kl_between_buckets(log_p: torch.Tensor, log_q: torch.Tensor, reverse: bool, skew: float) -> torch.Tensor:
+    """Mean over rows of KL(p || a p + (1 - a) q), or with `reverse` KL(q || a q + (1 - a) p), from (n, b)
+    log-probabilities (teacher p, student q); a = `skew` in [0, 1)."""
+    if not 0.0 <= skew < 1.0:
+        raise ValueError(f"skew: must be in [0, 1), got {skew!r}")
+    log_p = log_p.clamp_min(-80.0)  # a teacher bucket of probability 0 (an empty tail) stays finite
+    first, second = (log_q, log_p) if reverse else (log_p, log_q)
+    mixed = second if skew == 0 else torch.logaddexp(first + math.log(skew), second + math.log1p(-skew))
+    kl = (first.exp() * (first - mixed)).sum(dim=-1)  # (n,)
+    return kl.sum() / max(kl.shape[0], 1)
 
 
 def sequence_kd_loss(
@@ -192,6 +214,8 @@ def sequence_kd_loss(
     teacher_logsumexp: torch.Tensor,
     temperature: float,
     mask: torch.Tensor | None = None,
+    reverse: bool = False,
+    skew: float = 0.0,
 ) -> torch.Tensor:
     """`topk_kd_loss` over sequences: tokens are flattened and the loss is the mean over counted tokens.
 
@@ -227,6 +251,8 @@ def sequence_kd_loss(
         teacher_logsumexp.reshape(b * t),
         temperature,
         None if mask is None else mask.reshape(b * t),
+        reverse,
+        skew,
     )
 
 

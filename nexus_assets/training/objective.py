@@ -99,14 +99,16 @@ def task_losses(cap: str, kind: str, res: dict, batch: dict, tc: TrainConfig,
     if kind in ("lm", "asr"):
         mask = batch[f"{cap}:mask"]  # (B, T|U)
         losses = {"kd": sequence_kd_loss(out, batch[f"{cap}:topk_ids"], batch[f"{cap}:topk_logits"],
-                                         batch[f"{cap}:logsumexp"], tc.temperature, mask)}
+                                         batch[f"{cap}:logsumexp"], tc.temperature, mask,
+                                         reverse=tc.kd_divergence == "reverse", skew=tc.kd_skew)}
         if kind == "lm" and tc.w_ce > 0:
             losses["ce"] = next_token_ce_loss(out, batch[f"{cap}:next_ids"], batch[f"{cap}:next_valid"])
         return losses
     if kind == "classes":
         t = batch[f"{cap}:logits"]  # (B, C): the full teacher distribution, so k = C, no tail bucket
         ids = torch.arange(t.shape[1], device=t.device).expand(t.shape[0], -1)
-        return {"kd": topk_kd_loss(out, ids, t, torch.logsumexp(t, -1), tc.temperature)}
+        return {"kd": topk_kd_loss(out, ids, t, torch.logsumexp(t, -1), tc.temperature,
+                                   reverse=tc.kd_divergence == "reverse", skew=tc.kd_skew)}
     t = batch[f"{cap}:embedding"]  # (B, D)
     losses = {"cosine": cosine_embedding_loss(out, t)}
     if out.shape[0] >= 2:

@@ -127,6 +127,54 @@ def test_topk_kd_gradient(k):
     assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_kd_reverse_matches_kl_div_the_other_way(temperature):
+    torch.manual_seed(8)
+    student, teacher = torch.randn(6, 11) * 3, torch.randn(6, 11) * 3
+    loss = topk_kd_loss(student, *_cache(teacher, k=11), temperature=temperature, reverse=True)
+    expected = F.kl_div(F.log_softmax(teacher / temperature, -1), F.softmax(student / temperature, -1),
+                        reduction="batchmean") * temperature**2  # KL(q || p)
+    assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_topk_kd_skew_against_the_mixture_by_hand(reverse):
+    torch.manual_seed(9)
+    student, teacher = torch.randn(5, 9) * 2, torch.randn(5, 9) * 2
+    p, q = F.softmax(teacher, -1), F.softmax(student, -1)
+    a = 0.1
+    first, second = (q, p) if reverse else (p, q)
+    expected = (first * (first.log() - (a * first + (1 - a) * second).log())).sum(-1).mean()
+    got = topk_kd_loss(student, *_cache(teacher, k=9), temperature=1.0, reverse=reverse, skew=a)
+    assert_close(got, expected)
+    # convexity: KL(f || a f + (1 - a) s) <= (1 - a) KL(f || s), so skewing never raises the loss
+    plain = topk_kd_loss(student, *_cache(teacher, k=9), temperature=1.0, reverse=reverse)
+    assert got <= (1 - a) * plain + 1e-6
+    assert_close(topk_kd_loss(teacher.clone(), *_cache(teacher, k=3), temperature=1.0, reverse=reverse, skew=a),
+                 torch.tensor(0.0), atol=1e-6, rtol=0)
+
+
+def test_topk_kd_reverse_skew_gradient_with_a_tail():
+    torch.manual_seed(10)
+    teacher = torch.randn(4, 10, dtype=torch.float64)
+    student = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    ids, values, lse = _cache(teacher, 3)
+    assert torch.autograd.gradcheck(
+        lambda s: topk_kd_loss(s, ids, values, lse, temperature=2.0, reverse=True, skew=0.1), (student,))
+    with pytest.raises(ValueError, match="skew"):
+        topk_kd_loss(student, ids, values, lse, temperature=1.0, skew=1.0)
+
+
+def test_train_config_refuses_an_unknown_divergence_or_skew():
+    from nexus_assets.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="kd_divergence"):
+        TrainConfig(kd_divergence="js")
+    for bad in (1.0, -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match="kd_skew"):
+            TrainConfig(kd_skew=bad)
+
+
 def test_topk_kd_bfloat16_student_is_computed_in_float32():
     torch.manual_seed(7)
     student, teacher = torch.randn(4, 16), torch.randn(4, 16)
@@ -627,3 +675,22 @@ def test_next_token_ce_none_valid_is_zero_with_a_graph_and_rejects_bad_shapes():
     loss.backward()
     with pytest.raises(ValueError, match="target_ids"):
         next_token_ce_loss(logits, torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_task_losses_pass_the_configured_divergence_to_lm_heads():
+    from nexus_assets.training.config import TrainConfig
+    from nexus_assets.training.objective import task_losses
+
+    torch.manual_seed(11)
+    out, teacher = torch.randn(2, 5, 12), torch.randn(2, 5, 12)
+    ids, values, lse = _cache(teacher.reshape(10, 12), 4)
+    batch = {"c:mask": torch.ones(2, 5, dtype=torch.bool), "c:topk_ids": ids.reshape(2, 5, 4),
+             "c:topk_logits": values.reshape(2, 5, 4), "c:logsumexp": lse.reshape(2, 5)}
+    for div, skew in (("forward", 0.0), ("reverse", 0.0), ("reverse", 0.1), ("forward", 0.1)):
+        tc = TrainConfig(kd_divergence=div, kd_skew=skew)
+        got = task_losses("c", "lm", {"out": out}, batch, tc)["kd"]
+        assert_close(got, sequence_kd_loss(out, batch["c:topk_ids"], batch["c:topk_logits"], batch["c:logsumexp"],
+                                           tc.temperature, batch["c:mask"], reverse=div == "reverse", skew=skew))
+    fwd = task_losses("c", "lm", {"out": out}, batch, TrainConfig())["kd"]
+    rev = task_losses("c", "lm", {"out": out}, batch, TrainConfig(kd_divergence="reverse"))["kd"]
+    assert not torch.allclose(fwd, rev)

@@ -161,6 +161,8 @@ def topk_kd_loss(
         ValueError: on a shape or dtype mismatch, ids out of range or repeated within a row, or cached
             top-k probabilities that sum to more than 1 (beyond rounding) given the logsumexp.
     """
+    if not (isinstance(skew, (int, float)) and 0.0 <= skew < 1.0):  # NaN fails too
+        raise ValueError(f"skew: must be in [0, 1), got {skew!r}")
     student_logits, teacher_topk_ids, teacher_topk_logits, teacher_logsumexp, v, k = _checked_topk_inputs(
         student_logits, teacher_topk_ids, teacher_topk_logits, teacher_logsumexp, temperature, mask)
     ids = teacher_topk_ids

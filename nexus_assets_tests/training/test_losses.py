@@ -161,8 +161,9 @@ def test_topk_kd_reverse_skew_gradient_with_a_tail():
     ids, values, lse = _cache(teacher, 3)
     assert torch.autograd.gradcheck(
         lambda s: topk_kd_loss(s, ids, values, lse, temperature=2.0, reverse=True, skew=0.1), (student,))
-    with pytest.raises(ValueError, match="skew"):
-        topk_kd_loss(student, ids, values, lse, temperature=1.0, skew=1.0)
+    for bad in (1.0, -0.5, float("nan")):  # refused on the forward path too, not only where skew is applied
+        with pytest.raises(ValueError, match="skew"):
+            topk_kd_loss(student, ids, values, lse, temperature=1.0, skew=bad)
 
 
 def test_train_config_refuses_an_unknown_divergence_or_skew():

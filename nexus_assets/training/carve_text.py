@@ -17,7 +17,9 @@ and tokens to keep, measured on the cached probe tokens, and the teacher weights
   teacher's own input row, read-only (no output class: the tower cannot name them). Measured with the
   teacher itself (bench/vocabulary_cost.py part 2, the 11,322-token vocabulary, held-out / never-seen
   teacher-forced agreement): nearest kept token 0.775 / 0.820; own rows for the 2,000 / 4,000 / 8,000 most
-  frequent dropped tokens 0.800 / 0.835, 0.821 / 0.846, 0.854 / 0.868.
+  frequent dropped tokens 0.800 / 0.835, 0.821 / 0.846, 0.854 / 0.868. The trained student does not gain
+  it (3,000 rows, text.generate retention 0.761 / 0.683 against 0.756 / 0.687: it learns to read the
+  nearest-token stand-in), so the default is 0 (docs/experiments.md).
 * size: blocks x MLP width chosen to fit `param_fraction` of the teacher's parameters (input rows included).
 * embedding heads exit early: a pooled (sentence) head reads the first k carved blocks (through the final
   norm) and a pass for it alone runs no further. k is measured: the fewest blocks whose mean-pooled states

@@ -77,9 +77,7 @@ def student_breakdown(tower: Path, tok, entry: Path, kept: np.ndarray, limit: in
                 nxt = np.concatenate([ids[1:ts], [-1]])
                 s_hit = (lp.argmax(-1).numpy() == nxt) & valid
                 t_hit = (np.array([r["topk_ids"][0] for r in rr[:ts]]) == nxt) & valid
-                classes = M.trimmed_vocabulary_positions(ids[:ts], kept if read_as_itself is None else read_as_itself,
-                                                         WINDOW)
-                classes["next_dropped"] = M.trimmed_vocabulary_positions(ids[:ts], kept, WINDOW)["next_dropped"]
+                classes = M.trimmed_vocabulary_positions(ids[:ts], kept, WINDOW, read_as_itself)
                 classes["all"] = np.ones(ts, bool)
                 classes["no dropped token among last 8 inputs"] = ~classes["recent_input_dropped"]
                 for name, m in classes.items():

@@ -41,7 +41,8 @@ def next_token_hits(pred_ids: np.ndarray, next_ids: np.ndarray, valid: np.ndarra
     return (pred_ids == next_ids)[valid]
 
 
-def trimmed_vocabulary_positions(token_ids: np.ndarray, kept: np.ndarray, window: int = 8) -> dict[str, np.ndarray]:
+def trimmed_vocabulary_positions(token_ids: np.ndarray, kept: np.ndarray, window: int = 8,
+                                 read_as_itself: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Classes of the positions of one row by what a trimmed vocabulary hides there, to split a next-token
     score by them: a student that reads a dropped input token as its nearest kept one, and cannot name a
     dropped next token, loses most where these hold.
@@ -50,6 +51,8 @@ def trimmed_vocabulary_positions(token_ids: np.ndarray, kept: np.ndarray, window
         token_ids: (T,) the row's token ids in the teacher's vocabulary.
         kept: (V,) bool, True for ids the student's vocabulary keeps.
         window: how many input tokens back (the current one included) `recent_input_dropped` looks.
+        read_as_itself: (V,) bool, True for ids the student READS as themselves (kept ids, and dropped ids
+            with an input row of their own); None = `kept`. The two input classes use it, `next_dropped` `kept`.
 
     Returns:
         (T,) bool masks, position t predicting token t + 1 (the last position has no next token: False in
@@ -62,10 +65,11 @@ def trimmed_vocabulary_positions(token_ids: np.ndarray, kept: np.ndarray, window
     if window < 1:
         raise ValueError(f"window: must be >= 1, got {window}")
     dropped = ~np.asarray(kept, dtype=bool)[ids]  # (T,)
-    recent = np.convolve(dropped.astype(np.int64), np.ones(window, dtype=np.int64))[:len(ids)] > 0
+    misread = dropped if read_as_itself is None else ~np.asarray(read_as_itself, dtype=bool)[ids]  # (T,)
+    recent = np.convolve(misread.astype(np.int64), np.ones(window, dtype=np.int64))[:len(ids)] > 0
     nxt = np.zeros_like(dropped)
     nxt[:-1] = dropped[1:]
-    return {"input_dropped": dropped, "recent_input_dropped": recent, "next_dropped": nxt}
+    return {"input_dropped": misread, "recent_input_dropped": recent, "next_dropped": nxt}
 
 
 def perplexity(logprobs: np.ndarray) -> float:

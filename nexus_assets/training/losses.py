@@ -189,7 +189,7 @@ def topk_kd_loss(
 
     log_q = F.log_softmax(student_buckets / temperature, dim=-1)
     if reverse or skew > 0:
-        return kl_between_buckets(F.log_softmax(teacher_buckets / temperature, dim=-1), log_q, reverse, skew) \
+        return _kl_between_buckets(F.log_softmax(teacher_buckets / temperature, dim=-1), log_q, reverse, skew) \
             * (temperature**2)
     p = F.softmax(teacher_buckets / temperature, dim=-1)
     # xlogy gives 0 * log 0 = 0 for an empty teacher tail.
@@ -197,11 +197,9 @@ def topk_kd_loss(
     return kl.sum() * (temperature**2) / max(kl.shape[0], 1)
 
 
-def kl_between_buckets(log_p: torch.Tensor, log_q: torch.Tensor, reverse: bool, skew: float) -> torch.Tensor:
+def _kl_between_buckets(log_p: torch.Tensor, log_q: torch.Tensor, reverse: bool, skew: float) -> torch.Tensor:
     """Mean over rows of KL(p || a p + (1 - a) q), or with `reverse` KL(q || a q + (1 - a) p), from (n, b)
-    log-probabilities (teacher p, student q); a = `skew` in [0, 1)."""
-    if not 0.0 <= skew < 1.0:
-        raise ValueError(f"skew: must be in [0, 1), got {skew!r}")
+    log-probabilities (teacher p, student q); a = `skew`, checked in [0, 1) by `topk_kd_loss`."""
     log_p = log_p.clamp_min(-80.0)  # a teacher bucket of probability 0 (an empty tail) stays finite
     first, second = (log_q, log_p) if reverse else (log_p, log_q)
     mixed = second if skew == 0 else torch.logaddexp(first + math.log(skew), second + math.log1p(-skew))

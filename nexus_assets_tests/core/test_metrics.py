@@ -157,6 +157,11 @@ def test_trimmed_vocabulary_positions_marks_what_the_vocabulary_hides():
     wide = M.trimmed_vocabulary_positions(ids, kept, window=8)
     assert wide["recent_input_dropped"].tolist() == [False] + [True] * 6
     assert not M.trimmed_vocabulary_positions(ids, np.ones(6, bool))["recent_input_dropped"].any()
+    # id 4 read through an input row of its own: no longer misread as input, still unnameable as output
+    own = M.trimmed_vocabulary_positions(ids, kept, window=2, read_as_itself=kept | (np.arange(6) == 4))
+    assert own["input_dropped"].tolist() == [False, True, False, False, False, False, False]
+    assert own["recent_input_dropped"].tolist() == [False, True, True, False, False, False, False]
+    assert own["next_dropped"].tolist() == m["next_dropped"].tolist()
     with pytest.raises(ValueError, match="window"):
         M.trimmed_vocabulary_positions(ids, kept, window=0)
     with pytest.raises(ValueError, match="token_ids"):

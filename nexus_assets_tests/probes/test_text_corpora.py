@@ -21,6 +21,7 @@ from nexus_assets.probes.text_corpora import (
     read_debian_reference,
     read_gcide,
     read_gnome_help,
+    read_gnu_info,
     read_moby_dick,
     read_sotu,
     read_wordnet_glosses,
@@ -310,3 +311,49 @@ def test_installed_corpus_gives_many_distinct_prose_passages(source, installed):
     assert not notes and len(items) == 300
     assert len({it.item for it in items}) == 300 and len({it.text for it in items}) >= 290
     assert all(20 <= len(it.text.split()) <= 60 for it in items)
+
+
+GREP_INFO = (
+    "This is grep.info, produced by makeinfo version 7.0 from grep.texi.\n\nSTART-INFO-DIR-ENTRY\n"
+    "* grep: (grep).   Print lines that match patterns.\nEND-INFO-DIR-ENTRY\n"
+    "\x1f\nFile: grep.info,  Node: Top,  Next: Introduction,  Up: (dir)\n\n"
+    "grep\n****\n\n"
+    "'grep' prints lines that contain a match for one or more patterns, and this manual is for version 3.11 "
+    "of the GNU grep program that searches text files for lines matching patterns.\n\n"
+    "* Menu:\n\n* Introduction::        Introduction.\n* Invoking::            Command-line options.\n"
+    "\x1f\nFile: grep.info,  Node: Invoking,  Prev: Top,  Up: Top\n\n"
+    "2 Invoking 'grep'\n*****************\n\n"
+    "The general synopsis of the 'grep' command line is shown below, and each option may be given in any\n"
+    "order, although a later option overrides an earlier one of the same kind when they conflict.\n\n"
+    "     grep -r -n -e PATTERN /etc\n\n"
+    "\x1f\nFile: grep.info,  Node: GNU Free Documentation License,  Prev: Invoking,  Up: Top\n\n"
+    "Everyone is permitted to copy and distribute verbatim copies of this license document, but changing it "
+    "is not allowed, as the preamble of the licence says in many more words than this one.\n\n"
+    "\x1f\nTag Table:\nNode: Top\x7f94\nNode: Invoking\x7f512\n\x1f\nEnd Tag Table\n"
+)
+
+
+def test_gnu_info_sample(tmp_path):
+    with gzip.open(tmp_path / "grep.info.gz", "wt", encoding="utf-8") as fh:
+        fh.write(GREP_INFO)
+    (tmp_path / "emacs.info.gz").write_bytes(b"")  # not one of the command-line manuals: never read
+    notes = []
+    items = list(read_gnu_info(0, notes, tmp_path))
+    assert items and all(it.item.startswith(("grep:Top:", "grep:Invoking:")) for it in items)
+    text = " ".join(it.text for it in sorted(items, key=lambda it: it.item))
+    assert "'grep' prints lines that contain a match" in text and "The general synopsis of the 'grep'" in text
+    # headings, menus, code, the licence, the tag table and the file preamble are left out
+    for absent in ("Invoking 'grep'", "Menu", "Command-line options.", "grep -r -n", "verbatim", "Tag Table",
+                   "makeinfo", "****"):
+        assert absent not in text, absent
+    assert "1/11 manuals found" in notes[0]
+    (tmp_path / "sed.info.gz").write_bytes(b"\x1f\x8b\x08not gzip at all")  # present, unreadable
+    with pytest.raises(ProbeSourceError, match=r"gnu_info.*sed\.info\.gz.*unreadable Info file"):
+        list(read_gnu_info(0, [], tmp_path))
+    (tmp_path / "sed.info.gz").unlink()
+    with gzip.open(tmp_path / "grep.info.gz", "wt", encoding="utf-8") as fh:  # a manual with no prose left
+        fh.write("\x1f\nFile: grep.info,  Node: Top,  Up: (dir)\n\n     grep -r -n -e PATTERN /etc\n")
+    with pytest.raises(ProbeSourceError, match=r"gnu_info.*no prose passages in \['grep'\]"):
+        list(read_gnu_info(0, [], tmp_path))
+    notes = []
+    assert list(read_gnu_info(0, notes, tmp_path / "absent")) == [] and "skipped, 0 items" in notes[0]

@@ -1,6 +1,7 @@
 """Run a frozen teacher once over its probe rows and cache what students learn from."""
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
@@ -151,8 +152,12 @@ def seed_from_sibling_entry(spec: TeacherSpec, entry: Path, snapshot_hash: str, 
             continue
         written = int(m.get("teacher_written_rows", 0))
         shared = min(written, n_prompts) // tw.chunk_prompts  # complete written chunks both entries hold
-        parts = [i for i in range(shared) if (sib / TEACHER_WRITTEN / f"part-{i:05d}.parquet").exists()]
-        parts = parts[:next((k for k, i in enumerate(parts) if i != k), len(parts))]  # a gap ends the prefix
+        parts = []
+        for i in range(shared):  # the prefix of written chunks both hold; a gap or a different text ends it
+            theirs, ours = (e / TEACHER_WRITTEN / f"part-{i:05d}.parquet" for e in (sib, entry))
+            if not theirs.exists() or ours.exists() and not filecmp.cmp(theirs, ours, shallow=False):
+                break  # (ours: this entry's own killed run wrote it; its rows keep their own features)
+            parts.append(i)
         rows_same = n_probe_rows + len(parts) * tw.chunk_prompts
         chunks = [j for j in range(rows_same // spec.extraction.chunk_rows) if chunk_is_complete(sib, j)]
         if best is None or len(chunks) + len(parts) > len(best[1]) + len(best[2]):

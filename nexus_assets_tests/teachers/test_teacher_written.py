@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from nexus_assets.core.feature_store import read_features
@@ -12,7 +13,7 @@ from nexus_assets.core.registry import RegistryError, TeacherSpec, load_registry
 from nexus_assets.probes.probe_data import SCHEMAS
 from nexus_assets.teachers.features import (TEACHER_WRITTEN, extract_teacher_features, feature_cache_key,
                                             teacher_written_prompts, write_teacher_text)
-from nexus_assets.teachers.snapshot import build_snapshot
+from nexus_assets.teachers.snapshot import build_snapshot, verify_snapshot
 from nexus_assets_tests.helpers import tiny_llama_dir
 
 TW = {"prompts": {"tiny": 5, "default": 7}, "prompt_tokens": 3, "max_new_tokens": 4, "batch_size": 2,
@@ -167,3 +168,28 @@ def test_more_prompts_reuse_the_sibling_entry_and_match_a_fresh_run(llama_dir, t
     hot = spec_for(llama_dir, teacher_written={**TW, "temperature": 0.5})
     _, mh = extract_teacher_features(hot, tmp_path / "snap", rows, "d", tmp_path / "feat", log=lambda s: None)
     assert mh["seeded_from"] is None and mh["rows_computed_this_run"] == rows.num_rows + 7
+
+
+def test_a_killed_runs_own_written_text_is_never_paired_with_the_siblings_features(llama_dir, tmp_path, monkeypatch):
+    """The new entry already holds a written chunk of its own (a run killed while writing) that differs from
+    the sibling's: the sibling's features for those rows are not linked; only the probe rows' chunks are."""
+    spec = spec_for(llama_dir)
+    build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    rows = probe_rows()
+    monkeypatch.setenv("NEXUS_PROFILE", "tiny")
+    first, _ = extract_teacher_features(spec, tmp_path / "snap", rows, "d", tmp_path / "feat", log=lambda s: None)
+    monkeypatch.setenv("NEXUS_PROFILE", "default")
+    entry = tmp_path / "feat" / feature_cache_key(spec, verify_snapshot(tmp_path / "snap")["content_hash"], "d",
+                                                  "default")
+    own = pq.read_table(first / TEACHER_WRITTEN / "part-00000.parquet")
+    own = own.set_column(own.schema.get_field_index("text"), "text",
+                         pa.array([t + " and other words" for t in own["text"].to_pylist()]))
+    (entry / TEACHER_WRITTEN).mkdir(parents=True)
+    pq.write_table(own, entry / TEACHER_WRITTEN / "part-00000.parquet")
+    got, m = extract_teacher_features(spec, tmp_path / "snap", rows, "d", tmp_path / "feat", log=lambda s: None)
+    assert got == entry and m["seeded_from"] == {"entry": first.name, "chunks": 3, "written_chunks": 0}
+    assert m["rows_computed_this_run"] == 7  # every written row featurised from this entry's own text
+    tok = read_features(entry, "tokens").to_pydict()
+    theirs = read_features(first, "tokens").to_pydict()
+    r = f"{TEACHER_WRITTEN}/{own['prompt_row_id'][0].as_py()}"
+    assert sum(x == r for x in tok["row_id"]) > sum(x == r for x in theirs["row_id"])  # its longer text

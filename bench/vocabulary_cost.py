@@ -104,7 +104,10 @@ def teacher_bound(snapshot: Path, tok, entry: Path, vocab: dict, limit: int | No
     teacher_ids = np.asarray(vocab["teacher_ids"])
     reads = np.asarray(vocab["input_ids"])[:V]  # new id each teacher id is read as; > fallback: its own input row
     own = reads > vocab["fallback"]
-    read_as = torch.as_tensor(np.where(own, np.arange(V), teacher_ids[np.minimum(reads, len(teacher_ids) - 1)]))
+    if (reads == vocab["fallback"]).any():  # the fallback slot is the tower's own: the teacher has no row for it
+        raise SystemExit(f"{int((reads == vocab['fallback']).sum())} teacher ids read as the fallback slot: this "
+                         "tower's input mapping is not the nearest-kept-token one part 2 re-creates")
+    read_as = torch.as_tensor(np.where(own, np.arange(V), teacher_ids[np.where(own, 0, reads)]))
     dropped = np.setdiff1d(np.arange(V), teacher_ids)
     train = tok.filter(pc.is_in(tok.column("row_id"), value_set=pa.array(sorted(_cached_rows(entry, "train")))))
     counts = np.bincount(train.column("token_id").to_numpy(), minlength=V)

@@ -148,6 +148,11 @@ def _chunk_files(folder: Path, i: int) -> dict[str, Path]:
             "token_hidden": folder / f"token_hidden-{i:05d}.parquet", "marker": folder / f"chunk-{i:05d}.json"}
 
 
+def chunk_marker(folder: Path, i: int) -> Path:
+    """Chunk i's marker: it lists the chunk's files and lands last, so a chunk exists from it on."""
+    return _chunk_files(folder, i)["marker"]
+
+
 def chunk_is_complete(folder: Path, i: int) -> bool:
     """A chunk counts only if its marker exists and every file it lists has the recorded size and hash:
     a truncated or garbage chunk file is detected here and redone on resume."""

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nexus_assets.core.atomic import atomic_path, sha256_json
-from nexus_assets.core.feature_store import MANIFEST, cache_features, cache_key, chunk_is_complete
+from nexus_assets.core.feature_store import MANIFEST, cache_features, cache_key, chunk_is_complete, chunk_marker
 from nexus_assets.core.precision import resolve_dtype
 from nexus_assets.core.registry import TeacherSpec, active_profile
 from nexus_assets.teachers.base import load_teacher
@@ -64,6 +64,11 @@ def teacher_written_prompts(spec: TeacherSpec, probe_rows, n: int) -> list[tuple
     return train[:n]
 
 
+def written_part(folder: Path, i: int) -> Path:
+    """Chunk i of the teacher-written rows."""
+    return Path(folder) / f"part-{i:05d}.parquet"
+
+
 def write_teacher_text(teacher, spec: TeacherSpec, prompts: list[tuple[str, str]], folder: Path,
                        log: Callable[[str], None] = print) -> pa.Table:
     """The teacher's sampled continuations of `prompts` as probe-like rows (row_id, split=train, source,
@@ -76,7 +81,7 @@ def write_teacher_text(teacher, spec: TeacherSpec, prompts: list[tuple[str, str]
     starts = list(range(0, len(prompts), tw.chunk_prompts))
     parts, t0, written, tokens = [], time.time(), 0, 0
     for ci, start in enumerate(starts):
-        path = Path(folder) / f"part-{ci:05d}.parquet"
+        path = written_part(folder, ci)
         if path.exists():
             parts.append(pq.read_table(path))
             continue
@@ -154,27 +159,30 @@ def seed_from_sibling_entry(spec: TeacherSpec, entry: Path, snapshot_hash: str, 
         shared = min(written, n_prompts) // tw.chunk_prompts  # complete written chunks both entries hold
         parts = []
         for i in range(shared):  # the prefix of written chunks both hold; a gap or a different text ends it
-            theirs, ours = (e / TEACHER_WRITTEN / f"part-{i:05d}.parquet" for e in (sib, entry))
+            theirs, ours = (written_part(e / TEACHER_WRITTEN, i) for e in (sib, entry))
             if not theirs.exists() or ours.exists() and not filecmp.cmp(theirs, ours, shallow=False):
                 break  # (ours: this entry's own killed run wrote it; its rows keep their own features)
             parts.append(i)
         rows_same = n_probe_rows + len(parts) * tw.chunk_prompts
-        chunks = [j for j in range(rows_same // spec.extraction.chunk_rows) if chunk_is_complete(sib, j)]
+        chunks = [j for j in range(rows_same // spec.extraction.chunk_rows) if chunk_marker(sib, j).exists()]
         if best is None or len(chunks) + len(parts) > len(best[1]) + len(best[2]):
             best = (sib, chunks, parts, sib_prompts)
-    if best is None or not (best[1] or best[2]):
+    if best is None:
         return None
     sib, chunks, parts, sib_prompts = best
+    chunks = [j for j in chunks if chunk_is_complete(sib, j)]  # hashes only the chosen sibling's files
+    if not (chunks or parts):
+        return None
     entry.mkdir(parents=True, exist_ok=True)
     if parts:
         (entry / TEACHER_WRITTEN).mkdir(exist_ok=True)
     for i in parts:
-        _link(sib / TEACHER_WRITTEN / f"part-{i:05d}.parquet", entry / TEACHER_WRITTEN / f"part-{i:05d}.parquet")
+        _link(written_part(sib / TEACHER_WRITTEN, i), written_part(entry / TEACHER_WRITTEN, i))
     for j in chunks:
-        marker = json.loads((sib / f"chunk-{j:05d}.json").read_text())
+        marker = json.loads(chunk_marker(sib, j).read_text())
         for meta in marker["files"].values():
             _link(sib / meta["file"], entry / meta["file"])
-        _link(sib / f"chunk-{j:05d}.json", entry / f"chunk-{j:05d}.json")  # last: the chunk counts from here
+        _link(chunk_marker(sib, j), chunk_marker(entry, j))  # last: the chunk counts from here
     log(f"[{spec.name}] reusing {len(chunks)} feature chunks and {len(parts)} written-text chunks of entry "
         f"{sib.name} (the same settings with {sib_prompts} prompts instead of {n_prompts})")
     return {"entry": sib.name, "chunks": len(chunks), "written_chunks": len(parts)}

@@ -193,3 +193,23 @@ def test_a_killed_runs_own_written_text_is_never_paired_with_the_siblings_featur
     theirs = read_features(first, "tokens").to_pydict()
     r = f"{TEACHER_WRITTEN}/{own['prompt_row_id'][0].as_py()}"
     assert sum(x == r for x in tok["row_id"]) > sum(x == r for x in theirs["row_id"])  # its longer text
+
+
+def test_a_corrupt_sibling_chunk_is_recomputed_not_linked(llama_dir, tmp_path, monkeypatch):
+    """Only the chosen sibling's chunks that verify (sizes and hashes in their markers) are linked: a
+    garbage file there makes its chunk count as missing, and the new entry computes those rows itself."""
+    spec = spec_for(llama_dir)
+    build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    rows = probe_rows()
+    monkeypatch.setenv("NEXUS_PROFILE", "tiny")
+    first, _ = extract_teacher_features(spec, tmp_path / "snap", rows, "d", tmp_path / "feat", log=lambda s: None)
+    victim = first / "items-00001.parquet"
+    victim.write_bytes(b"garbage" + victim.read_bytes()[7:])  # same size, other bytes
+    monkeypatch.setenv("NEXUS_PROFILE", "default")
+    entry, m = extract_teacher_features(spec, tmp_path / "snap", rows, "d", tmp_path / "feat", log=lambda s: None)
+    assert m["seeded_from"] == {"entry": first.name, "chunks": 3, "written_chunks": 2}
+    assert m["rows_computed_this_run"] == 4 + 3  # chunk 1's four rows, then the three new written rows
+    assert (entry / "items-00001.parquet").stat().st_ino != victim.stat().st_ino
+    fresh, _ = extract_teacher_features(spec, tmp_path / "snap", rows, "d", tmp_path / "fresh", log=lambda s: None)
+    for table in ("items", "tokens"):
+        assert read_features(entry, table).equals(read_features(fresh, table))

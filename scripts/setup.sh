@@ -10,7 +10,10 @@ APT_PACKAGES=(flite espeak-ng sox fortunes fortunes-min man-db groff-base manpag
               gnome-backgrounds ukui-wallpapers chromium chromium-driver
               # probe corpora (nexus_assets/probes/text_corpora.py, image_corpora.py; licenses in datasets.yaml)
               dict-gcide wordnet-base debian-reference-en debian-handbook gnome-user-docs
-              gcompris-qt-data opencv-doc plasma-workspace-wallpapers stellarium-data klettres-data)
+              gcompris-qt-data opencv-doc plasma-workspace-wallpapers stellarium-data klettres-data
+              # the GNU manuals the gnu_info source reads (their Info files; coreutils, grep, sed, findutils, diffutils
+              # and gzip are in every base system)
+              wget bc ed time gnupg)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -14,6 +14,14 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite steps or loss spikes; the message names the step."""
 
 
+LR_DECAYS = ("cosine", "linear")
+
+
+def check_lr_decay(decay: str) -> None:
+    if decay not in LR_DECAYS:
+        raise ValueError(f"lr_decay: must be one of {', '.join(LR_DECAYS)}, got {decay!r}")
+
+
 @dataclass
 class TrainConfig:
     """How one tower is trained. Validated on construction; errors name the field."""
@@ -193,8 +201,7 @@ class TrainConfig:
             raise ValueError(f"channels_last: must be true or false, got {self.channels_last!r}")
         if self.kd_divergence not in ("forward", "reverse"):
             raise ValueError(f"kd_divergence: must be 'forward' or 'reverse', got {self.kd_divergence!r}")
-        if self.lr_decay not in ("cosine", "linear"):
-            raise ValueError(f"lr_decay: must be 'cosine' or 'linear', got {self.lr_decay!r}")
+        check_lr_decay(self.lr_decay)
         if self.mixed_precision not in ("no", "bf16", "auto"):
             raise ValueError(f"mixed_precision: must be 'no', 'bf16' or 'auto', got {self.mixed_precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -20,7 +20,7 @@ from nexus_assets.student.config import adapter_name
 from nexus_assets.student.modules import PooledHead, _pool
 from nexus_assets.student.tower import StudentTower
 
-from .config import TrainConfig
+from .config import TrainConfig, check_lr_decay
 from .objective import TowerObjective, capability_rows, task_loss_weight, task_losses
 from .tower_data import INPUT_KEYS, TowerData
 
@@ -175,8 +175,7 @@ def patience_evals(tc: TrainConfig, phase_steps: int) -> int:
 
 def lr_lambda_for(warmup: int, total: int, decay: str = "cosine", floor: float = 0.1):
     """Linear warmup over `warmup` steps, then a cosine or linear decay to `floor` x the peak at `total`."""
-    if decay not in ("cosine", "linear"):
-        raise ValueError(f"lr_decay: must be 'cosine' or 'linear', got {decay!r}")
+    check_lr_decay(decay)
 
     def f(s: int) -> float:
         if s < warmup:

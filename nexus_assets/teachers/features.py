@@ -34,8 +34,10 @@ def feature_cache_key(spec: TeacherSpec, snapshot_hash: str, data_hash: str, pro
                       device: str = "cpu", prompts: int | None = None) -> str:
     """exclude_none keeps the keys of teachers without optional settings (teacher_written) unchanged;
     with teacher_written, the profile's prompt count is part of the key (it changes the cached rows;
-    `prompts` puts another count in its place). The dtype enters as what it resolves to on `device` (its
-    features differ), and only when not float32, so a float32 pass keeps the key it always had."""
+    `prompts` puts another count in its place), and a profile that writes no prompt keys as if the setting
+    were absent: its rows do not depend on it, so tuning the long profiles' writing never recomputes the
+    default's features. The dtype enters as what it resolves to on `device` (its features differ), and only
+    when not float32, so a float32 pass keeps the key it always had."""
     extraction = spec.extraction.model_dump(exclude_none=True)
     extraction.pop("dtype", None)
     dtype = resolve_dtype(spec.extraction.dtype, device)
@@ -43,7 +45,11 @@ def feature_cache_key(spec: TeacherSpec, snapshot_hash: str, data_hash: str, pro
         extraction["dtype"] = dtype
     tw = spec.extraction.teacher_written
     if tw is not None:
-        extraction["teacher_written_prompts"] = tw.prompts_for(profile or active_profile()) if prompts is None else prompts
+        n = tw.prompts_for(profile or active_profile()) if prompts is None else prompts
+        if n:
+            extraction["teacher_written_prompts"] = n
+        else:
+            extraction.pop("teacher_written")
     return cache_key(snapshot_hash, data_hash, extraction, f"{spec.family}:{FEATURE_CODE_VERSION}")
 
 

@@ -122,6 +122,20 @@ def test_teacher_written_rows_are_featurised_as_train_rows(llama_dir, tmp_path, 
     assert "teacher_written" not in plain.extraction.model_dump(exclude_none=True)
 
 
+def test_a_profile_that_writes_nothing_keys_as_if_the_setting_were_absent(llama_dir):
+    """Its rows do not depend on the writing settings, so tuning them for the long profiles (temperature,
+    batch size) must not recompute the default's features; where the profile writes, they are in the key."""
+    silent = {**TW, "prompts": {"tiny": 0, "default": 7}}
+    plain = feature_cache_key(spec_for(llama_dir, teacher_written=None), "s", "d", "tiny")
+    assert feature_cache_key(spec_for(llama_dir, teacher_written=silent), "s", "d", "tiny") == plain
+    hotter = {**silent, "temperature": 0.5, "batch_size": 4}
+    assert feature_cache_key(spec_for(llama_dir, teacher_written=hotter), "s", "d", "tiny") == plain
+    writing = feature_cache_key(spec_for(llama_dir, teacher_written=silent), "s", "d", "default")
+    assert writing != plain
+    assert feature_cache_key(spec_for(llama_dir, teacher_written=hotter), "s", "d", "default") != writing
+    assert feature_cache_key(spec_for(llama_dir, teacher_written=silent), "s", "d", "default", prompts=0) == plain
+
+
 def test_registry_smollm2_writes_text_on_the_long_profiles():
     tw = load_registry().teacher("smollm2-135m").extraction.teacher_written
     assert tw is not None and tw.prompts_for("full") > 0 and tw.prompts_for("gpu") >= tw.prompts_for("full")

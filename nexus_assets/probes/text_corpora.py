@@ -445,7 +445,7 @@ def read_gnu_info(seed: int, notes: list[str], root: Path | str = INFO_DIR) -> I
     found = {m: fs for m, fs in files.items() if fs}
     if not found:
         notes.append(f"gnu_info: no GNU manual under {root} (the base system's Info files; apt-get install "
-                     f"coreutils grep sed findutils diffutils gzip wget); skipped, 0 items")
+                     f"coreutils grep sed findutils diffutils gzip wget bc ed time gnupg); skipped, 0 items")
         return
     by_key: dict[str, str] = {}
     seen: set[str] = set()  # find's manual repeats one regex-syntax passage per regex dialect

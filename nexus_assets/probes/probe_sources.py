@@ -1,6 +1,6 @@
 """Readers for the real, offline data the teachers are probed with.
 
-Each reader turns one installed corpus (Python's own docs, Debian fortunes and man pages, bundled
+Each reader turns one installed corpus (Python's own docs and docstrings, Debian fortunes and man pages, bundled
 scikit-image / scikit-learn pictures, desktop wallpapers, speech synthesizers and a neural voice) into candidate
 source items in a seed-dependent but deterministic order. Breadth is the point: a student trained on
 views of a few photos agrees with its teacher on held-out views of those photos and on almost nothing
@@ -126,6 +126,57 @@ def read_pydoc_topics(seed: int, notes: list[str]) -> Iterator[TextItem]:
         yield by_key[key]
 
 
+# the standard library's own test suites, demos, bundled tools and installed third-party packages: not
+# its reference prose
+_STDLIB_SKIP = frozenset({"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "site-packages",
+                          "dist-packages", "pydoc_data", "__pycache__"})
+
+
+def docstring_passages(source: str) -> list[str]:
+    """Passages of every module, class and function docstring of one Python source file, in file order
+    (ast, never import: reading a module must not run it)."""
+    import ast
+
+    out: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc:
+                out.extend(paragraphs_to_passages(_split_paragraphs(doc)))
+    return out
+
+
+def read_py_docstrings(seed: int, notes: list[str], root: Path | str | None = None) -> Iterator[TextItem]:
+    """The Python standard library's docstrings (PSF-2.0, shipped with every interpreter): API reference
+    prose (arguments, options, return values, errors), the register of the never-seen manpages and Debian
+    Reference, from another project than theirs. Keys are '<module>:<i>' (a module is one document)."""
+    import sysconfig
+
+    root = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in sorted(root.rglob("*.py"))
+             if not any(part in _STDLIB_SKIP or part.startswith("test") for part in p.relative_to(root).parts)]
+    if not files:
+        notes.append(f"py_docstrings: no Python source under {root} (the interpreter's standard library); "
+                     f"skipped, 0 items")
+        return
+    by_key: dict[str, str] = {}
+    seen: set[str] = set()  # a docstring copied between modules (e.g. _pyio / io) counts once
+    for path in files:
+        try:
+            passages = docstring_passages(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as e:
+            raise ProbeSourceError(f"source 'py_docstrings': {path}: unreadable Python source ({e})") from e
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        for i, passage in enumerate(p for p in passages if p not in seen):
+            seen.add(passage)
+            by_key[safe_key(f"{module}:{i}")] = passage
+    if not by_key:
+        raise ProbeSourceError(f"source 'py_docstrings': {root}: no prose docstrings in {len(files)} files")
+    notes.append(f"py_docstrings: {len(by_key)} passages from {len(files)} standard-library files")
+    for key in hash_order(by_key, seed):
+        yield TextItem(key, by_key[key])
+
+
 def _dpkg_files(*packages: str) -> list[Path]:
     if not shutil.which("dpkg"):
         return []
@@ -238,6 +289,7 @@ def read_manpages(seed: int, notes: list[str], max_per_page: int = 8) -> Iterato
 TextReader = Callable[[int, list], Iterator[TextItem]]
 TEXT_SOURCES: dict[str, TextReader] = {
     "pydoc_topics": read_pydoc_topics,
+    "py_docstrings": read_py_docstrings,
     "fortunes": read_fortunes,
     "manpages": read_manpages,
 }

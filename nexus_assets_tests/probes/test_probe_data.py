@@ -245,7 +245,8 @@ def test_errors_name_dataset_and_field(tmp_path, spec, profile, text_table, fiel
 
 def test_unknown_source_error_lists_known_ones(tmp_path):
     with pytest.raises(ValueError, match=r"known: \['brown', 'debian_handbook', 'debian_reference', 'fortunes', 'gcide', "
-                                         r"'gnome_help', 'gnu_info', 'manpages', 'moby_dick', 'pydoc_topics', 'sotu', 'wordnet_glosses'\]"):
+                                         r"'gnome_help', 'gnu_info', 'manpages', 'moby_dick', 'py_docstrings', 'pydoc_topics', 'sotu', "
+                                         r"'wordnet_glosses'\]"):
         build_probe_dataset(text_spec(sources=["nope"], heldout_sources=[]), "tiny", tmp_path)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nexus_assets.probes.probe_sources import TEXT_SOURCES, ProbeSourceError
+from nexus_assets.probes.probe_sources import TEXT_SOURCES, ProbeSourceError, read_py_docstrings
 from nexus_assets.probes.text_corpora import (
     DEBIAN_HANDBOOK_DIR,
     DEBIAN_REFERENCE_TXT,
@@ -357,3 +357,59 @@ def test_gnu_info_sample(tmp_path):
         list(read_gnu_info(0, [], tmp_path))
     notes = []
     assert list(read_gnu_info(0, notes, tmp_path / "absent")) == [] and "skipped, 0 items" in notes[0]
+
+
+SHUTIL_PY = '''"""Utility functions for copying and archiving files and directory trees. The functions here
+do not copy the extended attributes of a file, which some file systems keep beside its data."""
+
+import os
+
+
+def copyfile(src, dst, *, follow_symlinks=True):
+    """Copy the data of the file named src into the file named dst, in the most efficient way possible.
+    If follow_symlinks is false and src is a symbolic link, a new symlink is created instead of copying the
+    file it points to.
+
+    >>> copyfile("a", "b")
+    """
+    return dst
+
+
+class Error(OSError):
+    """Raised when a copy or a move fails; it carries the list of the files that could not be copied."""
+'''
+
+
+def test_py_docstrings_sample(tmp_path):
+    (tmp_path / "shutil.py").write_text(SHUTIL_PY)
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "charset.py").write_text('"""Character sets of an email message: the encodings its '
+                                                   'headers and body may be written in, and how each is declared."""\n')
+    for skipped in ("test", "idlelib", "site-packages"):  # test suites, tools, third-party packages
+        (tmp_path / skipped).mkdir()
+        (tmp_path / skipped / "mod.py").write_text('"""' + "This module is never read by the reader at all. " * 4 + '"""\n')
+    (tmp_path / "test_x.py").write_text('"""' + "A top-level test module is never read by the reader either. " * 4 + '"""\n')
+    notes = []
+    items = list(read_py_docstrings(0, notes, tmp_path))
+    keys = sorted(it.item for it in items)
+    assert keys == ["email.charset:0", "shutil:0", "shutil:1", "shutil:2"], keys
+    text = " ".join(it.text for it in items)
+    assert "Copy the data of the file named src" in text and "Raised when a copy or a move fails" in text
+    assert "never read" not in text and ">>>" not in text and "import os" not in text
+    assert "4 passages from 2 standard-library files" in notes[0]
+    assert [it.item for it in read_py_docstrings(0, [], tmp_path)] == [it.item for it in items]  # deterministic
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    with pytest.raises(ProbeSourceError, match=r"py_docstrings.*broken\.py.*unreadable Python source"):
+        list(read_py_docstrings(0, [], tmp_path))
+    (tmp_path / "broken.py").unlink()
+    for f in ("shutil.py", "email/charset.py"):
+        (tmp_path / f).write_text("x = 1\n")
+    with pytest.raises(ProbeSourceError, match=r"py_docstrings.*no prose docstrings in 2 files"):
+        list(read_py_docstrings(0, [], tmp_path))
+    notes = []
+    assert list(read_py_docstrings(0, notes, tmp_path / "absent")) == [] and "skipped, 0 items" in notes[0]
+
+
+def test_py_docstrings_reads_this_interpreter():
+    items = list(itertools.islice(read_py_docstrings(0, []), 200))
+    assert len(items) == 200 and len({it.text for it in items}) == 200

@@ -236,9 +236,18 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _OVERSTRIKE = re.compile(r".\x08")
 
 
+def read_maybe_gzip(path: Path, gzipped: bool | None = None) -> bytes:
+    """A file's bytes, decompressed when it is gzip (dictzip too; by default, when its name ends in .gz),
+    the handle closed on every path."""
+    if not (path.suffix == ".gz" if gzipped is None else gzipped):
+        return path.read_bytes()
+    with gzip.open(path, "rb") as fh:
+        return fh.read()
+
+
 def render_man_page(path: Path) -> str | None:
     """Plain text of one man page; None for `.so` redirects (they repeat another page)."""
-    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    raw = read_maybe_gzip(path)
     if raw.lstrip().startswith(b".so "):
         return None
     res = subprocess.run(

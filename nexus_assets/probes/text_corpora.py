@@ -23,7 +23,6 @@ left after parsing) raises ProbeSourceError naming the source and the file.
 """
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -39,6 +38,7 @@ from .probe_sources import (
     hash_order,
     is_prose,
     paragraphs_to_passages,
+    read_maybe_gzip,
     safe_key,
 )
 
@@ -96,7 +96,7 @@ def read_gcide(seed: int, notes: list[str], root: Path | str = GCIDE_DIR) -> Ite
         if not f.exists():
             raise ProbeSourceError(f"source 'gcide': {f} missing (package dict-gcide changed shape?)")
     try:
-        raw = gzip.open(data, "rb").read()
+        raw = read_maybe_gzip(data, gzipped=True)  # dictzip is gzip
     except (OSError, EOFError) as e:
         raise ProbeSourceError(f"source 'gcide': {data}: unreadable archive ({e})") from e
     spans: dict[tuple[int, int], str] = {}
@@ -233,7 +233,7 @@ def read_debian_reference(seed: int, notes: list[str], path: Path | str = DEBIAN
         notes.append(f"debian_reference: {path} not found (apt-get install debian-reference-en); skipped, 0 items")
         return
     try:
-        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+        raw = read_maybe_gzip(path)
     except (OSError, EOFError) as e:
         raise ProbeSourceError(f"source 'debian_reference': {path}: unreadable archive ({e})") from e
     by_key = debian_reference_passages(raw.decode("utf-8", errors="replace"))
@@ -452,7 +452,8 @@ def read_gnu_info(seed: int, notes: list[str], root: Path | str = INFO_DIR) -> I
     for manual, paths in found.items():
         for path in paths:
             try:
-                text = gzip.open(path, "rt", encoding="utf-8", errors="replace").read()
+                # universal newlines, as a text-mode read gives
+                text = read_maybe_gzip(path).decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
             except (OSError, EOFError) as e:
                 raise ProbeSourceError(f"source 'gnu_info': {path}: unreadable Info file ({e})") from e
             for node, paragraphs in info_paragraphs(text):

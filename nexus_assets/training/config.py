@@ -293,7 +293,10 @@ CARVED_TEMPERATURE = {"text": 1.0, "vision": 2.0, "audio": 2.0}
 # (2026-12-06, the default's features, the pipeline's training and validation code, seed 0; text.generate held-out /
 # never-seen): forward 0.756 / 0.687, skew forward (kd_skew 0.1) 0.719 / 0.609, skew reverse (kd_divergence
 # reverse, kd_skew 0.1) 0.699 / 0.589: the metric is the student's top token against the true next token.
-# capabilities whose carved phase (b) differs from their tower's (TrainConfig.phase_b_steps_by_capability)
+# capabilities whose carved phase (b) differs from their tower's (TrainConfig.phase_b_steps_by_capability).
+# text.embed keeps the tower's 30: 300 (early-stopped at 120 by its flat validation loss) scored 0.884 / 0.734
+# against 0.848 / 0.750 (held-out / never-seen, 2026-12-07, docs/experiments.md): more steps fit the training
+# register, they do not transfer
 CARVED_PHASE_B_BY_CAPABILITY = {"audio": {"audio.transcribe": 0}}
 # Neighbour-ranking loss of a carved tower's embedding heads (TrainConfig.w_neighbour; bank = every training
 # row's teacher embedding, temperature 0.05, in the embedding capability's own linear probe and phase (b)).

@@ -11,6 +11,11 @@ from nexus_assets.core.atomic import atomic_path, sha256_json, write_json
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # copied beside a tower with a sequence head
 
+# Part of every training run's key: bump it when a code change alters what training computes for the same
+# settings, so a finished run of the old code is not resumed as this one's (settings alone key the run).
+# 2: the carved text tower attends in float32 under bfloat16 autocast (carved_text.sdpa_float32_attention).
+TRAINING_CODE_VERSION = "2"
+
 
 # carve family -> (module, config builder, state builder, teacher model folder inside the snapshot)
 CARVERS = {
@@ -148,7 +153,7 @@ def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_ent
     tc = cpu_train_config(tower, init=cfg.init, device=device, **overrides)
     inputs = {"features": {t: str(p) for t, p in sorted(feature_entries.items())},
               "architecture": sha256_json(architecture), "overrides": dict(overrides),
-              "anchor_variance": anchor_variance}
+              "anchor_variance": anchor_variance, "training_code": TRAINING_CODE_VERSION}
     if any(h.kind == "asr" for h in cfg.capabilities.values()):
         inputs["asr_max_teacher_wer"] = ASR_MAX_TEACHER_WER
     # one work dir per (inputs, tower config, train config): a killed run resumes from its checkpoints,

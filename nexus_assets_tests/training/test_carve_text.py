@@ -133,6 +133,12 @@ def test_carve_to_budget_drops_low_influence_blocks_and_trims_vocab(tiny_llama, 
 
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "t" / "hf")
     assert stock.config.num_hidden_layers == len(plan["blocks"])
+    # the live tower attends through the float32 SDPA wrapper; the folder knows nothing of it (plain sdpa)
+    from nexus_assets.student.carved_text import SDPA_FLOAT32
+
+    assert tower.backbone.lm.config._attn_implementation == SDPA_FLOAT32
+    assert SDPA_FLOAT32 not in (tmp_path / "t" / "hf" / "config.json").read_text()
+    assert stock.config._attn_implementation == "sdpa"
     back = load_tower(tmp_path / "t")
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -409,3 +415,32 @@ def test_next_token_targets_shift_mask_and_drop_tokens_outside_the_kept_vocabula
     nxt, valid = next_token_targets(ids, mask, (old_to_new, 3))
     assert valid.tolist() == [[True, False, False, False], [True, False, False, False]]  # 7 was dropped
     assert nxt[valid].tolist() == [0, 1]
+
+
+def test_float32_sdpa_attention_matches_float32_and_keeps_the_callers_dtype():
+    """Under bfloat16 autocast the carved backbone's attention runs in float32 (PyTorch's CPU bfloat16
+    flash-attention backward is the slow path): the same result as transformers' SDPA on float32 inputs,
+    returned in the caller's dtype, with gradients flowing back to the bfloat16 inputs."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from nexus_assets.student.carved_text import sdpa_float32_attention
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=2, training=False)
+    q = torch.randn(2, 4, 6, 8)
+    k, v = torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    mask = torch.zeros(2, 1, 6, 6).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask)
+    qb, kb, vb = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in training: autocast must not cast it back down
+        out, _ = sdpa_float32_attention(module, qb, kb, vb, mask.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    exact, _ = sdpa_attention_forward(module, qb.float(), kb.float(), vb.float(), mask)
+    torch.testing.assert_close(out.float(), exact.to(torch.bfloat16).float())  # float32 maths, one rounding
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+    out.float().sum().backward()
+    assert qb.grad is not None and qb.grad.dtype == torch.bfloat16 and torch.isfinite(qb.grad.float()).all()
+    f32, _ = sdpa_float32_attention(module, q, k, v, mask)  # float32 in: exactly transformers' own
+    torch.testing.assert_close(f32, ref, atol=0, rtol=0)

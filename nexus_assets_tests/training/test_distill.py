@@ -51,7 +51,7 @@ def _train(art, out, steps):
         anchor_variance=0.95, out_dir=out, log=lambda s: None, **art)
 
 
-def test_new_settings_start_fresh_and_identical_settings_resume(vision_artifacts, tmp_path):
+def test_new_settings_start_fresh_and_identical_settings_resume(vision_artifacts, tmp_path, monkeypatch):
     out = tmp_path / "tower_adapter" / "vision"
     first = _train(vision_artifacts, out, 2)
     second = _train(vision_artifacts, out, 3)  # used to fail: "written for another tower/train config"
@@ -61,3 +61,9 @@ def test_new_settings_start_fresh_and_identical_settings_resume(vision_artifacts
     assert again["run_key"] == second["run_key"] and again["resumed_from_step"] == 4
     assert again["param_sha256"] == second["param_sha256"]
     assert (out / "runs" / second["run_key"] / "tower" / "classes.json").exists()
+    # a change of what training computes (TRAINING_CODE_VERSION) starts fresh instead of resuming the old run
+    import nexus_assets.training.distill as distill
+
+    monkeypatch.setattr(distill, "TRAINING_CODE_VERSION", distill.TRAINING_CODE_VERSION + "-next")
+    newer = _train(vision_artifacts, out, 3)
+    assert newer["run_key"] != second["run_key"] and newer["resumed_from_step"] is None

@@ -52,8 +52,7 @@ def sdpa_float32_attention(module, query, key, value, attention_mask, **kwargs):
 def _register_sdpa_float32() -> str:
     from transformers import AttentionInterface
 
-    if SDPA_FLOAT32 not in AttentionInterface._global_mapping:
-        AttentionInterface.register(SDPA_FLOAT32, sdpa_float32_attention)
+    AttentionInterface.register(SDPA_FLOAT32, sdpa_float32_attention)  # idempotent: the same name, the same function
     return SDPA_FLOAT32
 
 

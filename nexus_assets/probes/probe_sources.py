@@ -126,10 +126,10 @@ def read_pydoc_topics(seed: int, notes: list[str]) -> Iterator[TextItem]:
         yield by_key[key]
 
 
-# the standard library's own test suites, demos, bundled tools and installed third-party packages: not
-# its reference prose
-_STDLIB_SKIP = frozenset({"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "site-packages",
-                          "dist-packages", "pydoc_data", "__pycache__"})
+# the standard library's demos, bundled tools and installed third-party packages (and, by their "test"
+# prefix, its test suites): not its reference prose
+_STDLIB_SKIP = frozenset({"idlelib", "lib2to3", "turtledemo", "ensurepip", "site-packages", "dist-packages",
+                          "pydoc_data", "__pycache__"})
 
 
 def docstring_passages(source: str) -> list[str]:

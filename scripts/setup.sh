@@ -13,7 +13,9 @@ APT_PACKAGES=(flite espeak-ng sox fortunes fortunes-min man-db groff-base manpag
               gcompris-qt-data opencv-doc plasma-workspace-wallpapers stellarium-data klettres-data
               # the GNU manuals the gnu_info source reads (their Info files; coreutils, grep, sed, findutils, diffutils
               # and gzip are in every base system)
-              wget bc ed time gnupg)
+              wget bc ed time gnupg
+              # torch.compile's CPU backend builds its kernels with a C++ compiler (the carved text tower's phase (a))
+              g++)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -71,6 +71,42 @@ def autocast_bf16(mixed_precision: str, device: torch.device, native=native_bf16
     return resolve_dtype(setting, device, native) == "bfloat16"
 
 
+def compile_backbone_on(setting: str, phase_a_steps: int, device: torch.device, works=None) -> bool:
+    """TrainConfig.compile_backbone resolved: "yes" always, "auto" when phase (a) is long enough to pay for
+    compiling (COMPILE_MIN_STEPS) and `works(device)` (default: `inductor_works`) says the toolchain runs."""
+    from .config import COMPILE_MIN_STEPS
+
+    if setting == "no" or (setting == "auto" and phase_a_steps < COMPILE_MIN_STEPS):
+        return False
+    return setting == "yes" or bool((works or inductor_works)(device))
+
+
+_INDUCTOR_WORKS: dict[str, bool] = {}
+
+
+def inductor_works(device: torch.device) -> bool:
+    """Whether torch.compile's default backend compiles and runs a forward + backward on `device` (on a CPU
+    it needs a C++ compiler and Python's headers): checked once per device type with a probe function."""
+    kind = torch.device(device).type
+    if kind not in _INDUCTOR_WORKS:
+        try:
+            x = torch.ones(4, device=device, requires_grad=True)
+            torch.compile(lambda t: (t * 2).sin().sum(), dynamic=False)(x).backward()
+            _INDUCTOR_WORKS[kind] = bool(torch.allclose(x.grad, 2 * torch.cos(torch.full_like(x, 2.0))))
+        except Exception:  # noqa: BLE001 - any failure to build or run means: stay eager
+            _INDUCTOR_WORKS[kind] = False
+    return _INDUCTOR_WORKS[kind]
+
+
+def set_backbone_compiled(tower: StudentTower, enabled: bool) -> bool:
+    """Turn torch.compile of the tower's backbone on or off where the backbone supports it; True = now on."""
+    backbone = tower.base_backbone()
+    if not hasattr(backbone, "set_compiled"):
+        return False
+    backbone.set_compiled(enabled)
+    return enabled
+
+
 def batch_indices(n: int, global_batch: int, seed: int, phase: int, step: int,
                   lengths: Sequence[int] | None = None, sources: Sequence[str] | None = None,
                   source_alpha: float = 1.0) -> list[int]:

@@ -50,9 +50,9 @@ from nexus_assets.student.tower import StudentTower, save_tower
 
 from .checkpoints import CHECKPOINT_DIR, latest_checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from .config import TrainConfig, TrainHooks, TrainingDiverged, cpu_train_config
-from .loop_parts import (Dist, Phase, TrainState, autocast_bf16, batch_indices, evaluate, guard_step,
-                         params_sha256, patience_evals, probe_pooled_head, setup_dist, setup_phase, to_device,
-                         training_curve)
+from .loop_parts import (Dist, Phase, TrainState, autocast_bf16, batch_indices, compile_backbone_on, evaluate,
+                         guard_step, params_sha256, patience_evals, probe_pooled_head, set_backbone_compiled,
+                         setup_dist, setup_phase, to_device, training_curve)
 from .objective import TowerObjective, anchor_context, neighbour_banks
 from .tower_data import TowerData
 
@@ -77,6 +77,7 @@ class _Run:
     writer: Any = None
     resumed_from: int | None = None
     bf16: bool = False
+    compiled: bool = False  # phase (a)'s training passes through torch.compile (TrainConfig.compile_backbone)
     opt_state: dict | None = None
     sched_state: dict | None = None
     good: dict = field(default_factory=dict)
@@ -164,6 +165,7 @@ def train_tower(
         _run_phase(run, phase_idx, data_train, data_val)
         run.st.end_phase(phase_idx)
         run.checkpoint(None)
+    set_backbone_compiled(run.tower, False)
     return _finish(run, data_train, data_val, t_start)
 
 
@@ -216,6 +218,10 @@ def _start(cfg, data_train, tc, out_dir, pca, importance, log, hooks, init_state
     if tc.mixed_precision != "no":
         say(f"[{cfg.name}] mixed precision {tc.mixed_precision!r} on {dd.device}: forward in "
             f"{'bfloat16' if run.bf16 else 'float32 (no native bfloat16 here)'}")
+    if tc.compile_backbone != "no":
+        run.compiled = compile_backbone_on(tc.compile_backbone, tc.phase_a_steps, dd.device)
+        say(f"[{cfg.name}] compile_backbone {tc.compile_backbone!r}: phase (a) "
+            f"{'compiled (torch.compile)' if run.compiled else 'eager (short phase or no working compiler here)'}")
     if dd.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -227,6 +233,7 @@ def _run_phase(run: _Run, phase_idx: int, data_train: TowerData, data_val: Tower
     """One phase's steps, resuming at st.phase_step; stops early on the validation loss."""
     st, tc, dd = run.st, run.tc, run.dd
     ph = setup_phase(run.phases[phase_idx], run.tower, run.objective, run.caps, tc)
+    set_backbone_compiled(run.tower, run.compiled and ph.name == "a")
     probe = None
     if ph.name.startswith("b:") and st.phase_step == 0 and run.opt_state is None:
         probe = probe_pooled_head(run.tower, ph.name[2:], data_train, tc, dd.device,

@@ -297,3 +297,18 @@ def test_auto_mixed_precision_follows_native_bf16():
     assert autocast_bf16("no", cpu, native=lambda d: True) is False
     assert autocast_bf16("auto", cpu, native=lambda d: True) is True
     assert autocast_bf16("auto", cpu, native=lambda d: False) is False
+
+
+def test_compile_backbone_resolves_by_setting_phase_length_and_toolchain():
+    from nexus_assets.training.config import COMPILE_MIN_STEPS, cpu_train_config
+    from nexus_assets.training.loop_parts import compile_backbone_on
+
+    cpu, ok, broken = torch.device("cpu"), (lambda d: True), (lambda d: False)
+    assert compile_backbone_on("no", 10_000, cpu, works=ok) is False
+    assert compile_backbone_on("yes", 1, cpu, works=broken) is True  # asked for: a broken toolchain fails loudly
+    assert compile_backbone_on("auto", COMPILE_MIN_STEPS - 1, cpu, works=ok) is False  # too short to pay
+    assert compile_backbone_on("auto", COMPILE_MIN_STEPS, cpu, works=ok) is True
+    assert compile_backbone_on("auto", COMPILE_MIN_STEPS, cpu, works=broken) is False
+    assert cpu_train_config("text", init="carved", profile="default").compile_backbone == "auto"
+    assert cpu_train_config("audio", init="carved", profile="default").compile_backbone == "no"
+    assert cpu_train_config("text").compile_backbone == "no"  # the random-init ablation stays as measured

@@ -47,7 +47,8 @@ def _quiet(msg: str) -> None:
                                           ("neighbour_bank_rows", -1), ("neighbour_in_phase_a", 1),
                                           ("ema_decay", 1.0), ("ema_decay", -0.1), ("ema_decay", True),
                                           ("source_alpha", float("nan")), ("patience_fraction", False),
-                                          ("lr_floor", 1.5), ("lr_decay", "step")])
+                                          ("lr_floor", 1.5), ("lr_decay", "step"), ("compile_backbone", True),
+                                          ("compile_backbone", "max-autotune")])
 def test_train_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})

@@ -163,9 +163,9 @@ def train_tower(
     run = _start(cfg, data_train, train_cfg, Path(out_dir), pca, importance, log, hooks or TrainHooks(), init_state)
     for phase_idx in range(run.st.phase_idx, len(run.phases)):
         _run_phase(run, phase_idx, data_train, data_val)
+        set_backbone_compiled(run.tower, False)  # the next phase's head probe and the returned tower: eager
         run.st.end_phase(phase_idx)
         run.checkpoint(None)
-    set_backbone_compiled(run.tower, False)
     return _finish(run, data_train, data_val, t_start)
 
 
@@ -219,9 +219,11 @@ def _start(cfg, data_train, tc, out_dir, pca, importance, log, hooks, init_state
         say(f"[{cfg.name}] mixed precision {tc.mixed_precision!r} on {dd.device}: forward in "
             f"{'bfloat16' if run.bf16 else 'float32 (no native bfloat16 here)'}")
     if tc.compile_backbone != "no":
-        run.compiled = compile_backbone_on(tc.compile_backbone, tc.phase_a_steps, dd.device)
-        say(f"[{cfg.name}] compile_backbone {tc.compile_backbone!r}: phase (a) "
-            f"{'compiled (torch.compile)' if run.compiled else 'eager (short phase or no working compiler here)'}")
+        supported = hasattr(run.tower.base_backbone(), "set_compiled")
+        run.compiled = supported and compile_backbone_on(tc.compile_backbone, tc.phase_a_steps, dd.device)
+        why = ("compiled (torch.compile)" if run.compiled else "eager: this backbone has no compiled path"
+               if not supported else "eager (short phase or no working compiler here)")
+        say(f"[{cfg.name}] compile_backbone {tc.compile_backbone!r}: phase (a) {why}")
     if dd.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -233,7 +235,6 @@ def _run_phase(run: _Run, phase_idx: int, data_train: TowerData, data_val: Tower
     """One phase's steps, resuming at st.phase_step; stops early on the validation loss."""
     st, tc, dd = run.st, run.tc, run.dd
     ph = setup_phase(run.phases[phase_idx], run.tower, run.objective, run.caps, tc)
-    set_backbone_compiled(run.tower, run.compiled and ph.name == "a")
     probe = None
     if ph.name.startswith("b:") and st.phase_step == 0 and run.opt_state is None:
         probe = probe_pooled_head(run.tower, ph.name[2:], data_train, tc, dd.device,
@@ -247,6 +248,8 @@ def _run_phase(run: _Run, phase_idx: int, data_train: TowerData, data_val: Tower
         ph.sched.load_state_dict(run.sched_state)
         run.opt_state = run.sched_state = None
     run.start_average(ph)
+    # after the average's deep copy (which must not carry a compiled function of this tower's weights)
+    set_backbone_compiled(run.tower, run.compiled and ph.name == "a")
     model = run.objective
     if dd.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP

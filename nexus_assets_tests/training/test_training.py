@@ -665,3 +665,15 @@ def test_carved_text_distils_at_temperature_one_and_overrides_win():
     assert cpu_train_config("text", "random").head_probe_epochs == 100
     assert cpu_train_config("audio", "carved").head_probe_epochs == 0
     assert cpu_train_config("text", "carved", head_probe_epochs=7).head_probe_epochs == 7
+
+
+def test_compile_backbone_on_a_backbone_without_a_compiled_path_trains_eager_and_says_so(tmp_path):
+    """compile_backbone "yes" on a tower whose backbone has no `set_compiled` (the random-init ablation):
+    the same training as "no", and the log names why it stayed eager."""
+    cfg = tiny_config("text")
+    said: list[str] = []
+    eager = train_tower(cfg, _data("text"), None, _tc(phase_a_steps=4, phase_b_steps=0), tmp_path / "no", log=_quiet)
+    asked = train_tower(cfg, _data("text"), None, _tc(phase_a_steps=4, phase_b_steps=0, compile_backbone="yes"),
+                        tmp_path / "yes", log=said.append)
+    assert asked["param_sha256"] == eager["param_sha256"]
+    assert any("eager: this backbone has no compiled path" in s for s in said)

@@ -37,6 +37,7 @@ from .atomic import atomic_path, sha256_file, sha256_json, write_json
 
 MANIFEST = "manifest.json"
 CURRENT = "current.json"
+STATE_BASIS = "state_basis.safetensors"  # the PCA basis of an entry's cached per-token states (state_layers)
 
 
 class FeatureCacheError(RuntimeError):
@@ -58,8 +59,9 @@ HALF_TOPK_LOGITS = False
 
 def is_compact_column(name: str) -> bool:
     """Token-table columns stored as float16 in a compact cache: the per-token hidden layers (the bulk:
-    2,304 B/token float32 for SmolLM2's 576-d layer), and top-k logits if HALF_TOPK_LOGITS."""
-    return name.startswith("hidden.") or (HALF_TOPK_LOGITS and name == "topk_logits")
+    2,304 B/token float32 for SmolLM2's 576-d layer), their PCA scores ("state."), and top-k logits if
+    HALF_TOPK_LOGITS."""
+    return name.startswith(("hidden.", "state.")) or (HALF_TOPK_LOGITS and name == "topk_logits")
 
 
 def _column(values: Any, half: bool = False) -> pa.Array:
@@ -398,3 +400,29 @@ def column_matrix(col) -> np.ndarray:
     else:
         out = col.to_numpy(zero_copy_only=False)
     return out.astype(np.float32) if out.dtype == np.float16 else out
+
+
+def save_state_basis(basis: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({f"{layer}/{k}": v.contiguous() for layer, b in basis.items() for k, v in b.items()}, str(tmp))
+
+
+def load_state_basis(path: Path) -> dict[str, dict]:
+    """What `save_state_basis` wrote: {layer: {"mean", "components", "variances", "total_variance"}}."""
+    from safetensors.torch import load_file
+
+    try:
+        flat = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - any reader failure is a corrupt file to the caller
+        raise FeatureCacheError(f"{path}: unreadable state basis ({e})") from e
+    basis: dict[str, dict] = {}
+    for key, v in flat.items():
+        layer, _, field = key.rpartition("/")
+        basis.setdefault(layer, {})[field] = v
+    need = {"mean", "components", "variances"}
+    bad = sorted(layer for layer, b in basis.items() if not need <= set(b))
+    if not basis or bad:
+        raise FeatureCacheError(f"{path}: state basis lacks {sorted(need)} for layers {bad or 'all'}")
+    return basis

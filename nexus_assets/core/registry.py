@@ -125,6 +125,13 @@ class ExtractionSettings(_Strict):
         None, gt=0.0, le=1.0, description="cache the per-token hidden layers (token_layers) for this fraction "
         "of the items only, in their own table (profiling needs a sample, not every token); None = every item"
     )
+    state_layers: list[str] = Field(
+        default_factory=list, description="LMs: layers whose per-token states are cached for every token as "
+        "their scores on the teacher's top `state_rank` PCA components (float16), the targets of a carved "
+        "student's intermediate-state loss (`TrainConfig.w_state`)")
+    state_rank: int = Field(128, ge=1, le=4096, description="PCA components kept per state layer")
+    state_fit_rows: int = Field(512, ge=16, description="probe rows whose tokens fit the state layers' PCA "
+                                "basis, once per cache entry, before the first chunk")
     teacher_written: TeacherWrittenSettings | None = Field(
         None, description="LM teachers: continuations the teacher writes, cached as an extra train source"
     )
@@ -132,6 +139,15 @@ class ExtractionSettings(_Strict):
         None, description="the feature pass's weights and compute dtype (causal LMs); 'auto' = bfloat16 where the "
         "device multiplies it natively, else float32; None = float32. Importance scores always run float32"
     )
+
+    @field_validator("state_layers")
+    @classmethod
+    def _state_layers_named(cls, v):
+        bad = [layer for layer in v if not re.fullmatch(r"layers\.\d+", layer)]
+        if bad or len(set(v)) != len(v):
+            raise ValueError(f"state_layers must be distinct 'layers.<i>' names (a causal LM's hidden_states "
+                             f"index), got {v}")
+        return v
 
     @field_validator("token_layers")
     @classmethod

@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nexus_assets.core.atomic import atomic_path, sha256_json
-from nexus_assets.core.feature_store import MANIFEST, cache_features, cache_key, chunk_is_complete, chunk_marker
+from nexus_assets.core.feature_store import (MANIFEST, STATE_BASIS, cache_features, cache_key, chunk_is_complete,
+                                             chunk_marker, load_state_basis, save_state_basis)
 from nexus_assets.core.precision import resolve_dtype
 from nexus_assets.core.registry import TeacherSpec, active_profile
 from nexus_assets.teachers.base import load_teacher
@@ -40,6 +42,9 @@ def feature_cache_key(spec: TeacherSpec, snapshot_hash: str, data_hash: str, pro
     when not float32, so a float32 pass keeps the key it always had."""
     extraction = spec.extraction.model_dump(exclude_none=True)
     extraction.pop("dtype", None)
+    if not extraction.get("state_layers"):  # a teacher that caches no per-token states keys as it always did
+        for name in ("state_layers", "state_rank", "state_fit_rows"):
+            extraction.pop(name, None)
     dtype = resolve_dtype(spec.extraction.dtype, device)
     if dtype != "float32":
         extraction["dtype"] = dtype
@@ -127,6 +132,43 @@ def with_teacher_text(probe_rows, written) -> "pa.Table":
     return pa.concat_tables([probe, written.select(cols).cast(probe.schema)])
 
 
+def state_basis_for_entry(teacher, spec: TeacherSpec, probe_rows, entry: Path,
+                          log: Callable[[str], None] = print) -> dict | None:
+    """The entry's basis for its per-token states (`extraction.state_layers`): read back on a resume, else fitted
+    on `state_fit_rows` train rows spread evenly over the probe (never held-out or never-seen rows) and
+    written before the first chunk, so every chunk's scores live in the same basis. None: no state layers,
+    or a teacher that cannot return per-token states (layer-streamed), which is logged."""
+    ex = spec.extraction
+    if not ex.state_layers:
+        return None
+    if not hasattr(teacher, "token_states"):
+        log(f"[{spec.name}] extraction.state_layers {ex.state_layers} not cached: a {type(teacher).__name__} "
+            "does not return per-token states")
+        return None
+    bad = [layer for layer in ex.state_layers if layer not in teacher.layer_names()]
+    if bad:
+        raise ValueError(f"teacher {spec.name!r}: extraction.state_layers {bad} are not layers of this model "
+                         f"(it has layers.0 .. {teacher.layer_names()[-1]})")
+    path = Path(entry) / STATE_BASIS
+    if path.exists():
+        return load_state_basis(path)
+    splits, texts = probe_rows.column("split").to_pylist(), probe_rows.column("text").to_pylist()
+    train = [i for i, s in enumerate(splits) if s == "train"]
+    if not train:
+        raise ValueError(f"teacher {spec.name!r}: extraction.state_layers need train rows to fit their basis; "
+                         "the probe has none")
+    pick = sorted({train[int(round(j))] for j in np.linspace(0, len(train) - 1, min(ex.state_fit_rows, len(train)))})
+    from nexus_assets.teachers.causal_lm import fit_state_basis
+
+    t0 = time.time()
+    basis = fit_state_basis(teacher, [texts[i] for i in pick], ex.state_layers, ex.state_rank, ex.batch_size)
+    save_state_basis(basis, path)
+    kept = ", ".join(f"{layer} {float(b['variances'].sum() / b['total_variance']):.2f}" for layer, b in basis.items())
+    log(f"[{spec.name}] per-token state basis: top {ex.state_rank} components fitted on {len(pick)} train rows "
+        f"in {time.time() - t0:.1f} s (variance kept: {kept})")
+    return basis
+
+
 def _link(src: Path, dst: Path) -> None:
     """Entries are immutable (every file lands by an atomic rename), so a hard link shares it safely."""
     if dst.exists():
@@ -180,6 +222,8 @@ def seed_from_sibling_entry(spec: TeacherSpec, entry: Path, snapshot_hash: str, 
     if not (chunks or parts):
         return None
     entry.mkdir(parents=True, exist_ok=True)
+    if (sib / STATE_BASIS).exists():  # the linked chunks' state scores live in the sibling's basis
+        _link(sib / STATE_BASIS, entry / STATE_BASIS)
     if parts:
         (entry / TEACHER_WRITTEN).mkdir(exist_ok=True)
     for i in parts:
@@ -230,6 +274,9 @@ def extract_teacher_features(
         t1 = time.time()
         written = write_teacher_text(teacher, spec, prompts, entry / TEACHER_WRITTEN, log=log)
         log(f"[{spec.name}] teacher-written text: {written.num_rows} rows in {time.time() - t1:.1f} s")
+    if spec.extraction.state_layers:
+        entry.mkdir(parents=True, exist_ok=True)
+        teacher.state_basis = state_basis_for_entry(teacher, spec, probe_rows, entry, log=log)
     manifest = cache_features(
         teacher.forward, with_teacher_text(probe_rows, written), entry, teacher=spec.name,
         # a streamed teacher reads every block once per call: give it a whole chunk at once

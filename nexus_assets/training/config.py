@@ -68,6 +68,11 @@ class TrainConfig:
     """Weight of the top-k KD losses (lm, asr, classes heads)."""
     w_anchor: float = 0.5
     """Base weight of the anchoring losses (times the alpha curriculum and the rollback escalation)."""
+    w_state: float = 0.0
+    """Weight of the per-token intermediate-state loss of "lm" heads (`losses.token_state_loss`: each kept
+    block's output against the teacher's cached states at the same depth, inside their PCA basis;
+    Minitron's advice for a model cut deeply). Needs a carved backbone and a teacher that caches
+    `extraction.state_layers`; 0 = off."""
     w_gram: float = 0.5
     """Weight of the Gram (batch-relational) loss of embedding heads."""
     w_cosine: float = 1.0
@@ -179,7 +184,7 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be an int >= {lo}, got {v!r}")
         pos = ("lr", "adapter_lr", "head_probe_lr", "carved_lr_scale", "temperature", "grad_clip", "spike_factor", "anchor_escalation",
                "neighbour_temperature")
-        nonneg = ("weight_decay", "w_kd", "w_anchor", "w_gram", "w_cosine", "w_neighbour", "w_lwf", "w_ce", "alpha_start", "alpha_end",
+        nonneg = ("weight_decay", "w_kd", "w_anchor", "w_state", "w_gram", "w_cosine", "w_neighbour", "w_lwf", "w_ce", "alpha_start", "alpha_end",
                   "min_delta")
         for name in pos + nonneg:
             v = getattr(self, name)
@@ -298,6 +303,13 @@ COMPILE_MIN_STEPS = 500
 # and pulling its blocks towards the depths of the teacher they replace can only spend some of it. Audio
 # keeps 0.05 (its speaker head trains through anchoring's LoRA phase; not measured at 0), vision trains no steps.
 CARVED_W_ANCHOR = {"text": 0.0, "vision": 0.05, "audio": 0.05}
+# Per-token intermediate-state loss of a carved tower (TrainConfig.w_state; the teacher's cached states at the
+# depths its kept blocks end at, `extraction.state_layers`). Measured 2026-12-07 (twenty-seventh session; the
+# default's features plus SmolLM2's states at layers 11 / 21 / 25 / 29 in their top-128 PCA basis, the pipeline's
+# training and validation code, compiled phase (a), seed 0; text.generate held-out / never-seen, CI): off (three
+# compiled runs) 0.760 / 0.712, 0.760 / 0.711, 0.759 / 0.723; w 1 0.764 / 0.717; w 5 0.763 / 0.728 (0.751-0.775 /
+# 0.720-0.736), the student's perplexity 179 -> 170 held-out, 183 -> 172 never-seen; text.embed 0.854 / 0.754.
+CARVED_W_STATE = {"text": 5.0, "vision": 0.0, "audio": 0.0}
 # KD temperature of a carved tower. The text tower distils at T=1: its cached top-32 + tail buckets are the
 # teacher's exact (coarsened) distribution only at T=1 (losses.topk_kd_loss), and the metric is next-token
 # accuracy. Measured on the default probe, same carve, data, steps and seed (texp harness = the pipeline's code
@@ -357,7 +369,7 @@ def cpu_train_config(tower: str, init: str = "random", profile: str | None = Non
         # anchoring pulls pooled states towards the teacher's, which a carved tower starts at: light or off
         # (CARVED_W_ANCHOR, measured)
         base = {"phase_a_steps": a, "phase_b_steps": b, "batch_size": bs, "lr": CARVED_LR[tower], "adapter_lr": 1e-3,
-                "w_anchor": CARVED_W_ANCHOR[tower], "carved_lr_scale": CARVED_LR_SCALE[tower], "temperature": CARVED_TEMPERATURE[tower],
+                "w_anchor": CARVED_W_ANCHOR[tower], "w_state": CARVED_W_STATE[tower], "carved_lr_scale": CARVED_LR_SCALE[tower], "temperature": CARVED_TEMPERATURE[tower],
                 "mixed_precision": CARVED_MIXED_PRECISION[tower], "channels_last": CARVED_CHANNELS_LAST[tower],
                 "group_by_length": CARVED_GROUP_BY_LENGTH[tower], "compile_backbone": CARVED_COMPILE[tower],
                 "phase_b_steps_by_capability": dict(CARVED_PHASE_B_BY_CAPABILITY.get(tower, {})),

@@ -241,6 +241,7 @@ def setup_phase(phase: str, tower: StudentTower, objective: TowerObjective, caps
         steps, lr = tc.phase_a_steps, tc.lr
         objective.phase_caps, objective.lwf_caps = caps, []
         objective.use_banks = tc.neighbour_in_phase_a
+        objective.use_states = True  # the per-token state loss teaches the blocks, which only phase (a) trains
         for p in tower.parameters():
             p.requires_grad_(True)
     else:
@@ -253,6 +254,7 @@ def setup_phase(phase: str, tower: StudentTower, objective: TowerObjective, caps
         tower.set_capability(cap)
         objective.phase_caps, objective.lwf_caps = [cap], [c for c in caps if c != cap]
         objective.use_banks = True
+        objective.use_states = False
         for p in tower.parameters():
             p.requires_grad_(False)
         for p in tower.lora_parameters(cap) + tower.head_parameters(cap):

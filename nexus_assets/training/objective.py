@@ -13,7 +13,7 @@ from nexus_assets.student.config import TowerConfig
 from nexus_assets.student.tower import StudentTower
 
 from .config import TrainConfig
-from .losses import (anchoring_loss, cosine_embedding_loss, gram_loss, lwf_loss, neighbour_kd_loss,
+from .losses import (anchoring_loss, cosine_embedding_loss, gram_loss, lwf_loss, neighbour_kd_loss, token_state_loss,
                      next_token_ce_loss, sequence_kd_loss, topk_kd_loss, weighted_sum)
 from .tower_data import INPUT_KEYS, TowerData
 
@@ -75,6 +75,37 @@ def neighbour_banks(cfg: TowerConfig, data: TowerData, tc: TrainConfig) -> dict[
                              "embeddings; its neighbour bank needs at least 2")
         banks[cap] = emb.float().clone()
     return banks
+
+
+@dataclass
+class StateTarget:
+    """One teacher layer's cached per-token states (`extraction.state_layers`) and the student block they
+    teach: the carve's `anchor_map` index into the backbone's hidden states (block `index` - 1's output)."""
+
+    layer: str
+    index: int
+    mean: torch.Tensor  # (H,)
+    components: torch.Tensor  # (r, H)
+    variances: torch.Tensor  # (r,)
+
+
+def state_targets(tower: StudentTower, data: TowerData, tc: TrainConfig) -> tuple[dict[str, list[StateTarget]], list[str]]:
+    """Per "lm" capability, the cached state layers whose depth the carve kept (a block ends there), and a
+    line per capability saying what is used and what not (empty when `tc.w_state` is 0). A backbone without
+    an `anchor_map` (random init) has no teacher depth to match: none."""
+    if tc.w_state == 0:
+        return {}, []
+    index = getattr(tower.base_backbone(), "anchor_map", None) or {}
+    out, lines = {}, []
+    for cap, basis in sorted(data.state_basis.items()):
+        used = [StateTarget(layer, int(index[layer]), b["mean"].float(), b["components"].float(), b["variances"].float())
+                for layer, b in sorted(basis.items(), key=lambda kv: int(kv[0].split(".")[1])) if layer in index]
+        skipped = sorted(set(basis) - {t.layer for t in used})
+        if used:
+            out[cap] = used
+        lines.append(f"{cap}: per-token state loss on teacher {[t.layer for t in used]} -> student hidden states "
+                     f"{[t.index for t in used]}" + (f"; {skipped} skipped (no kept block ends there)" if skipped else ""))
+    return out, lines
 
 
 def capability_rows(cap: str, res: dict, batch: dict) -> tuple[dict, dict] | None:
@@ -153,13 +184,16 @@ class TowerObjective(nn.Module):
     phase_caps: capabilities trained now; lwf_caps: heads kept in place by LwF (phase b only).
     """
 
-    def __init__(self, tower: StudentTower, tc: TrainConfig, anchors: dict, banks: dict | None = None):
+    def __init__(self, tower: StudentTower, tc: TrainConfig, anchors: dict, banks: dict | None = None,
+                 states: dict | None = None):
         super().__init__()
         self.tower = tower
         self.tc = tc
         self.anchors = anchors
         self.banks = banks or {}  # capability -> (M, D) teacher embeddings (neighbour_banks)
+        self.states = states or {}  # "lm" capability -> [StateTarget] (state_targets)
         self.use_banks = True  # off in phase (a) unless tc.neighbour_in_phase_a (set by setup_phase)
+        self.use_states = True  # phase (a) only (set by setup_phase)
         self.phase_caps: list[str] = []
         self.lwf_caps: list[str] = []
         self.anchor_mult = 1.0
@@ -188,6 +222,11 @@ class TowerObjective(nn.Module):
             for name, loss in task_losses(cap, spec.kind, res, cb, tc, bank).items():
                 losses[f"{cap}.{name}"] = loss
                 weights[f"{cap}.{name}"] = task_loss_weight(name, tc, tw)
+            if self.use_states and cap in self.states and tc.w_state > 0:
+                state = self._state_loss(cap, enc(cap), batch)
+                if state is not None:
+                    losses[f"{cap}.state"] = state
+                    weights[f"{cap}.state"] = tc.w_state * tw
             if spec.anchor_layers and tc.w_anchor > 0:  # off: no anchoring loss (the heads' anchor projections still run)
                 per_layer = []
                 for layer in spec.anchor_layers:
@@ -214,3 +253,20 @@ class TowerObjective(nn.Module):
             return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad), {}
         total, values = weighted_sum(losses, weights)
         return total, values
+
+    def _state_loss(self, cap: str, enc, batch: dict) -> torch.Tensor | None:
+        """Mean over the capability's state layers of `token_state_loss` on the tokens its KD scores, each row's
+        first left out (the teacher's attention sink, cached as zeros). None: a pass that stopped early."""
+        hiddens, _ = enc
+        mask = batch[f"{cap}:mask"].bool().clone()
+        mask[:, 0] = False
+        rows = batch.get(f"{cap}:rows")
+        per = []
+        for t in self.states[cap]:
+            if t.index > len(hiddens) or t.index < 1:
+                return None
+            h, target, m = hiddens[t.index - 1], batch[f"{cap}:state.{t.layer}"], mask
+            if rows is not None:
+                h, target, m = h[rows], target[rows], m[rows]
+            per.append(token_state_loss(h, target, t.mean, t.components, t.variances, m))
+        return torch.stack(per).mean()

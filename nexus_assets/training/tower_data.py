@@ -18,6 +18,8 @@ sharding are plain indexing. Keys:
     targets   "<cap>:topk_ids" (N, T|U, k) long, "<cap>:topk_logits" (N, T|U, k), "<cap>:logsumexp" (N, T|U),
               "<cap>:mask" (N, T|U) bool           for "lm" / "asr" heads (sequence top-k KD)
               "<cap>:next_ids" (N, T) long, "<cap>:next_valid" (N, T) bool   for "lm" heads (true next token)
+              "<cap>:state.<layer>" (N, T, r) float16  for "lm" heads whose teacher caches per-token states
+                                   (`extraction.state_layers`: PCA scores; their basis in `state_basis`)
               "<cap>:embedding" (N, D)             for "embedding" heads
               "<cap>:logits" (N, C)                for "classes" heads
               "<cap>:hidden.<layer>" (N, Ht)       for every anchored teacher layer (mean-pooled)
@@ -36,11 +38,12 @@ from typing import Mapping, Sequence
 import math
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
 from nexus_assets.core import metrics as M
-from nexus_assets.core.feature_store import FeatureCacheError, column_matrix, read_features
+from nexus_assets.core.feature_store import STATE_BASIS, FeatureCacheError, column_matrix, load_state_basis, read_features
 from nexus_assets.student.carved import audio_input_features
 from nexus_assets.student.config import TowerConfig
 from nexus_assets.student.transforms import decode_wav, preprocess_image
@@ -68,6 +71,8 @@ class TowerData:
     tensors: dict[str, torch.Tensor]
     trim: dict[str, tuple[str, int]] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)  # capability -> what loading left out and why
+    # capability -> {teacher layer: {"mean", "components", "variances"}}: the basis of "<cap>:state.<layer>"
+    state_basis: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         n = len(self.row_ids)
@@ -104,7 +109,7 @@ class TowerData:
     def subset(self, idx: Sequence[int]) -> "TowerData":
         idx_t = torch.as_tensor(idx, dtype=torch.long)
         return TowerData([self.row_ids[i] for i in idx], {k: v[idx_t] for k, v in self.tensors.items()},
-                         dict(self.trim))
+                         dict(self.trim), dict(self.notes), dict(self.state_basis))
 
 
 def _row_index(row_ids: Sequence[str]) -> dict[str, int]:
@@ -251,7 +256,7 @@ def load_tower_data(
     trim: dict[str, tuple[str, int]] = {}
     {"text": _text_inputs, "vision": _vision_inputs, "audio": _audio_inputs}[tower_cfg.modality](src, tensors, trim)
     _item_targets(src, tensors)
-    return TowerData(row_ids, tensors, trim, src.notes)
+    return TowerData(row_ids, tensors, trim, src.notes, src.state_basis)
 
 
 @dataclass
@@ -267,6 +272,7 @@ class _Sources:
     spoken: dict = field(default_factory=dict)  # row_id -> the sentence the probe spoke (audio)
     asr_max_wer: float | None = None
     notes: dict = field(default_factory=dict)
+    state_basis: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.n, self.rows = len(self.row_ids), _row_index(self.row_ids)
@@ -326,6 +332,38 @@ def _text_inputs(src: _Sources, tensors: dict, trim: dict) -> None:
             tensors[f"{cap}:next_valid"] = torch.from_numpy(valid) & tensors[f"{cap}:mask"]
             trim.update({f"{cap}:{c}": ("attention_mask", 0)
                          for c in ("topk_ids", "topk_logits", "logsumexp", "mask", "next_ids", "next_valid")})
+            _state_targets(src, tensors, trim, cap, h.teacher, T)
+
+
+def _state_targets(src: "_Sources", tensors: dict, trim: dict, cap: str, teacher: str, length: int) -> None:
+    """"<cap>:state.<layer>" (N, length, r) float16 from the teacher's cached per-token state scores, read
+    chunk by chunk and never widened to float32 (4 layers of 128 scores are ~1 kB a token), and their basis."""
+    entry = Path(src.entries[teacher])
+    if not (entry / STATE_BASIS).exists():
+        return
+    basis = load_state_basis(entry / STATE_BASIS)
+    names = [f"state.{layer}" for layer in basis]
+    out = {name: None for name in names}
+    for f in sorted(entry.glob("tokens-*.parquet")):
+        have = set(pq.read_schema(f).names)
+        if not set(names) <= have:
+            raise FeatureCacheError(f"teacher {teacher!r}: {f.name} lacks {sorted(set(names) - have)} "
+                                    f"although {STATE_BASIS} is there")
+        t = pq.read_table(f, columns=["row_id", "position", *names])
+        ri = np.fromiter((src.rows.get(r, -1) for r in t.column("row_id").to_pylist()), dtype=np.int64, count=t.num_rows)
+        pos = t.column("position").to_numpy().astype(np.int64)
+        keep = (ri >= 0) & (pos < length)
+        for name in names:
+            col = t.column(name).combine_chunks()
+            vals = col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size).astype(np.float16)
+            if out[name] is None:
+                out[name] = np.zeros((src.n, length, vals.shape[1]), np.float16)
+            out[name][ri[keep], pos[keep]] = vals[keep]
+    for name, arr in out.items():
+        if arr is not None:
+            tensors[f"{cap}:{name}"] = torch.from_numpy(arr)
+            trim[f"{cap}:{name}"] = ("attention_mask", 0)
+    src.state_basis[cap] = {layer: {k: b[k] for k in ("mean", "components", "variances")} for layer, b in basis.items()}
 
 
 def _vision_inputs(src: _Sources, tensors: dict, trim: dict) -> None:

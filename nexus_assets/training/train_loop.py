@@ -53,7 +53,7 @@ from .config import TrainConfig, TrainHooks, TrainingDiverged, cpu_train_config
 from .loop_parts import (Dist, Phase, TrainState, autocast_bf16, batch_indices, compile_backbone_on, evaluate,
                          guard_step, params_sha256, patience_evals, probe_pooled_head, set_backbone_compiled,
                          setup_dist, setup_phase, to_device, training_curve)
-from .objective import TowerObjective, anchor_context, neighbour_banks
+from .objective import TowerObjective, anchor_context, neighbour_banks, state_targets
 from .tower_data import TowerData
 
 __all__ = ["TrainConfig", "TrainHooks", "train_tower", "cpu_train_config", "TrainingDiverged", "CHECKPOINT_DIR"]
@@ -195,8 +195,13 @@ def _start(cfg, data_train, tc, out_dir, pca, importance, log, hooks, init_state
         a.mean, a.components = a.mean.to(dd.device), a.components.to(dd.device)
         a.importance = None if a.importance is None else a.importance.to(dd.device)
     banks = {cap: b.to(dd.device) for cap, b in neighbour_banks(cfg, data_train, tc).items()}
+    states, state_lines = state_targets(tower, data_train, tc)
+    for t in (t for ts in states.values() for t in ts):
+        t.mean, t.components, t.variances = t.mean.to(dd.device), t.components.to(dd.device), t.variances.to(dd.device)
+    for line in state_lines:
+        say(f"[{cfg.name}] {line}")
     caps = list(cfg.capabilities)
-    run = _Run(cfg, tc, tower, TowerObjective(tower, tc, anchors, banks), dd, TrainState(), out_dir, say, hooks,
+    run = _Run(cfg, tc, tower, TowerObjective(tower, tc, anchors, banks, states), dd, TrainState(), out_dir, say, hooks,
                ["a"] + [f"b:{c}" for c in caps], caps)
     ckpt = latest_checkpoint(out_dir)
     if ckpt is not None:

@@ -484,3 +484,65 @@ def test_compiled_training_pass_matches_eager_and_evaluation_stays_eager(tiny_ll
         torch.testing.assert_close(tower(inputs, "text.generate")["out"], eager_out, atol=1e-4, rtol=1e-4)
     assert counters["frames"]["ok"] == frames  # the evaluation pass ran eager
     assert set_backbone_compiled(tower, False) is False and tower.base_backbone()._compiled_forward is None
+
+
+def test_state_loss_is_zero_for_the_full_carve_and_teaches_a_cut_one_the_teachers_states(tiny_llama):
+    """The per-token state loss compares a kept block's output with the teacher's at the same depth
+    (`anchor_map`): zero when the carve is the teacher; on a carve that drops a block, depths no kept block
+    ends at are skipped and said so, and steps on the loss alone pull the states towards the teacher's."""
+    from nexus_assets.training.config import TrainConfig
+    from nexus_assets.training.objective import TowerObjective, state_targets
+    from nexus_assets.training.tower_data import TowerData
+
+    model, d = tiny_llama
+    rows = _rows()
+    ids = torch.tensor([rows[r] for r in sorted(rows)])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:3, 7:] = False
+    with torch.no_grad():
+        teacher = model.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
+    layers = ["layers.1", "layers.2", "layers.3"]
+    basis, tensors = {}, {"input_ids": ids, "attention_mask": mask, "text.generate:mask": mask}
+    for name in layers:
+        h = teacher[int(name.split(".")[1])][mask]
+        mean = h.mean(0)
+        var, vec = torch.linalg.eigh(torch.cov((h - mean).T))
+        comps, v = vec[:, -8:].flip(1).T.contiguous(), var[-8:].flip(0)
+        basis[name] = {"mean": mean, "components": comps, "variances": v}
+        tensors[f"text.generate:state.{name}"] = ((teacher[int(name.split(".")[1])] - mean) @ comps.T).half()
+    data = TowerData(sorted(rows), tensors, state_basis={"text.generate": basis})
+    tc = TrainConfig(w_state=1.0)
+    assert state_targets(StudentTower(_tower(plan_text_carve(
+        d, token_rows=rows, topk_ids=np.arange(V), target=TextCarveTarget(1.0, 1.0, 1.0), max_len=16,
+        log=lambda s: None))), data, TrainConfig()) == ({}, [])  # w_state 0: off
+
+    full = plan_text_carve(d, token_rows=rows, topk_ids=np.arange(V), target=TextCarveTarget(1.0, 1.0, 1.0),
+                           max_len=16, log=lambda s: None)
+    tower = StudentTower(_tower(full))
+    tower.load_state_dict(carved_text_state(full, d), strict=False)
+    states, lines = state_targets(tower, data, tc)
+    assert [t.layer for t in states["text.generate"]] == layers and "skipped" not in lines[0]
+    obj = TowerObjective(tower, tc, {}, {}, states)
+    batch = data.batch(range(len(data)))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        assert float(obj._state_loss("text.generate", tower.encode(inputs), batch)) < 1e-3  # float16 targets
+
+    cut = plan_text_carve(d, token_rows=rows, topk_ids=np.arange(V), target=TextCarveTarget(0.6, 1.0, 1.0),
+                          max_len=16, log=lambda s: None)
+    tower = StudentTower(_tower(cut))
+    tower.load_state_dict(carved_text_state(cut, d), strict=False)
+    states, lines = state_targets(tower, data, tc)
+    ends = {f"layers.{b + 1}" for b in cut["blocks"]}  # teacher depths a kept block ends at
+    assert {t.layer for t in states["text.generate"]} == ends & set(layers) and set(layers) - ends
+    assert "skipped" in lines[0]
+    obj = TowerObjective(tower, tc, {}, {}, states)
+    opt = torch.optim.Adam(tower.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = obj._state_loss("text.generate", tower.encode(inputs), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[0] > 1e-2 and losses[-1] < 0.5 * losses[0]

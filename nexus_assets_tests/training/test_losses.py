@@ -20,6 +20,7 @@ from nexus_assets.training.losses import (
     router_balance_loss,
     router_entropy,
     sequence_kd_loss,
+    token_state_loss,
     topk_kd_loss,
     weighted_sum,
 )
@@ -695,3 +696,64 @@ def test_task_losses_pass_the_configured_divergence_to_lm_heads():
     fwd = task_losses("c", "lm", {"out": out}, batch, TrainConfig())["kd"]
     rev = task_losses("c", "lm", {"out": out}, batch, TrainConfig(kd_divergence="reverse"))["kd"]
     assert not torch.allclose(fwd, rev)
+
+
+# --- token_state_loss ---------------------------------------------------------------------------------
+
+def _basis(h=6, r=3, seed=0):
+    q, _ = torch.linalg.qr(torch.randn(h, h, generator=torch.Generator().manual_seed(seed)))
+    return q[:, :r].T.contiguous()  # (r, H) orthonormal rows
+
+
+def test_token_state_loss_is_zero_for_the_teachers_own_states_and_ignores_the_orthogonal_complement():
+    comps, mean = _basis(), torch.randn(6)
+    teacher = torch.randn(2, 4, 6)
+    scores = (teacher - mean) @ comps.T
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    var = torch.tensor([4.0, 1.0, 0.25])
+    assert float(token_state_loss(teacher, scores, mean, comps, var, mask)) < 1e-10
+    # a change outside the subspace costs nothing
+    q = torch.linalg.qr(torch.cat([comps.T, torch.randn(6, 3)], 1))[0][:, 3:]  # (H, 3) orthogonal to comps
+    moved = teacher + (torch.randn(2, 4, 3) @ q.T)
+    assert float(token_state_loss(moved, scores, mean, comps, var, mask)) < 1e-10
+
+
+def test_token_state_loss_weights_each_component_by_its_soft_whitened_variance():
+    comps, mean = torch.eye(3, 6), torch.zeros(6)  # components = the first three axes
+    student = torch.zeros(1, 2, 6)
+    student[0, 0, :3] = torch.tensor([1.0, 2.0, 3.0])
+    scores = torch.zeros(1, 2, 3)
+    var = torch.tensor([4.0, 1.0, 1.0])  # mean 2: weights 1/6, 1/3, 1/3
+    mask = torch.tensor([[True, False]])  # only the first token counts
+    expected = (1.0 / 6 + 4.0 / 3 + 9.0 / 3) / 3
+    assert float(token_state_loss(student, scores, mean, comps, var, mask)) == pytest.approx(expected)
+    mask_both = torch.tensor([[True, True]])  # the second token is exact: the mean halves
+    assert float(token_state_loss(student, scores, mean, comps, var, mask_both)) == pytest.approx(expected / 2)
+
+
+def test_token_state_loss_carries_gradient_upcasts_and_is_zero_on_an_empty_mask():
+    comps, mean = _basis(), torch.zeros(6)
+    student = torch.randn(2, 4, 6, dtype=torch.bfloat16, requires_grad=True)
+    scores = torch.randn(2, 4, 3).half()
+    var = torch.ones(3)
+    loss = token_state_loss(student, scores, mean, comps, var, torch.ones(2, 4, dtype=torch.bool))
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert student.grad is not None and float(student.grad.abs().sum()) > 0
+    empty = token_state_loss(student, scores, mean, comps, var, torch.zeros(2, 4, dtype=torch.bool))
+    assert float(empty.detach()) == 0.0
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(teacher_scores=torch.zeros(2, 4, 2)), "teacher_scores"),
+    (dict(pca_mean=torch.zeros(5)), "pca_mean"),
+    (dict(pca_variances=torch.zeros(3)), "pca_variances"),
+    (dict(pca_variances=torch.tensor([1.0, -1.0, 1.0])), "pca_variances"),
+    (dict(mask=torch.ones(2, 3, dtype=torch.bool)), "mask"),
+])
+def test_token_state_loss_rejects_bad_shapes_and_variances(bad, match):
+    args = dict(student_states=torch.zeros(2, 4, 6), teacher_scores=torch.zeros(2, 4, 3), pca_mean=torch.zeros(6),
+                pca_components=_basis(), pca_variances=torch.ones(3), mask=torch.ones(2, 4, dtype=torch.bool))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        token_state_loss(**args)

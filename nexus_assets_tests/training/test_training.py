@@ -448,6 +448,44 @@ def test_load_tower_data_text(tmp_path):
         load_tower_data(cfg, {"lmT": tmp_path / "lm"}, probe)
 
 
+def test_load_tower_data_reads_cached_token_states_as_float16_targets_with_their_basis(tmp_path):
+    from nexus_assets.core.feature_store import STATE_BASIS, FeatureCacheError, save_state_basis
+
+    cfg = tiny_config("text")
+    rows, splits, lengths, r = ["t0", "t1"], ["train", "train"], {"t0": 3, "t1": 2}, 4
+    rng = np.random.default_rng(0)
+    items = pa.table({"row_id": rows, "split": splits,
+                      "hidden.l.1": _fsl(rng.normal(size=(2, 24)).astype(np.float32)),
+                      "hidden.l.2": _fsl(rng.normal(size=(2, 24)).astype(np.float32))})
+    tok_rows = [(row, p) for row in rows for p in range(lengths[row])]
+    scores = rng.normal(size=(len(tok_rows), r)).astype(np.float16)
+    tokens = pa.table({"row_id": [x for x, _ in tok_rows], "position": np.array([p for _, p in tok_rows], np.int32),
+                       "token_id": np.arange(len(tok_rows), dtype=np.int32),
+                       "topk_ids": _fsl(np.tile(np.arange(4, dtype=np.int32), (len(tok_rows), 1))),
+                       "topk_logits": _fsl(np.zeros((len(tok_rows), 4), np.float32)),
+                       "logsumexp": np.full(len(tok_rows), 5.0, np.float32), "state.layers.2": _fsl(scores)})
+    write_chunk(tmp_path / "lm", 0, items, tokens)
+    basis = {"layers.2": {"mean": torch.zeros(24), "components": torch.eye(r, 24), "variances": torch.ones(r)}}
+    save_state_basis(basis, tmp_path / "lm" / STATE_BASIS)
+    write_chunk(tmp_path / "enc", 0, pa.table({"row_id": rows, "split": splits,
+                                                "embedding": _fsl(rng.normal(size=(2, 16)).astype(np.float32)),
+                                                "hidden.e.1": _fsl(rng.normal(size=(2, 8)).astype(np.float32))}), None)
+    probe = {"text-probe": pa.table({"row_id": rows, "text": ["a", "b"]})}
+    entries = {"lmT": tmp_path / "lm", "encT": tmp_path / "enc"}
+    data = load_tower_data(cfg, entries, probe, splits=("train",))
+    got = data.tensors["text.generate:state.layers.2"]
+    assert got.dtype == torch.float16 and got.shape == (2, 16, r)
+    for i, (row, p) in enumerate(tok_rows):
+        assert got[rows.index(row), p].tolist() == scores[i].tolist()
+    assert float(got[1, 2:].abs().sum()) == 0.0  # past a row's end
+    torch.testing.assert_close(data.state_basis["text.generate"]["layers.2"]["components"], torch.eye(r, 24))
+    assert data.batch([1])["text.generate:state.layers.2"].shape == (1, 2, r)  # cut with the row
+    assert data.subset([0]).state_basis == data.state_basis
+    write_chunk(tmp_path / "lm", 1, items.slice(0, 0), tokens.drop_columns(["state.layers.2"]).slice(0, 1))
+    with pytest.raises(FeatureCacheError, match="lmT.*tokens-00001.parquet.*state.layers.2"):
+        load_tower_data(cfg, entries, probe, splits=("train",))
+
+
 def test_text_rows_only_the_lm_teacher_has_are_kept_and_masked_for_the_others(tmp_path):
     """Teacher-written rows exist only in the LM teacher's cache: they train text.generate, while
     text.embed's losses (and anchoring) see exactly the rows its own teacher has."""

@@ -86,7 +86,19 @@ class CausalLMTeacher:
         enc = self.tokenize([r["text"] for r in rows])
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        return lm_outputs(out.logits, out.hidden_states, ids, mask, self.spec)
+        return lm_outputs(out.logits, out.hidden_states, ids, mask, self.spec, self.state_basis)
+
+    state_basis: dict | None = None  # set by the feature pass (fit_state_basis) when state_layers are cached
+
+    @torch.inference_mode()
+    def token_states(self, texts: list[str], layers: list[str]) -> dict[str, torch.Tensor]:
+        """{layer: (tokens, H) float32} hidden states of every token after the first (see fit_state_basis)."""
+        enc = self.tokenize(texts)
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        hs = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        keep = mask.bool().clone()
+        keep[:, 0] = False
+        return {name: hs[int(name.split(".")[1])][keep].float().cpu() for name in layers}
 
 
     def prompt_prefixes(self, texts: list[str], prompt_tokens: int) -> list[str]:
@@ -142,11 +154,14 @@ class CausalLMTeacher:
         return ImportanceSpec(self.model, layers, batches, objective)
 
 
-def lm_outputs(logits, hidden_states, ids, mask, spec: TeacherSpec) -> TeacherOutputs:
+def lm_outputs(logits, hidden_states, ids, mask, spec: TeacherSpec, state_basis: dict | None = None) -> TeacherOutputs:
     """Pack one LM forward into feature columns.
 
     logits (B,T,V); hidden_states tuple of (B,T,H); ids, mask (B,T). Token row t holds ids[t] and the logits
     AT t, which predict token t+1 (so `next_logprob` is log p(ids[t+1])). Padding must be on the right.
+    state_basis: {layer: {"mean" (H,), "components" (r, H), ...}} (fit_state_basis) -> a "state.<layer>" column of PCA
+    scores per token; position 0 (the attention sink: states orders of magnitude larger than the rest, which
+    float16 cannot hold and no loss scores) is stored as zeros.
     """
     ex = spec.extraction
     mask_np = mask.cpu().numpy().astype(bool)
@@ -177,7 +192,39 @@ def lm_outputs(logits, hidden_states, ids, mask, spec: TeacherSpec) -> TeacherOu
     for name in ex.token_layers:
         h = hidden_states[int(name.split(".")[1])].float().reshape(-1, hidden_states[0].shape[-1])[flat]
         tokens[f"hidden.{name}"] = h.cpu().numpy().astype(np.float32)
+    for name, b in (state_basis or {}).items():
+        h = hidden_states[int(name.split(".")[1])].float().reshape(-1, hidden_states[0].shape[-1])[flat]
+        scores = (h.cpu() - b["mean"]) @ b["components"].T
+        scores[torch.from_numpy(tokens["position"] == 0)] = 0.0
+        tokens[f"state.{name}"] = scores.numpy().astype(np.float32)
     return TeacherOutputs(items=items, tokens=tokens)
+
+
+def fit_state_basis(teacher, texts: list[str], layers: list[str], rank: int, batch_size: int = 16
+                    ) -> dict[str, dict[str, torch.Tensor]]:
+    """{layer: {"mean" (H,), "components" (rank, H) top principal directions as rows, "variances" (rank,),
+    "total_variance" ()}} of the teacher's per-token states over `texts` (every token but each row's first),
+    float64 covariance. The basis the cached state scores live in; fitted once per cache entry."""
+    n, sums, outer = 0, {}, {}
+    for i in range(0, len(texts), batch_size):
+        for name, h in teacher.token_states(texts[i:i + batch_size], layers).items():
+            h = h.double()
+            sums[name] = sums.get(name, 0) + h.sum(0)
+            outer[name] = outer.get(name, 0) + h.T @ h
+            if name == layers[0]:
+                n += h.shape[0]
+    if n < 2:
+        raise ValueError(f"fit_state_basis: {len(texts)} texts give {n} tokens after the first; need >= 2")
+    basis = {}
+    for name in layers:
+        mean = sums[name] / n
+        cov = (outer[name] - n * torch.outer(mean, mean)) / (n - 1)
+        var, vec = torch.linalg.eigh(cov)  # ascending
+        k = min(rank, var.numel())
+        basis[name] = {"mean": mean.float(), "components": vec[:, -k:].flip(1).T.contiguous().float(),
+                       "variances": var[-k:].flip(0).clamp_min(0).float(),
+                       "total_variance": var.clamp_min(0).sum().float()}
+    return basis
 
 
 class StreamedCausalLMTeacher:

@@ -1,0 +1,130 @@
+"""Per-token teacher states (`extraction.state_layers`): a PCA basis fitted once per cache entry on train rows,
+every token's scores cached in it, and read back as the carved student's intermediate-state targets."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from nexus_assets.core.feature_store import STATE_BASIS, load_state_basis, read_features
+from nexus_assets.core.registry import TeacherSpec
+from nexus_assets.probes.probe_data import SCHEMAS
+from nexus_assets.teachers.causal_lm import fit_state_basis
+from nexus_assets.teachers.features import extract_teacher_features, feature_cache_key, state_basis_for_entry
+from nexus_assets.teachers.snapshot import build_snapshot
+from nexus_assets_tests.helpers import tiny_llama_dir
+
+
+def spec_for(path, **extraction) -> TeacherSpec:
+    ex = {"layers": ["layers.1", "layers.3"], "top_k": 5, "batch_size": 3, "chunk_rows": 4, "max_length": 16,
+          **extraction}
+    return TeacherSpec.model_validate(dict(
+        name="tiny-llama", modality="text", tower="text", family="causal_lm", capabilities=["text.generate"],
+        dataset="text-probe", source={"kind": "path", "path": str(path)}, extraction=ex))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def probe_rows(n=12) -> pa.Table:
+    rng = np.random.default_rng(1)
+    texts = [" ".join(f"w{i}" for i in rng.integers(0, 290, size=rng.integers(4, 10))) for _ in range(n)]
+    splits = (["train"] * 8 + ["val", "heldout", "ood", "train"])[:n]
+    ids = [f"t/{i}/0" for i in range(n)]
+    return pa.table({"row_id": ids, "source": ["t"] * n, "item": ids, "view": [0] * n, "split": splits,
+                     "content_sha": ["0" * 64] * n, "text": texts}, schema=SCHEMAS["text"])
+
+
+class KnownStates:
+    """Per-token states drawn from a known Gaussian: h = mean + z * sqrt(var) @ Q.T (one text = 200 tokens)."""
+
+    def __init__(self, h=5, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.q = torch.linalg.qr(torch.randn(h, h, generator=g, dtype=torch.float64))[0]
+        self.var = torch.tensor([9.0, 4.0, 1.0, 0.25, 0.01], dtype=torch.float64)[:h]
+        self.mean = torch.arange(h, dtype=torch.float64)
+        self.g = g
+        self.seen: list[str] = []
+
+    def token_states(self, texts, layers):
+        self.seen += texts
+        z = torch.randn(200 * len(texts), len(self.var), generator=self.g, dtype=torch.float64)
+        return {name: (self.mean + (z * self.var.sqrt()) @ self.q.T).float() for name in layers}
+
+
+def test_fit_state_basis_recovers_a_known_covariance():
+    t = KnownStates()
+    b = fit_state_basis(t, ["x"] * 100, ["layers.2"], rank=3, batch_size=10)["layers.2"]  # 20,000 tokens
+    torch.testing.assert_close(b["mean"].double(), t.mean, atol=0.06, rtol=0)
+    torch.testing.assert_close(b["variances"].double(), t.var[:3], rtol=0.05, atol=0)
+    assert float(b["total_variance"]) == pytest.approx(float(t.var.sum()), rel=0.05)
+    # each component is the known direction up to sign, and the rows are orthonormal
+    cos = (b["components"].double() @ t.q[:, :3]).abs().diagonal()
+    assert bool((cos > 0.99).all())
+    torch.testing.assert_close(b["components"] @ b["components"].T, torch.eye(3), atol=1e-5, rtol=0)
+
+
+def test_the_basis_is_fitted_on_train_rows_only_written_once_and_read_back(llama_dir, tmp_path):
+    spec = spec_for(llama_dir, state_layers=["layers.2"], state_rank=4, state_fit_rows=16)
+    rows, t, logs = probe_rows(), KnownStates(), []
+    t.layer_names = lambda: [f"layers.{i}" for i in range(4)]
+    basis = state_basis_for_entry(t, spec, rows, tmp_path, log=logs.append)
+    train = {x for x, s in zip(rows["text"].to_pylist(), rows["split"].to_pylist()) if s == "train"}
+    assert t.seen and set(t.seen) <= train and len(set(t.seen)) == len(train)  # 9 train rows < 16: all of them
+    assert (tmp_path / STATE_BASIS).exists() and "variance kept" in logs[-1]
+    again = KnownStates(seed=5)
+    again.layer_names = t.layer_names
+    back = state_basis_for_entry(again, spec, rows, tmp_path, log=logs.append)
+    assert again.seen == []  # a resume reads the entry's basis, never refits it
+    for k in ("mean", "components", "variances"):
+        torch.testing.assert_close(back["layers.2"][k], basis["layers.2"][k])
+
+
+def test_bad_state_layers_are_named(llama_dir, tmp_path):
+    with pytest.raises(Exception, match="state_layers"):
+        spec_for(llama_dir, state_layers=["blocks.2"])
+    spec = spec_for(llama_dir, state_layers=["layers.9"])
+    t = KnownStates()
+    t.layer_names = lambda: [f"layers.{i}" for i in range(4)]
+    with pytest.raises(ValueError, match="tiny-llama.*state_layers.*layers.9"):
+        state_basis_for_entry(t, spec, probe_rows(), tmp_path, log=lambda s: None)
+    logs = []
+    assert state_basis_for_entry(object(), spec, probe_rows(), tmp_path, log=logs.append) is None
+    assert "not cached" in logs[0]
+    (tmp_path / STATE_BASIS).write_bytes(b"not safetensors")
+    with pytest.raises(Exception, match="state_basis.safetensors"):
+        load_state_basis(tmp_path / STATE_BASIS)
+
+
+def test_a_teacher_without_state_layers_keeps_its_cache_key(llama_dir):
+    plain, states = spec_for(llama_dir), spec_for(llama_dir, state_layers=["layers.2"])
+    explicit = spec_for(llama_dir, state_rank=64, state_fit_rows=100)  # settings that do nothing without layers
+    assert feature_cache_key(plain, "s", "d", "default") == feature_cache_key(explicit, "s", "d", "default")
+    assert feature_cache_key(plain, "s", "d", "default") != feature_cache_key(states, "s", "d", "default")
+
+
+def test_cached_state_scores_are_the_teachers_states_in_the_entrys_basis(llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = spec_for(llama_dir, state_layers=["layers.2"], state_rank=6, state_fit_rows=16)
+    build_snapshot(spec, tmp_path / "snap", log=lambda s: None)
+    rows = probe_rows()
+    entry, m = extract_teacher_features(spec, tmp_path / "snap", rows, "d", tmp_path / "feat", log=lambda s: None)
+    basis = load_state_basis(entry / STATE_BASIS)["layers.2"]
+    tokens = read_features(entry, "tokens")
+    assert tokens.schema.field("state.layers.2").type.list_size == 6
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    text = rows["text"][3].as_py()
+    enc = tok([text], return_tensors="pt")
+    with torch.no_grad():
+        h = model(**enc, output_hidden_states=True).hidden_states[2][0]  # (T, H)
+    want = (h - basis["mean"]) @ basis["components"].T
+    mine = tokens.filter(pa.compute.equal(tokens["row_id"], rows["row_id"][3]))
+    got = torch.tensor(np.stack(mine["state.layers.2"].to_numpy(zero_copy_only=False)))
+    pos = mine["position"].to_numpy()
+    assert bool((got[pos == 0] == 0).all())  # the attention sink is stored as zeros
+    torch.testing.assert_close(got[pos > 0], want[torch.as_tensor(pos[pos > 0])], atol=2e-3, rtol=2e-3)  # float16

@@ -137,7 +137,7 @@ def train_tower_from_artifacts(tower: str, *, architecture: Mapping, feature_ent
     cfg = tower_config_from_architecture(tower, architecture, teachers, feature_entries, snapshot_dirs)
     probe = {d: read_probe_rows(p) for d, p in probe_dirs.items()}
     train = load_tower_data(cfg, feature_entries, probe, splits=("train",))
-    val = load_tower_data(cfg, feature_entries, probe, splits=("val",))
+    val = load_tower_data(cfg, feature_entries, probe, splits=("val",), token_states=False)
     pca, importance = anchoring_inputs(cfg, subspace_dirs, importance_dirs, anchor_variance)
     log(f"[{tower}] {cfg.init} init, width {cfg.width}, depth {cfg.depth}, ranks {cfg.lora_rank}; {len(train)} train / {len(val)} val "
         f"rows; anchoring {sorted(f'{t}:{l}:{m[1].shape[0]}d' for (t, l), m in pca.items())}")

@@ -116,14 +116,19 @@ def _row_index(row_ids: Sequence[str]) -> dict[str, int]:
     return {r: i for i, r in enumerate(row_ids)}
 
 
-def _scatter_tokens(tokens, rows: dict[str, int], n: int, length: int, column: str, offset: int,
-                    fill, dtype) -> np.ndarray:
-    """Per-token column -> (n, length[, k]) array at [row, position - offset]; tokens beyond `length` dropped."""
+def _token_slots(tokens, rows: dict[str, int], length: int, offset: int = 0):
+    """(row index, position - offset, kept) per token row; kept = a row of `rows`, inside [0, length)."""
     rid = tokens.column("row_id").to_pylist()
     pos = tokens.column("position").to_numpy().astype(np.int64) - offset
     ri = np.fromiter((rows.get(r, -1) for r in rid), dtype=np.int64, count=len(rid))
-    keep = (ri >= 0) & (pos >= 0) & (pos < length)
-    values = column_matrix(tokens.column(column)) if column != "__mask__" else np.ones(len(rid), bool)
+    return ri, pos, (ri >= 0) & (pos >= 0) & (pos < length)
+
+
+def _scatter_tokens(tokens, rows: dict[str, int], n: int, length: int, column: str, offset: int,
+                    fill, dtype) -> np.ndarray:
+    """Per-token column -> (n, length[, k]) array at [row, position - offset]; tokens beyond `length` dropped."""
+    ri, pos, keep = _token_slots(tokens, rows, length, offset)
+    values = column_matrix(tokens.column(column)) if column != "__mask__" else np.ones(len(ri), bool)
     shape = (n, length) + tuple(values.shape[1:])
     out = np.full(shape, fill, dtype=dtype)
     out[ri[keep], pos[keep]] = values[keep]
@@ -207,6 +212,7 @@ def load_tower_data(
     probe_rows: Mapping[str, "object"],
     splits: Sequence[str] = ("train",),
     asr_max_wer: float | None = ASR_MAX_TEACHER_WER,
+    token_states: bool = True,
 ) -> TowerData:
     """Read the tower's cached teacher features and probe inputs for `splits` into a TowerData.
 
@@ -217,6 +223,8 @@ def load_tower_data(
         splits: which splits to load ("train" for training, "val" for early stopping).
         asr_max_wer: an "asr" capability learns only from utterances whose teacher transcript is within
             this WER of the spoken sentence (the probe's `transcript`); None keeps every utterance.
+        token_states: read the "lm" teachers' cached per-token states ("<cap>:state.<layer>"), which only the
+            training objective uses (validation losses do not): a scan of every token chunk, so off for "val".
 
     Raises:
         ValueError: a capability's teacher has no features, no probe table has the modality's input
@@ -251,7 +259,7 @@ def load_tower_data(
     if not row_ids:
         raise ValueError(f"tower {tower_cfg.name!r}: no row of splits {list(splits)} is common to the "
                          f"teachers {sorted(items)} and the probe rows")
-    src = _Sources(tower_cfg, teacher_features, items, row_ids, probe, spoken, asr_max_wer)
+    src = _Sources(tower_cfg, teacher_features, items, row_ids, probe, spoken, asr_max_wer, token_states=token_states)
     tensors: dict[str, torch.Tensor] = {}
     trim: dict[str, tuple[str, int]] = {}
     {"text": _text_inputs, "vision": _vision_inputs, "audio": _audio_inputs}[tower_cfg.modality](src, tensors, trim)
@@ -273,6 +281,7 @@ class _Sources:
     asr_max_wer: float | None = None
     notes: dict = field(default_factory=dict)
     state_basis: dict = field(default_factory=dict)
+    token_states: bool = True  # load_tower_data(token_states=)
 
     def __post_init__(self):
         self.n, self.rows = len(self.row_ids), _row_index(self.row_ids)
@@ -332,7 +341,8 @@ def _text_inputs(src: _Sources, tensors: dict, trim: dict) -> None:
             tensors[f"{cap}:next_valid"] = torch.from_numpy(valid) & tensors[f"{cap}:mask"]
             trim.update({f"{cap}:{c}": ("attention_mask", 0)
                          for c in ("topk_ids", "topk_logits", "logsumexp", "mask", "next_ids", "next_valid")})
-            _state_targets(src, tensors, trim, cap, h.teacher, T)
+            if src.token_states:
+                _state_targets(src, tensors, trim, cap, h.teacher, T)
 
 
 def _state_targets(src: "_Sources", tensors: dict, trim: dict, cap: str, teacher: str, length: int) -> None:
@@ -350,9 +360,7 @@ def _state_targets(src: "_Sources", tensors: dict, trim: dict, cap: str, teacher
             raise FeatureCacheError(f"teacher {teacher!r}: {f.name} lacks {sorted(set(names) - have)} "
                                     f"although {STATE_BASIS} is there")
         t = pq.read_table(f, columns=["row_id", "position", *names])
-        ri = np.fromiter((src.rows.get(r, -1) for r in t.column("row_id").to_pylist()), dtype=np.int64, count=t.num_rows)
-        pos = t.column("position").to_numpy().astype(np.int64)
-        keep = (ri >= 0) & (pos < length)
+        ri, pos, keep = _token_slots(t, src.rows, length)
         for name in names:
             col = t.column(name).combine_chunks()
             vals = col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size).astype(np.float16)

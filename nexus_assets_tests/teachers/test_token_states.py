@@ -9,33 +9,22 @@ import torch
 
 from nexus_assets.core.feature_store import STATE_BASIS, load_state_basis, read_features
 from nexus_assets.core.registry import TeacherSpec
-from nexus_assets.probes.probe_data import SCHEMAS
 from nexus_assets.teachers.causal_lm import fit_state_basis
 from nexus_assets.teachers.features import extract_teacher_features, feature_cache_key, state_basis_for_entry
 from nexus_assets.teachers.snapshot import build_snapshot
 from nexus_assets_tests.helpers import tiny_llama_dir
+from nexus_assets_tests.teachers.test_teacher_written import probe_rows
+from nexus_assets_tests.teachers.test_teacher_written import spec_for as written_spec_for
 
 
 def spec_for(path, **extraction) -> TeacherSpec:
-    ex = {"layers": ["layers.1", "layers.3"], "top_k": 5, "batch_size": 3, "chunk_rows": 4, "max_length": 16,
-          **extraction}
-    return TeacherSpec.model_validate(dict(
-        name="tiny-llama", modality="text", tower="text", family="causal_lm", capabilities=["text.generate"],
-        dataset="text-probe", source={"kind": "path", "path": str(path)}, extraction=ex))
+    """test_teacher_written's tiny-Llama spec without its written text or per-token hidden layer."""
+    return written_spec_for(path, teacher_written=None, token_layers=[], **extraction)
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     return tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def probe_rows(n=12) -> pa.Table:
-    rng = np.random.default_rng(1)
-    texts = [" ".join(f"w{i}" for i in rng.integers(0, 290, size=rng.integers(4, 10))) for _ in range(n)]
-    splits = (["train"] * 8 + ["val", "heldout", "ood", "train"])[:n]
-    ids = [f"t/{i}/0" for i in range(n)]
-    return pa.table({"row_id": ids, "source": ["t"] * n, "item": ids, "view": [0] * n, "split": splits,
-                     "content_sha": ["0" * 64] * n, "text": texts}, schema=SCHEMAS["text"])
 
 
 class KnownStates:

@@ -481,6 +481,8 @@ def test_load_tower_data_reads_cached_token_states_as_float16_targets_with_their
     torch.testing.assert_close(data.state_basis["text.generate"]["layers.2"]["components"], torch.eye(r, 24))
     assert data.batch([1])["text.generate:state.layers.2"].shape == (1, 2, r)  # cut with the row
     assert data.subset([0]).state_basis == data.state_basis
+    lean = load_tower_data(cfg, entries, probe, splits=("train",), token_states=False)  # what validation reads
+    assert not [k for k in lean.tensors if ":state." in k] and lean.state_basis == {}
     write_chunk(tmp_path / "lm", 1, items.slice(0, 0), tokens.drop_columns(["state.layers.2"]).slice(0, 1))
     with pytest.raises(FeatureCacheError, match="lmT.*tokens-00001.parquet.*state.layers.2"):
         load_tower_data(cfg, entries, probe, splits=("train",))

@@ -71,6 +71,7 @@ class CausalLMTeacher:
         except Exception as e:
             raise TeacherLoadError(f"teacher {spec.name!r}: cannot load weights from {folder}: {e}") from e
         _pad_right(self.tokenizer)
+        self.state_basis: dict | None = None  # set by the feature pass (fit_state_basis) when state_layers are cached
 
     def layer_names(self) -> list[str]:
         return [f"layers.{i}" for i in range(self.model.config.num_hidden_layers + 1)]
@@ -87,8 +88,6 @@ class CausalLMTeacher:
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         return lm_outputs(out.logits, out.hidden_states, ids, mask, self.spec, self.state_basis)
-
-    state_basis: dict | None = None  # set by the feature pass (fit_state_basis) when state_layers are cached
 
     @torch.inference_mode()
     def token_states(self, texts: list[str], layers: list[str]) -> dict[str, torch.Tensor]:

@@ -7,8 +7,11 @@
 Prints the ratio (goal <= 1.05), bytes per cached row and, for sequence teachers (LM, ASR decoder), bytes
 per token on disk (token table + sampled per-token hidden table): float32 with every item's per-token
 layers (the cache before code version 3), float16 with every item's (code version 3), and the registry's
-layout (float16, per-token layers for `token_hidden_fraction` of the items only), all on the same rows in
-this run. Use --rows 256 or more for the sampled layout: on few rows the sampled fraction is noisy.
+layout (float16, per-token layers for `token_hidden_fraction` of the items only, plus the per-token state
+scores of `extraction.state_layers` at `state_rank` where the teacher has them, their basis fitted first on
+the same rows' train split, not timed), all on the same rows in this run; the timed cached pass is that
+registry layout, so the ratio includes projecting the states. Use --rows 256 or more for the sampled
+layout: on few rows the sampled fraction is noisy.
 Snapshots and probe data are built into a temporary folder first (not timed); the teacher is loaded once
 and shared by every measurement. `--profile` picks the probe-data size profile the rows are drawn from.
 """
@@ -37,7 +40,7 @@ def main() -> None:
     from nexus_assets.probes.probe_data import build_probe_dataset, read_probe_rows
     from nexus_assets.core.registry import load_registry
     from nexus_assets.teachers.base import load_teacher
-    from nexus_assets.teachers.features import COMPACT_CACHE, INPUT_COLUMNS
+    from nexus_assets.teachers.features import COMPACT_CACHE, INPUT_COLUMNS, state_basis_for_entry
     from nexus_assets.teachers.snapshot import build_snapshot
 
     reg = load_registry()
@@ -63,13 +66,22 @@ def main() -> None:
         cols = ["row_id", "split", *INPUT_COLUMNS[spec.modality]]
         bs = spec.extraction.batch_size
         teacher.forward(rows.slice(0, min(bs, rows.num_rows)).select(cols).to_pylist())  # warm-up
+        # the registry's per-token state scores: fitted once here (the pipeline fits them once per entry)
+        basis = None
+        if spec.extraction.state_layers:
+            (tmp / "basis" / name).mkdir(parents=True)
+            basis = state_basis_for_entry(teacher, spec, rows, tmp / "basis" / name, log=print)
         bare, cached, nbytes = [], [], 0
         for r in range(args.repeats):  # alternate so machine noise hits both alike
+            if basis is not None:
+                teacher.state_basis = None
             t0 = time.perf_counter()
             part = rows.select(cols).to_pylist()
             for b in range(0, len(part), bs):
                 teacher.forward(part[b:b + bs])
             bare.append(time.perf_counter() - t0)
+            if basis is not None:
+                teacher.state_basis = basis
             t0 = time.perf_counter()
             m = cache_features(teacher.forward, rows, tmp / "feat" / name / str(r), teacher=name, batch_size=bs,
                                chunk_rows=spec.extraction.chunk_rows, input_columns=INPUT_COLUMNS[spec.modality],
@@ -80,6 +92,8 @@ def main() -> None:
         b, c = min(bare), min(cached)
         line = f"{name:20s} {rows.num_rows:5d} {b:8.2f} {c:9.2f} {c / b:6.3f} {nbytes / rows.num_rows:10.0f}"
         if m["token_rows"]:
+            if basis is not None:
+                teacher.state_basis = None  # the older layouts never had state scores
             per_token = lambda x: (x["token_bytes"] + x.get("token_hidden_bytes", 0)) / x["token_rows"]
             layouts = [per_token(cache_features(
                 teacher.forward, rows, tmp / "feat" / name / f"all-{half}", teacher=name, batch_size=bs,

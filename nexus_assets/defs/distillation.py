@@ -27,7 +27,7 @@ class TowerTrainingConfig(dg.Config):
         "teacher_snapshot": dg.AssetIn(partition_mapping=teacher_to_tower),
         "probe_dataset": dg.AssetIn(partition_mapping=dataset_to_towers),
     },
-    code_version="18",
+    code_version="19",
     automation_condition=RECOMPUTE_WHEN_STALE,
     group_name="distillation",
     kinds={"pytorch", "safetensors"},

@@ -309,6 +309,8 @@ CARVED_W_ANCHOR = {"text": 0.0, "vision": 0.05, "audio": 0.05}
 # training and validation code, compiled phase (a), seed 0; text.generate held-out / never-seen, CI): off (three
 # compiled runs) 0.760 / 0.712, 0.760 / 0.711, 0.759 / 0.723; w 1 0.764 / 0.717; w 5 0.763 / 0.728 (0.751-0.775 /
 # 0.720-0.736), the student's perplexity 179 -> 170 held-out, 183 -> 172 never-seen; text.embed 0.854 / 0.754.
+# The loss leaves attention-sink tokens out (losses.token_state_loss sink_factor): without that a rank-32 cache
+# diverged (6 rollbacks by step 557), and rank 32 with it kept little of the gain (docs/experiments.md).
 CARVED_W_STATE = {"text": 5.0, "vision": 0.0, "audio": 0.0}
 # KD temperature of a carved tower. The text tower distils at T=1: its cached top-32 + tail buckets are the
 # teacher's exact (coarsened) distribution only at T=1 (losses.topk_kd_loss), and the metric is next-token

@@ -14,7 +14,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # copied beside 
 # Part of every training run's key: bump it when a code change alters what training computes for the same
 # settings, so a finished run of the old code is not resumed as this one's (settings alone key the run).
 # 2: the carved text tower attends in float32 under bfloat16 autocast (carved_text.sdpa_float32_attention).
-TRAINING_CODE_VERSION = "2"
+# 3: the per-token state loss leaves attention-sink tokens out (losses.token_state_loss sink_factor).
+TRAINING_CODE_VERSION = "3"
 
 
 # carve family -> (module, config builder, state builder, teacher model folder inside the snapshot)

@@ -354,6 +354,7 @@ def token_state_loss(
     pca_components: torch.Tensor,
     pca_variances: torch.Tensor,
     mask: torch.Tensor,
+    sink_factor: float | None = 10.0,
 ) -> torch.Tensor:
     """Per-token intermediate-state distillation inside the teacher's PCA subspace (Minitron: a model cut
     deeply learns better from its teacher's intermediate states as well as its logits).
@@ -366,16 +367,25 @@ def token_state_loss(
     being weighted up as noise. Loss = mean over masked tokens of ``mean_i w_i (c_s - c_t)_i ** 2``; it is
     ``mean_i v_i / (v_i + mean(v))`` (< 1) for a student that always predicts the mean.
 
+    Attention sinks are left out: a token whose teacher scores cost more than ``sink_factor`` times that
+    mean-predictor value (``mean_i w_i c_t,i ** 2``) carries a "massive activation", as each row's first token
+    does. SmolLM2 puts one on the second token of ~1.5% of rows, 400-2,000x a typical token's size (after
+    layer 21; the bulk stays under 5x); a batch holding one was all that loss, and the carved tower's
+    training diverged on them at rank 32 (6 rollbacks by step 557). None keeps every token.
+
     Args:
         student_states (torch.Tensor): (B, T, H) student hidden states at the matched depth.
         teacher_scores (torch.Tensor): (B, T, r) the teacher's cached PCA scores there.
         pca_mean (torch.Tensor): (H,). pca_components (torch.Tensor): (r, H), rows orthonormal.
         pca_variances (torch.Tensor): (r,) non-negative variance of each component (not all zero).
         mask (torch.Tensor): (B, T) bool, the tokens that count.
+        sink_factor (float | None): > 0, or None; see above.
 
     Returns:
-        torch.Tensor: 0-dim loss (0 when the mask is empty).
+        torch.Tensor: 0-dim loss (0 when no token counts).
     """
+    if sink_factor is not None and not sink_factor > 0:
+        raise ValueError(f"sink_factor must be > 0 or None, got {sink_factor!r}")
     if student_states.ndim != 3:
         raise _shape_error("student_states", student_states, "(B, T, H)")
     b, t, h = student_states.shape
@@ -393,12 +403,16 @@ def token_state_loss(
     var = _f32(pca_variances)
     if not bool(torch.isfinite(var).all()) or bool((var < 0).any()) or float(var.sum()) <= 0:
         raise ValueError("pca_variances must be finite, non-negative and not all zero")
+    weight = 1.0 / (var + var.mean())
     keep = mask.bool()
+    if sink_factor is not None:
+        size = (_f32(teacher_scores) ** 2 * weight).mean(-1)  # (B, T)
+        keep = keep & (size <= sink_factor * (var * weight).mean())
     if not bool(keep.any()):
         return student_states.sum() * 0.0
     scores = (_f32(student_states[keep]) - _f32(pca_mean)) @ _f32(pca_components).T  # (N, r)
     diff = scores - _f32(teacher_scores[keep])
-    return (diff**2 / (var + var.mean())).mean()
+    return (diff**2 * weight).mean()
 
 
 def gram_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

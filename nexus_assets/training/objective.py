@@ -256,7 +256,8 @@ class TowerObjective(nn.Module):
 
     def _state_loss(self, cap: str, enc, batch: dict) -> torch.Tensor | None:
         """Mean over the capability's state layers of `token_state_loss` on the tokens its KD scores, each row's
-        first left out (the teacher's attention sink, cached as zeros). None: a pass that stopped early."""
+        first left out (the teacher's attention sink, cached as zeros), like any other sink token (the loss's
+        `sink_factor`). None: a pass that stopped early."""
         hiddens, _ = enc
         mask = batch[f"{cap}:mask"].bool().clone()
         mask[:, 0] = False

@@ -744,6 +744,25 @@ def test_token_state_loss_carries_gradient_upcasts_and_is_zero_on_an_empty_mask(
     assert float(empty.detach()) == 0.0
 
 
+def test_token_state_loss_leaves_out_attention_sink_tokens():
+    comps, mean = torch.eye(3, 6), torch.zeros(6)
+    var = torch.tensor([4.0, 1.0, 1.0])  # weights 1/6, 1/3, 1/3; a mean-predicting student costs (4/6+1/3+1/3)/3 = 4/9
+    scores = torch.tensor([[[1.0, 0.5, -0.5], [0.0, 1.0, 1.0], [200.0, 0.0, 0.0]]])  # token 2: a massive activation
+    student = torch.zeros(1, 3, 6)  # predicts the mean everywhere
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    typical = [(1.0 / 6 + 0.25 / 3 + 0.25 / 3) / 3, (0.0 + 1.0 / 3 + 1.0 / 3) / 3]  # 0.111, 0.222: < 10 x 4/9
+    assert float(token_state_loss(student, scores, mean, comps, var, mask)) == pytest.approx(sum(typical) / 2)
+    # the sink's own cost, 200^2/6/3 = 2,222: kept only without the guard, where it is all the loss
+    every = float(token_state_loss(student, scores, mean, comps, var, mask, sink_factor=None))
+    assert every == pytest.approx((sum(typical) + 200.0**2 / 6 / 3) / 3)
+    # the guard reads the teacher, not the student: a student that learnt the sink changes nothing
+    learnt = student.clone()
+    learnt[0, 2, 0] = 200.0
+    assert float(token_state_loss(learnt, scores, mean, comps, var, mask)) == pytest.approx(sum(typical) / 2)
+    with pytest.raises(ValueError, match="sink_factor"):
+        token_state_loss(student, scores, mean, comps, var, mask, sink_factor=0.0)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(teacher_scores=torch.zeros(2, 4, 2)), "teacher_scores"),
     (dict(pca_mean=torch.zeros(5)), "pca_mean"),

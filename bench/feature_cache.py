@@ -3,12 +3,14 @@
 
     .venv/bin/python bench/feature_cache.py                 # all five default teachers, N=32
     .venv/bin/python bench/feature_cache.py --teachers minilm-l6 --rows 64
+    .venv/bin/python bench/feature_cache.py --teachers smollm2-135m --rows 256 --state-bits 16  # override
 
 Prints the ratio (goal <= 1.05), bytes per cached row and, for sequence teachers (LM, ASR decoder), bytes
 per token on disk (token table + sampled per-token hidden table): float32 with every item's per-token
 layers (the cache before code version 3), float16 with every item's (code version 3), and the registry's
 layout (float16, per-token layers for `token_hidden_fraction` of the items only, plus the per-token state
-scores of `extraction.state_layers` at `state_rank` where the teacher has them, their basis fitted first on
+scores of `extraction.state_layers` at `state_rank` and `state_bits` (--state-bits overrides the registry's)
+where the teacher has them, their basis fitted first on
 the same rows' train split, not timed), all on the same rows in this run; the timed cached pass is that
 registry layout, so the ratio includes projecting the states. Use --rows 256 or more for the sampled
 layout: on few rows the sampled fraction is noisy.
@@ -34,6 +36,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--profile", default="tiny", help="probe-data profile the rows come from (tiny builds fast)")
+    ap.add_argument("--state-bits", type=int, choices=[4, 8, 16], help="store state scores in these bits instead "
+                    "of the registry's extraction.state_bits")
     args = ap.parse_args()
 
     from nexus_assets.core.feature_store import cache_features
@@ -51,6 +55,10 @@ def main() -> None:
           f"{'tokens':>7s} {'B/token f32':>12s} {'B/token f16':>12s} {'B/token cached':>15s}")
     for name in names:
         spec = reg.teacher(name)
+        if args.state_bits and spec.extraction.state_layers:
+            spec = spec.model_copy(update={"extraction": spec.extraction.model_copy(
+                update={"state_bits": args.state_bits})})
+            print(f"{name}: state scores in {args.state_bits} bits")
         ds = reg.dataset(spec.dataset)
         if ds.name not in probes:
             text = None

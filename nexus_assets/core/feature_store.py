@@ -18,6 +18,9 @@ Compact storage: the bulk of a token row (its per-token hidden layers) is writte
 (`compact=True`, what extract_teacher_features uses) and widened back to float32 by every reader here
 (`read_features`, `iter_matrix`, `column_matrix`), so consumers see the same column names, shapes and
 float32 dtype either way. A column whose values exceed float16's range stays float32 in that chunk.
+Per-token state scores (`state.<layer>`) may instead be stored in 4 or 8 bits (`extraction.state_bits`,
+core/quantized_scores.py): uint8 codes plus a `state_scale.<layer>` column, decoded back to float32 scores by
+the same readers with the entry's state basis (`decode_states`).
 """
 from __future__ import annotations
 
@@ -34,10 +37,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path, sha256_file, sha256_json, write_json
+from .quantized_scores import bits_of, component_scale, dequantize_scores
 
 MANIFEST = "manifest.json"
 CURRENT = "current.json"
 STATE_BASIS = "state_basis.safetensors"  # the PCA basis of an entry's cached per-token states (state_layers)
+STATE, STATE_SCALE = "state.", "state_scale."  # per-token state scores; their block scales when quantized
 
 
 class FeatureCacheError(RuntimeError):
@@ -61,7 +66,7 @@ def is_compact_column(name: str) -> bool:
     """Token-table columns stored as float16 in a compact cache: the per-token hidden layers (the bulk:
     2,304 B/token float32 for SmolLM2's 576-d layer), their PCA scores ("state."), and top-k logits if
     HALF_TOPK_LOGITS."""
-    return name.startswith(("hidden.", "state.")) or (HALF_TOPK_LOGITS and name == "topk_logits")
+    return name.startswith(("hidden.", STATE, STATE_SCALE)) or (HALF_TOPK_LOGITS and name == "topk_logits")
 
 
 def _column(values: Any, half: bool = False) -> pa.Array:
@@ -331,9 +336,14 @@ def read_features(entry: Path, kind: str = "items", columns: list[str] | None = 
     if not files:
         raise FeatureCacheError(f"{entry}: no {kind} chunks")
     read_cols = columns
+    names = pq.read_schema(files[0]).names
     if filter_splits is not None and columns is not None and "split" not in columns:
-        read_cols = [*columns, "split"] if "split" in pq.read_schema(files[0]).names else columns
-    table = pa.concat_tables(widen(pq.read_table(f, columns=read_cols)) for f in files)
+        read_cols = [*columns, "split"] if "split" in names else columns
+    if read_cols is not None:  # a quantized state column is read with its scales
+        read_cols = [*read_cols, *(STATE_SCALE + c[len(STATE):] for c in read_cols
+                                   if c.startswith(STATE) and STATE_SCALE + c[len(STATE):] in names)]
+    basis = _entry_basis(Path(entry)) if any(n.startswith(STATE_SCALE) for n in names) else None
+    table = pa.concat_tables(decode_states(widen(pq.read_table(f, columns=read_cols)), basis, f) for f in files)
     if filter_splits is not None and "split" in table.column_names:
         import pyarrow.compute as pc
 
@@ -400,6 +410,39 @@ def column_matrix(col) -> np.ndarray:
     else:
         out = col.to_numpy(zero_copy_only=False)
     return out.astype(np.float32) if out.dtype == np.float16 else out
+
+
+def _entry_basis(entry: Path) -> dict:
+    path = entry / STATE_BASIS
+    if not path.exists():
+        raise FeatureCacheError(f"{entry}: quantized state scores but no {STATE_BASIS} to decode them with")
+    return load_state_basis(path)
+
+
+def decode_states(table: pa.Table, basis: dict | None, source: Path | str = "?") -> pa.Table:
+    """A table whose quantized `state.<layer>` columns (uint8 codes + `state_scale.<layer>`) are replaced by
+    their float32 scores, decoded with `basis` (the entry's state basis: each component's scale is the
+    square root of its variance, as at encoding); float16 / float32 state columns pass through."""
+    for name in [n for n in table.column_names if n.startswith(STATE)]:
+        t = table.schema.field(name).type
+        if not (pa.types.is_fixed_size_list(t) and pa.types.is_uint8(t.value_type)):
+            continue
+        layer, scale_name = name[len(STATE):], STATE_SCALE + name[len(STATE):]
+        if basis is None or layer not in basis or scale_name not in table.column_names:
+            raise FeatureCacheError(f"{source}: quantized column {name!r} needs {scale_name!r} and layer "
+                                    f"{layer!r} in the entry's {STATE_BASIS}")
+        c = component_scale(basis[layer]["variances"])
+        try:
+            bits = bits_of(t.list_size, len(c))
+        except ValueError as e:
+            raise FeatureCacheError(f"{source}: column {name!r}: {e}") from e
+        codes = column_matrix(table.column(name)).astype(np.uint8, copy=False)
+        scales = column_matrix(table.column(scale_name))
+        scales = scales.reshape(len(codes), -1)
+        values = dequantize_scores(codes, scales, c, bits)
+        table = table.set_column(table.column_names.index(name), name, _column(values))
+        table = table.drop_columns([scale_name])
+    return table
 
 
 def save_state_basis(basis: dict, path: Path) -> None:

@@ -130,6 +130,10 @@ class ExtractionSettings(_Strict):
         "their scores on the teacher's top `state_rank` PCA components (float16), the targets of a carved "
         "student's intermediate-state loss (`TrainConfig.w_state`)")
     state_rank: int = Field(128, ge=1, le=4096, description="PCA components kept per state layer")
+    state_bits: Literal[4, 8, 16] = Field(
+        16, description="bits a cached state score is stored in: 16 = float16; 8 / 4 = block-wise absmax codes "
+        "on the components divided by their standard deviations (core/quantized_scores.py), a half / a quarter "
+        "of the bytes")
     state_fit_rows: int = Field(512, ge=16, description="probe rows whose tokens fit the state layers' PCA "
                                 "basis, once per cache entry, before the first chunk")
     teacher_written: TeacherWrittenSettings | None = Field(

@@ -43,8 +43,10 @@ def feature_cache_key(spec: TeacherSpec, snapshot_hash: str, data_hash: str, pro
     extraction = spec.extraction.model_dump(exclude_none=True)
     extraction.pop("dtype", None)
     if not extraction.get("state_layers"):  # a teacher that caches no per-token states keys as it always did
-        for name in ("state_layers", "state_rank", "state_fit_rows"):
+        for name in ("state_layers", "state_rank", "state_fit_rows", "state_bits"):
             extraction.pop(name, None)
+    if extraction.get("state_bits") == 16:  # float16 scores: the key they always had
+        extraction.pop("state_bits")
     dtype = resolve_dtype(spec.extraction.dtype, device)
     if dtype != "float32":
         extraction["dtype"] = dtype

@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from nexus_assets.core import metrics as M
-from nexus_assets.core.feature_store import STATE_BASIS, FeatureCacheError, column_matrix, load_state_basis, read_features
+from nexus_assets.core.feature_store import (STATE, STATE_BASIS, STATE_SCALE, FeatureCacheError, column_matrix,
+                                             decode_states, load_state_basis, read_features)
 from nexus_assets.student.carved import audio_input_features
 from nexus_assets.student.config import TowerConfig
 from nexus_assets.student.transforms import decode_wav, preprocess_image
@@ -347,7 +348,8 @@ def _text_inputs(src: _Sources, tensors: dict, trim: dict) -> None:
 
 def _state_targets(src: "_Sources", tensors: dict, trim: dict, cap: str, teacher: str, length: int) -> None:
     """"<cap>:state.<layer>" (N, length, r) float16 from the teacher's cached per-token state scores, read
-    chunk by chunk and never widened to float32 (4 layers of 128 scores are ~1 kB a token), and their basis."""
+    (and decoded, if stored in 4 or 8 bits) chunk by chunk and kept float16 (4 layers of 128 scores are ~1 kB a
+    token), and their basis."""
     entry = Path(src.entries[teacher])
     if not (entry / STATE_BASIS).exists():
         return
@@ -359,7 +361,8 @@ def _state_targets(src: "_Sources", tensors: dict, trim: dict, cap: str, teacher
         if not set(names) <= have:
             raise FeatureCacheError(f"teacher {teacher!r}: {f.name} lacks {sorted(set(names) - have)} "
                                     f"although {STATE_BASIS} is there")
-        t = pq.read_table(f, columns=["row_id", "position", *names])
+        scales = [STATE_SCALE + n[len(STATE):] for n in names if STATE_SCALE + n[len(STATE):] in have]
+        t = decode_states(pq.read_table(f, columns=["row_id", "position", *names, *scales]), basis, f)
         ri, pos, keep = _token_slots(t, src.rows, length)
         for name in names:
             col = t.column(name).combine_chunks()

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from nexus_assets.core.feature_store import STATE_BASIS, load_state_basis, read_features
+from nexus_assets.core.feature_store import STATE_BASIS, FeatureCacheError, load_state_basis, read_features
 from nexus_assets.core.registry import TeacherSpec
 from nexus_assets.teachers.causal_lm import fit_state_basis
 from nexus_assets.teachers.features import extract_teacher_features, feature_cache_key, state_basis_for_entry
@@ -117,3 +117,42 @@ def test_cached_state_scores_are_the_teachers_states_in_the_entrys_basis(llama_d
     pos = mine["position"].to_numpy()
     assert bool((got[pos == 0] == 0).all())  # the attention sink is stored as zeros
     torch.testing.assert_close(got[pos > 0], want[torch.as_tensor(pos[pos > 0])], atol=2e-3, rtol=2e-3)  # float16
+
+
+def test_state_bits_key_a_new_entry_only_when_quantized(llama_dir):
+    plain = spec_for(llama_dir, state_layers=["layers.2"])
+    assert feature_cache_key(plain, "s", "d", "default") == feature_cache_key(
+        spec_for(llama_dir, state_layers=["layers.2"], state_bits=16), "s", "d", "default")
+    assert feature_cache_key(plain, "s", "d", "default") != feature_cache_key(
+        spec_for(llama_dir, state_layers=["layers.2"], state_bits=4), "s", "d", "default")
+    with pytest.raises(Exception, match="state_bits"):
+        spec_for(llama_dir, state_layers=["layers.2"], state_bits=2)
+
+
+def test_four_bit_state_scores_read_back_as_the_float16_entrys_within_their_step(llama_dir, tmp_path):
+    """The same teacher and rows cached twice: 4-bit codes decode to the float16 entry's scores (same basis:
+    fitted on the same rows) within rounding, in a quarter of the bytes, and the readers hide the codes."""
+    rows, got = probe_rows(), {}
+    for bits in (16, 4):
+        spec = spec_for(llama_dir, state_layers=["layers.2"], state_rank=32, state_fit_rows=16, state_bits=bits)
+        build_snapshot(spec, tmp_path / f"snap{bits}", log=lambda s: None)
+        entry, _ = extract_teacher_features(spec, tmp_path / f"snap{bits}", rows, "d", tmp_path / f"feat{bits}",
+                                            log=lambda s: None)
+        got[bits] = (entry, read_features(entry, "tokens", columns=["position", "state.layers.2"]))
+    (e16, t16), (e4, t4) = got[16], got[4]
+    assert t4.column_names == ["position", "state.layers.2"]  # decoded: no scale column, float values
+    a = np.stack(t16["state.layers.2"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    b = np.stack(t4["state.layers.2"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    assert a.shape == b.shape == (t16.num_rows, 32) and b.dtype == np.float32
+    keep = t16["position"].to_numpy() > 0
+    rel = float(((a - b)[keep] ** 2).mean() / (a[keep] ** 2).mean())
+    assert 0 < rel < 0.05  # rounded, not copied, and close (a random tiny model's states are heavy-tailed)
+    assert not b[~keep].any()  # the attention sink's zeros stay zeros
+    import pyarrow.parquet as pq
+
+    raw = pq.read_table(sorted(e4.glob("tokens-*.parquet"))[0])
+    assert pa.types.is_uint8(raw.schema.field("state.layers.2").type.value_type)
+    assert raw.schema.field("state.layers.2").type.list_size == 16  # 32 components at 4 bits
+    with pytest.raises(FeatureCacheError, match="state_basis"):  # codes without their basis cannot decode
+        (e4 / STATE_BASIS).rename(e4 / "moved")
+        read_features(e4, "tokens")

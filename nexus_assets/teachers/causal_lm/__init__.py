@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nexus_assets.core.quantized_scores import component_scale, quantize_scores
 from nexus_assets.core.registry import TeacherSpec
 from nexus_assets.teachers.base import ConvertResult, TeacherLoadError, TeacherOutputs, pool_mean
 
@@ -159,7 +160,7 @@ def lm_outputs(logits, hidden_states, ids, mask, spec: TeacherSpec, state_basis:
     logits (B,T,V); hidden_states tuple of (B,T,H); ids, mask (B,T). Token row t holds ids[t] and the logits
     AT t, which predict token t+1 (so `next_logprob` is log p(ids[t+1])). Padding must be on the right.
     state_basis: {layer: {"mean" (H,), "components" (r, H), ...}} (fit_state_basis) -> a "state.<layer>" column of PCA
-    scores per token; position 0 (the attention sink: states orders of magnitude larger than the rest, which
+    scores per token (at `extraction.state_bits` < 16: uint8 codes and a "state_scale.<layer>" column); position 0 (the attention sink: states orders of magnitude larger than the rest, which
     float16 cannot hold and no loss scores) is stored as zeros.
     """
     ex = spec.extraction
@@ -195,7 +196,11 @@ def lm_outputs(logits, hidden_states, ids, mask, spec: TeacherSpec, state_basis:
         h = hidden_states[int(name.split(".")[1])].float().reshape(-1, hidden_states[0].shape[-1])[flat]
         scores = (h.cpu() - b["mean"]) @ b["components"].T
         scores[torch.from_numpy(tokens["position"] == 0)] = 0.0
-        tokens[f"state.{name}"] = scores.numpy().astype(np.float32)
+        if ex.state_bits == 16:
+            tokens[f"state.{name}"] = scores.numpy().astype(np.float32)
+        else:  # codes + their block scales; the feature store's readers decode them with the same basis
+            codes, scales = quantize_scores(scores.numpy(), component_scale(b["variances"]), ex.state_bits)
+            tokens[f"state.{name}"], tokens[f"state_scale.{name}"] = codes, scales
     return TeacherOutputs(items=items, tokens=tokens)
 
 

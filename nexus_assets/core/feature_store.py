@@ -342,7 +342,7 @@ def read_features(entry: Path, kind: str = "items", columns: list[str] | None = 
     if read_cols is not None:  # a quantized state column is read with its scales
         read_cols = [*read_cols, *(STATE_SCALE + c[len(STATE):] for c in read_cols
                                    if c.startswith(STATE) and STATE_SCALE + c[len(STATE):] in names)]
-    basis = _entry_basis(Path(entry)) if any(n.startswith(STATE_SCALE) for n in names) else None
+    basis = _entry_basis(Path(entry)) if any(n.startswith(STATE_SCALE) for n in read_cols or names) else None
     table = pa.concat_tables(decode_states(widen(pq.read_table(f, columns=read_cols)), basis, f) for f in files)
     if filter_splits is not None and "split" in table.column_names:
         import pyarrow.compute as pc
@@ -373,6 +373,10 @@ def iter_matrix(entry: Path, column: str, kind: str = "items", batch_rows: int =
         if column not in pf.schema_arrow.names:
             raise FeatureCacheError(f"teacher {teacher!r}: layer/column {column!r} missing from {f}; "
                                     f"cached columns: {pf.schema_arrow.names}")
+        t = pf.schema_arrow.field(column).type
+        if pa.types.is_fixed_size_list(t) and pa.types.is_uint8(t.value_type):
+            raise FeatureCacheError(f"teacher {teacher!r}: {f}: column {column!r} holds quantized codes; read it "
+                                    "with read_features, which decodes them")
         cols = [column, "row_id"] + (["position"] if min_position else [])
         for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
             batch = _filter_rows(batch, keep, min_position)

@@ -111,3 +111,15 @@ def test_decode_states_restores_float_scores_and_names_what_is_missing():
         decode_states(table.drop_columns(["state_scale.layers.3"]), basis, "tokens-00000.parquet")
     with pytest.raises(FeatureCacheError, match="layers.3"):
         decode_states(table, {}, "tokens-00000.parquet")
+
+
+def test_iter_matrix_refuses_codes_it_cannot_decode(tmp_path):
+    from nexus_assets.core.feature_store import iter_matrix, write_chunk
+
+    codes, scales = quantize_scores(np.ones((3, 32), np.float32), np.ones(32), 4)
+    items = pa.table({"row_id": ["a"], "split": ["train"]})
+    tokens = pa.table({"row_id": ["a"] * 3, "position": np.arange(3, dtype=np.int32), "state.layers.1": _fsl(codes),
+                       "state_scale.layers.1": _fsl(scales)})
+    write_chunk(tmp_path, 0, items, tokens)
+    with pytest.raises(FeatureCacheError, match="state.layers.1.*quantized.*read_features"):
+        next(iter_matrix(tmp_path, "state.layers.1", kind="tokens", teacher="t"))

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path, sha256_file, sha256_json, write_json
-from .quantized_scores import bits_of, component_scale, dequantize_scores
+from .quantized_scores import bits_of, code_width, component_scale, dequantize_scores
 
 MANIFEST = "manifest.json"
 CURRENT = "current.json"
@@ -340,8 +340,8 @@ def read_features(entry: Path, kind: str = "items", columns: list[str] | None = 
     if filter_splits is not None and columns is not None and "split" not in columns:
         read_cols = [*columns, "split"] if "split" in names else columns
     if read_cols is not None:  # a quantized state column is read with its scales
-        read_cols = [*read_cols, *(STATE_SCALE + c[len(STATE):] for c in read_cols
-                                   if c.startswith(STATE) and STATE_SCALE + c[len(STATE):] in names)]
+        scales = [STATE_SCALE + c[len(STATE):] for c in read_cols if c.startswith(STATE)]
+        read_cols = [*read_cols, *(c for c in scales if c in names and c not in read_cols)]
     basis = _entry_basis(Path(entry)) if any(n.startswith(STATE_SCALE) for n in read_cols or names) else None
     table = pa.concat_tables(decode_states(widen(pq.read_table(f, columns=read_cols)), basis, f) for f in files)
     if filter_splits is not None and "split" in table.column_names:
@@ -441,8 +441,7 @@ def decode_states(table: pa.Table, basis: dict | None, source: Path | str = "?")
         except ValueError as e:
             raise FeatureCacheError(f"{source}: column {name!r}: {e}") from e
         codes = column_matrix(table.column(name)).astype(np.uint8, copy=False)
-        scales = column_matrix(table.column(scale_name))
-        scales = scales.reshape(len(codes), -1)
+        scales = column_matrix(table.column(scale_name)).reshape(len(codes), code_width(len(c), bits)[1])
         values = dequantize_scores(codes, scales, c, bits)
         table = table.set_column(table.column_names.index(name), name, _column(values))
         table = table.drop_columns([scale_name])

@@ -39,7 +39,9 @@ def code_width(rank: int, bits: int, group: int = GROUP) -> tuple[int, int]:
 def component_scale(variances) -> np.ndarray:
     """(r,) the per-component divisor, from the basis' variances: the one definition encoder and decoder share."""
     v = np.asarray(variances, np.float64)
-    return np.sqrt(np.clip(v, 1e-12, None)).astype(np.float32)
+    # a floor relative to the largest: a near-empty component must not set its block's step on new tokens
+    floor = max(float(v.max(initial=0.0)) * 1e-6, 1e-12)
+    return np.sqrt(np.clip(v, floor, None)).astype(np.float32)
 
 
 def quantize_scores(scores: np.ndarray, component_scale: np.ndarray, bits: int, group: int = GROUP
@@ -54,6 +56,8 @@ def quantize_scores(scores: np.ndarray, component_scale: np.ndarray, bits: int, 
         raise ValueError(f"scores must be (N, r) with a component scale of (r,), got {x.shape} and {c.shape}")
     if not (np.isfinite(c).all() and (c > 0).all()):
         raise ValueError("component scales must be finite and > 0")
+    if not np.isfinite(x).all():
+        raise ValueError("state scores must be finite (a NaN or inf has no code)")
     n, r = x.shape
     _, groups = code_width(r, bits, group)
     z = np.zeros((n, groups * group), np.float32)

@@ -83,6 +83,8 @@ def test_bad_settings_are_refused_by_name():
         quantize_scores(np.zeros((1, 4), np.float32), np.ones(4), 5)
     with pytest.raises(ValueError, match="component scale"):
         quantize_scores(np.zeros((1, 4), np.float32), np.ones(3), 4)
+    with pytest.raises(ValueError, match="finite"):
+        quantize_scores(np.full((1, 4), np.nan, np.float32), np.ones(4), 4)
     with pytest.raises(ValueError, match="> 0"):
         quantize_scores(np.zeros((1, 4), np.float32), np.zeros(4), 4)
     codes, scales = quantize_scores(np.ones((2, 64), np.float32), np.ones(64), 4)
@@ -107,6 +109,8 @@ def test_decode_states_restores_float_scores_and_names_what_is_missing():
     assert out.column_names == ["position", "state.layers.3", "state.layers.9"]
     got = np.stack(out["state.layers.3"].to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(got, scores, rtol=0.02, atol=0.02 * float(std.max()))
+    empty = decode_states(table.slice(0, 0), basis, "tokens-00000.parquet")  # an empty chunk decodes to no rows
+    assert empty.num_rows == 0 and empty.schema.field("state.layers.3").type.list_size == 64
     with pytest.raises(FeatureCacheError, match="tokens-00000.parquet.*state_scale.layers.3"):
         decode_states(table.drop_columns(["state_scale.layers.3"]), basis, "tokens-00000.parquet")
     with pytest.raises(FeatureCacheError, match="layers.3"):
@@ -123,3 +127,25 @@ def test_iter_matrix_refuses_codes_it_cannot_decode(tmp_path):
     write_chunk(tmp_path, 0, items, tokens)
     with pytest.raises(FeatureCacheError, match="state.layers.1.*quantized.*read_features"):
         next(iter_matrix(tmp_path, "state.layers.1", kind="tokens", teacher="t"))
+
+
+def test_read_features_decodes_an_8_bit_rank_that_is_not_a_multiple_of_the_group(tmp_path):
+    import torch
+
+    from nexus_assets.core.feature_store import STATE_BASIS, read_features, save_state_basis, write_chunk
+
+    scores, std = decaying(n=40, r=100)
+    codes, scales = quantize_scores(scores, component_scale(std ** 2), 8)
+    items = pa.table({"row_id": ["a"], "split": ["train"]})
+    tokens = pa.table({"row_id": ["a"] * 40, "position": np.arange(40, dtype=np.int32), "state.layers.1": _fsl(codes),
+                       "state_scale.layers.1": _fsl(scales.astype(np.float16))})
+    write_chunk(tmp_path, 0, items, tokens)
+    save_state_basis({"layers.1": {"mean": torch.zeros(8), "components": torch.zeros(100, 8),
+                                   "variances": torch.from_numpy(std ** 2)}}, tmp_path / STATE_BASIS)
+    for cols in (None, ["state.layers.1"], ["state.layers.1", "state_scale.layers.1"]):
+        got = read_features(tmp_path, "tokens", columns=cols)
+        assert "state_scale.layers.1" not in got.column_names
+        back = np.stack(got["state.layers.1"].to_numpy(zero_copy_only=False))
+        assert back.shape == (40, 100)
+        np.testing.assert_allclose(back, scores, atol=float(std.max()) * 0.05)
+        assert float(((back - scores) ** 2).mean() / (scores ** 2).mean()) < 1e-4

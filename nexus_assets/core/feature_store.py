@@ -70,8 +70,10 @@ def is_compact_column(name: str) -> bool:
 
 
 def _column(values: Any, half: bool = False) -> pa.Array:
-    """numpy (N,) -> plain column; (N, D) -> fixed-size list column (cheap to read back as a matrix).
-    half: store float32 values as float16 when they fit its range."""
+    """numpy (N,) -> plain column; (N, D) -> fixed-size list column (cheap to read back as a matrix), or
+    fixed-size binary for uint8 codes (a list of bytes would cost Parquet ~3 bits of levels per byte: 4-bit state
+    codes measured 82 B a layer and token as a list against 64 raw). half: store float32 values as float16 when
+    they fit its range."""
     if isinstance(values, list):
         return pa.array(values)
     arr = np.asarray(values)
@@ -79,6 +81,9 @@ def _column(values: Any, half: bool = False) -> pa.Array:
         arr = arr.astype(np.float16)
     if arr.ndim == 1:
         return pa.array(arr)
+    if arr.ndim == 2 and arr.dtype == np.uint8:  # quantized codes: fixed-width bytes, no per-element levels
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(arr.shape[1]), len(arr),
+                                                    [None, pa.py_buffer(np.ascontiguousarray(arr).tobytes())])
     flat = pa.array(arr.reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, int(np.prod(arr.shape[1:])))
 
@@ -373,8 +378,7 @@ def iter_matrix(entry: Path, column: str, kind: str = "items", batch_rows: int =
         if column not in pf.schema_arrow.names:
             raise FeatureCacheError(f"teacher {teacher!r}: layer/column {column!r} missing from {f}; "
                                     f"cached columns: {pf.schema_arrow.names}")
-        t = pf.schema_arrow.field(column).type
-        if pa.types.is_fixed_size_list(t) and pa.types.is_uint8(t.value_type):
+        if code_bytes(pf.schema_arrow.field(column).type):
             raise FeatureCacheError(f"teacher {teacher!r}: {f}: column {column!r} holds quantized codes; read it "
                                     "with read_features, which decodes them")
         cols = [column, "row_id"] + (["position"] if min_position else [])
@@ -416,6 +420,26 @@ def column_matrix(col) -> np.ndarray:
     return out.astype(np.float32) if out.dtype == np.float16 else out
 
 
+def code_bytes(t: pa.DataType) -> int:
+    """Bytes per row of a quantized-code column type (fixed-size binary, or a list of uint8 as the first 4-bit
+    entries wrote), else 0."""
+    if pa.types.is_fixed_size_binary(t):
+        return t.byte_width
+    if pa.types.is_fixed_size_list(t) and pa.types.is_uint8(t.value_type):
+        return t.list_size
+    return 0
+
+
+def code_matrix(col, width: int) -> np.ndarray:
+    """A code column -> (n, width) uint8 without a Python loop."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_fixed_size_binary(col.type):
+        data = np.frombuffer(col.buffers()[1], np.uint8)
+        return data[col.offset * width:(col.offset + len(col)) * width].reshape(len(col), width)
+    return column_matrix(col).astype(np.uint8, copy=False)
+
+
 def _entry_basis(entry: Path) -> dict:
     path = entry / STATE_BASIS
     if not path.exists():
@@ -428,8 +452,8 @@ def decode_states(table: pa.Table, basis: dict | None, source: Path | str = "?")
     their float32 scores, decoded with `basis` (the entry's state basis: each component's scale is the
     square root of its variance, as at encoding); float16 / float32 state columns pass through."""
     for name in [n for n in table.column_names if n.startswith(STATE)]:
-        t = table.schema.field(name).type
-        if not (pa.types.is_fixed_size_list(t) and pa.types.is_uint8(t.value_type)):
+        width = code_bytes(table.schema.field(name).type)
+        if not width:
             continue
         layer, scale_name = name[len(STATE):], STATE_SCALE + name[len(STATE):]
         if basis is None or layer not in basis or scale_name not in table.column_names:
@@ -437,10 +461,10 @@ def decode_states(table: pa.Table, basis: dict | None, source: Path | str = "?")
                                     f"{layer!r} in the entry's {STATE_BASIS}")
         c = component_scale(basis[layer]["variances"])
         try:
-            bits = bits_of(t.list_size, len(c))
+            bits = bits_of(width, len(c))
         except ValueError as e:
             raise FeatureCacheError(f"{source}: column {name!r}: {e}") from e
-        codes = column_matrix(table.column(name)).astype(np.uint8, copy=False)
+        codes = code_matrix(table.column(name), width)
         scales = column_matrix(table.column(scale_name)).reshape(len(codes), code_width(len(c), bits)[1])
         values = dequantize_scores(codes, scales, c, bits)
         table = table.set_column(table.column_names.index(name), name, _column(values))

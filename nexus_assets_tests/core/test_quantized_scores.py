@@ -149,3 +149,21 @@ def test_read_features_decodes_an_8_bit_rank_that_is_not_a_multiple_of_the_group
         assert back.shape == (40, 100)
         np.testing.assert_allclose(back, scores, atol=float(std.max()) * 0.05)
         assert float(((back - scores) ** 2).mean() / (scores ** 2).mean()) < 1e-4
+
+
+def test_codes_are_stored_as_fixed_width_bytes_and_decode_from_any_slice():
+    import torch
+
+    from nexus_assets.core.feature_store import _column
+
+    scores, std = decaying(n=9, r=64)
+    codes, scales = quantize_scores(scores, component_scale(std ** 2), 4)
+    col = _column(codes)
+    assert col.type == pa.binary(32)  # no list levels: the bytes are the codes
+    table = pa.table({"state.layers.1": col, "state_scale.layers.1": _column(scales)})
+    basis = {"layers.1": {"variances": torch.from_numpy(std ** 2)}}
+    whole = np.stack(decode_states(table, basis)["state.layers.1"].to_numpy(zero_copy_only=False))
+    part = np.stack(decode_states(table.slice(3, 4), basis)["state.layers.1"].to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(part, whole[3:7])  # a sliced column (offset 3) reads its own rows
+    step = np.repeat(scales, GROUP, axis=1) * component_scale(std ** 2)
+    assert bool((np.abs(whole - scores) <= step / 2 + 1e-5).all())

@@ -12,7 +12,8 @@ layout (float16, per-token layers for `token_hidden_fraction` of the items only,
 scores of `extraction.state_layers` at `state_rank` and `state_bits` (--state-bits overrides the registry's)
 where the teacher has them, their basis fitted first on
 the same rows' train split, not timed), all on the same rows in this run; the timed cached pass is that
-registry layout, so the ratio includes projecting the states. Use --rows 256 or more for the sampled
+registry layout, so the ratio includes projecting the states; "of it sample" is the part that is the sampled
+per-token hidden layers (profiling's PCA sample, not a training target). Use --rows 256 or more for the sampled
 layout: on few rows the sampled fraction is noisy.
 Snapshots and probe data are built into a temporary folder first (not timed); the teacher is loaded once
 and shared by every measurement. `--profile` picks the probe-data size profile the rows are drawn from.
@@ -52,7 +53,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="nexus-bench-"))
     probes: dict = {}
     print(f"{'teacher':20s} {'rows':>5s} {'bare s':>8s} {'cached s':>9s} {'ratio':>6s} {'bytes/row':>10s} "
-          f"{'tokens':>7s} {'B/token f32':>12s} {'B/token f16':>12s} {'B/token cached':>15s}")
+          f"{'tokens':>7s} {'B/token f32':>12s} {'B/token f16':>12s} {'B/token cached':>15s} {'of it sample':>13s}")
     for name in names:
         spec = reg.teacher(name)
         if args.state_bits and spec.extraction.state_layers:
@@ -107,7 +108,8 @@ def main() -> None:
                 teacher.forward, rows, tmp / "feat" / name / f"all-{half}", teacher=name, batch_size=bs,
                 chunk_rows=spec.extraction.chunk_rows, input_columns=INPUT_COLUMNS[spec.modality],
                 log=lambda s: None, compact=half)) for half in (False, True)]
-            line += f" {m['token_rows']:7d} {layouts[0]:12.0f} {layouts[1]:12.0f} {per_token(m):15.0f}"
+            line += (f" {m['token_rows']:7d} {layouts[0]:12.0f} {layouts[1]:12.0f} {per_token(m):15.0f}"
+                     f" {m.get('token_hidden_bytes', 0) / m['token_rows']:13.0f}")
         print(line, flush=True)
         del teacher
 

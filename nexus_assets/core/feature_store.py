@@ -472,6 +472,25 @@ def decode_states(table: pa.Table, basis: dict | None, source: Path | str = "?")
     return table
 
 
+def encode_states(table: pa.Table, basis: dict, bits: int, source: Path | str = "?") -> pa.Table:
+    """A token table with float state scores (`state.<layer>`) -> the same table with them as `bits`-bit codes
+    + `state_scale.<layer>`, as `lm_outputs` writes them at `extraction.state_bits`; codes are decoded first,
+    so any stored width can be re-encoded (only ever to fewer bits: rounding twice loses nothing more)."""
+    from .quantized_scores import quantize_scores
+
+    table = decode_states(table, basis, source)
+    for name in [n for n in table.column_names if n.startswith(STATE)]:
+        layer = name[len(STATE):]
+        if layer not in basis:
+            raise FeatureCacheError(f"{source}: column {name!r} has no layer {layer!r} in the entry's {STATE_BASIS}")
+        codes, scales = quantize_scores(column_matrix(table.column(name)), component_scale(basis[layer]["variances"]),
+                                        bits)
+        i = table.column_names.index(name)
+        table = table.set_column(i, name, _column(codes))
+        table = table.add_column(i + 1, STATE_SCALE + layer, _column(scales, half=True))
+    return table
+
+
 def save_state_basis(basis: dict, path: Path) -> None:
     from safetensors.torch import save_file
 

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 
 from nexus_assets.core.atomic import atomic_path, sha256_json
 from nexus_assets.core.feature_store import (MANIFEST, STATE_BASIS, cache_features, cache_key, chunk_is_complete,
-                                             chunk_marker, load_state_basis, save_state_basis)
+                                             chunk_marker, encode_states, load_state_basis, save_state_basis,
+                                             write_chunk)
 from nexus_assets.core.precision import resolve_dtype
 from nexus_assets.core.registry import TeacherSpec, active_profile
 from nexus_assets.teachers.base import load_teacher
@@ -240,6 +241,51 @@ def seed_from_sibling_entry(spec: TeacherSpec, entry: Path, snapshot_hash: str, 
     return {"entry": sib.name, "chunks": len(chunks), "written_chunks": len(parts)}
 
 
+def recode_from_sibling_entry(spec: TeacherSpec, entry: Path, snapshot_hash: str, data_hash: str, profile: str,
+                              device: str, log: Callable[[str], None] = print) -> dict | None:
+    """Fill a new entry whose settings differ from a finished one only in `state_bits` (to fewer bits) by
+    re-encoding that entry's state scores, chunk by chunk, instead of running the teacher again.
+
+    Every other column is the sibling's, and its state basis is linked, so the entry is what the teacher pass
+    would have written up to the rounding of scores that were already rounded once (to float16 or more bits).
+    A sibling qualifies only if its folder name is the key these settings give at its own `state_bits` and
+    its manifest is complete. Returns what was re-encoded, or None."""
+    ex = spec.extraction
+    if not ex.state_layers or ex.state_bits == 16 or not entry.parent.is_dir() or \
+            entry.exists() and any(entry.glob("chunk-*.json")):
+        return None  # nothing to re-encode to, no sibling yet, or a resume of this entry's own run
+    for bits in (16, 8):
+        if bits <= ex.state_bits:
+            continue
+        other = spec.model_copy(update={"extraction": ex.model_copy(update={"state_bits": bits})})
+        sib = entry.parent / feature_cache_key(other, snapshot_hash, data_hash, profile, device)
+        if sib == entry or not (sib / MANIFEST).exists() or not (sib / STATE_BASIS).exists():
+            continue
+        m = json.loads((sib / MANIFEST).read_text())
+        chunks = [j for j in range(int(m.get("chunks", 0))) if chunk_is_complete(sib, j)]
+        if not chunks:
+            continue
+        t0 = time.time()
+        entry.mkdir(parents=True, exist_ok=True)
+        _link(sib / STATE_BASIS, entry / STATE_BASIS)
+        if (sib / TEACHER_WRITTEN).is_dir():  # the same prompt count (it is in both keys): the same text
+            (entry / TEACHER_WRITTEN).mkdir(exist_ok=True)
+            for part in sorted((sib / TEACHER_WRITTEN).glob("part-*.parquet")):
+                _link(part, entry / TEACHER_WRITTEN / part.name)
+        basis = load_state_basis(sib / STATE_BASIS)
+        for j in chunks:
+            files = json.loads(chunk_marker(sib, j).read_text())["files"]
+            tables = {kind: pq.read_table(sib / meta["file"]) for kind, meta in files.items()}
+            tokens = tables.get("tokens")
+            if tokens is not None:
+                tokens = encode_states(tokens, basis, ex.state_bits, sib / files["tokens"]["file"])
+            write_chunk(entry, j, tables["items"], tokens, tables.get("token_hidden"))
+        log(f"[{spec.name}] re-encoded the state scores of {len(chunks)} chunks of entry {sib.name} "
+            f"({bits} -> {ex.state_bits} bits) in {time.time() - t0:.1f} s instead of running the teacher")
+        return {"entry": sib.name, "chunks": len(chunks), "from_bits": bits}
+    return None
+
+
 def extract_teacher_features(
     spec: TeacherSpec,
     snapshot_dir: Path,
@@ -270,8 +316,10 @@ def extract_teacher_features(
         log(f"[{spec.name}] teacher-written text skipped: a layer-streamed teacher cannot generate "
             f"({len(prompts)} prompts asked)")
         prompts = []
-    seeded = seed_from_sibling_entry(spec, entry, snap["content_hash"], data_hash, profile, device,
-                                     probe_rows.num_rows, len(prompts), log=log) if tw is not None else None
+    seeded = recode_from_sibling_entry(spec, entry, snap["content_hash"], data_hash, profile, device, log=log)
+    if seeded is None and tw is not None:
+        seeded = seed_from_sibling_entry(spec, entry, snap["content_hash"], data_hash, profile, device,
+                                         probe_rows.num_rows, len(prompts), log=log)
     if prompts:
         t1 = time.time()
         written = write_teacher_text(teacher, spec, prompts, entry / TEACHER_WRITTEN, log=log)

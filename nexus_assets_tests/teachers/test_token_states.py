@@ -155,3 +155,32 @@ def test_four_bit_state_scores_read_back_as_the_float16_entrys_within_their_step
     with pytest.raises(FeatureCacheError, match="state_basis"):  # codes without their basis cannot decode
         (e4 / STATE_BASIS).rename(e4 / "moved")
         read_features(e4, "tokens")
+
+
+def test_fewer_state_bits_re_encode_a_finished_entry_instead_of_running_the_teacher(llama_dir, tmp_path):
+    """16 -> 4 bits: the new entry is filled from the float16 one (no teacher pass), and reads back as the
+    direct 4-bit pass does, up to one rounding step; its other columns are the sibling's."""
+    rows = probe_rows()
+    spec = {b: spec_for(llama_dir, state_layers=["layers.2"], state_rank=32, state_fit_rows=16, state_bits=b)
+            for b in (16, 4)}
+    build_snapshot(spec[16], tmp_path / "snap", log=lambda s: None)
+    e16, _ = extract_teacher_features(spec[16], tmp_path / "snap", rows, "d", tmp_path / "feat", log=lambda s: None)
+    logs = []
+    e4, m4 = extract_teacher_features(spec[4], tmp_path / "snap", rows, "d", tmp_path / "feat", log=logs.append)
+    assert e4 != e16 and e4.parent == e16.parent
+    assert m4["rows_computed_this_run"] == 0 and m4["seeded_from"]["entry"] == e16.name
+    assert any("re-encoded the state scores" in line for line in logs)
+    direct, _ = extract_teacher_features(spec[4], tmp_path / "snap", rows, "d", tmp_path / "direct",
+                                         log=lambda s: None)
+    assert direct.name == e4.name  # the same settings, the same key
+    cols = ["row_id", "position", "token_id", "topk_ids", "topk_logits", "state.layers.2"]
+    a, b, c = (read_features(e, "tokens", columns=cols) for e in (e16, e4, direct))
+    assert b.drop_columns(["state.layers.2"]).equals(a.drop_columns(["state.layers.2"]))
+    x16, x4, xd = (np.stack(t["state.layers.2"].to_numpy(zero_copy_only=False)).astype(np.float32) for t in (a, b, c))
+    keep = a["position"].to_numpy() > 0
+    rel = lambda u, v: float(((u - v)[keep] ** 2).mean() / (v[keep] ** 2).mean())  # noqa: E731
+    assert 0 < rel(x4, x16) < 0.05
+    # direct and re-encoded 4-bit differ only by float16's rounding of the scores and block scales: far less
+    # than the 4-bit rounding itself
+    assert rel(x4, xd) < 0.2 * rel(x4, x16)
+    assert read_features(e4, "items").equals(read_features(e16, "items"))

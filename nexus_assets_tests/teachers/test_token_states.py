@@ -184,3 +184,24 @@ def test_fewer_state_bits_re_encode_a_finished_entry_instead_of_running_the_teac
     # than the 4-bit rounding itself
     assert rel(x4, xd) < 0.2 * rel(x4, x16)
     assert read_features(e4, "items").equals(read_features(e16, "items"))
+
+
+def test_re_encoding_needs_a_finished_higher_precision_sibling(llama_dir, tmp_path):
+    from nexus_assets.core.feature_store import MANIFEST
+    from nexus_assets.teachers.features import recode_from_sibling_entry
+
+    rows = probe_rows()
+    spec = {b: spec_for(llama_dir, state_layers=["layers.2"], state_rank=32, state_fit_rows=16, state_bits=b)
+            for b in (16, 8, 4)}
+    build_snapshot(spec[16], tmp_path / "snap", log=lambda s: None)
+    e16, m16 = extract_teacher_features(spec[16], tmp_path / "snap", rows, "d", tmp_path / "feat", log=lambda s: None)
+    snap_hash = m16["snapshot_hash"]
+    key = lambda b: feature_cache_key(spec[b], snap_hash, "d", "default")  # noqa: E731
+    assert e16.name == key(16)
+    assert recode_from_sibling_entry(spec[16], e16.parent / "x", snap_hash, "d", "default", "cpu") is None
+    (e16 / MANIFEST).rename(e16 / "unfinished")  # an unfinished sibling is never read from
+    assert recode_from_sibling_entry(spec[4], e16.parent / key(4), snap_hash, "d", "default", "cpu") is None
+    (e16 / "unfinished").rename(e16 / MANIFEST)
+    got = recode_from_sibling_entry(spec[8], e16.parent / key(8), snap_hash, "d", "default", "cpu",
+                                    log=lambda s: None)
+    assert got["entry"] == e16.name and got["from_bits"] == 16

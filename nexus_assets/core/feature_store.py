@@ -27,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path, sha256_file, sha256_json, write_json
-from .quantized_scores import bits_of, code_width, component_scale, dequantize_scores
+from .quantized_scores import bits_of, code_width, component_scale, dequantize_scores, quantize_scores
 
 MANIFEST = "manifest.json"
 CURRENT = "current.json"
@@ -187,16 +189,45 @@ def write_chunk(folder: Path, i: int, items: pa.Table, tokens: pa.Table | None,
     files = _chunk_files(folder, i)
     meta: dict[str, Any] = {"index": i, "rows": items.num_rows, "files": {}}
     for kind, table in (("items", items), ("tokens", tokens), ("token_hidden", token_hidden)):
-        if table is None:
-            continue
-        with atomic_path(files[kind]) as tmp:
-            # dictionary pages only for strings (row ids, splits): on float and id columns they never pay
-            # off, cost ~8% of a token table's bytes and double the write time (measured, SmolLM2 tokens)
-            strings = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-            pq.write_table(table, tmp, compression="zstd", use_dictionary=strings)
-        meta["files"][kind] = {"file": files[kind].name, "bytes": files[kind].stat().st_size,
-                               "sha256": sha256_file(files[kind]), "rows": table.num_rows}
+        if table is not None:
+            meta["files"][kind] = _write_table(files[kind], table)
     write_json(files["marker"], meta)  # last: the chunk exists for readers only from here on
+    return meta
+
+
+def _write_table(path: Path, table: pa.Table) -> dict:
+    """One chunk file, atomically; its entry in the chunk marker."""
+    with atomic_path(path) as tmp:
+        # dictionary pages only for strings (row ids, splits): on float and id columns they never pay
+        # off, cost ~8% of a token table's bytes and double the write time (measured, SmolLM2 tokens)
+        strings = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=strings)
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "rows": table.num_rows}
+
+
+def link_file(src: Path, dst: Path) -> None:
+    """Entries are immutable (every file lands by an atomic rename), so a hard link shares it safely."""
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def recode_chunk(src: Path, dst: Path, i: int, basis: dict, bits: int) -> dict:
+    """Chunk i of entry `src` into entry `dst` with its state scores re-encoded at `bits` (`encode_states`):
+    only the token table is rewritten; the items and hidden-sample files are linked, the marker lands last."""
+    marker = json.loads(chunk_marker(src, i).read_text())
+    meta = {**marker, "files": {}}
+    for kind, m in marker["files"].items():
+        if kind == "tokens":
+            tokens = encode_states(pq.read_table(src / m["file"]), basis, bits, src / m["file"])
+            meta["files"][kind] = _write_table(Path(dst) / m["file"], tokens)
+        else:
+            link_file(src / m["file"], Path(dst) / m["file"])
+            meta["files"][kind] = m
+    write_json(chunk_marker(dst, i), meta)
     return meta
 
 
@@ -345,8 +376,7 @@ def read_features(entry: Path, kind: str = "items", columns: list[str] | None = 
     if filter_splits is not None and columns is not None and "split" not in columns:
         read_cols = [*columns, "split"] if "split" in names else columns
     if read_cols is not None:  # a quantized state column is read with its scales
-        scales = [STATE_SCALE + c[len(STATE):] for c in read_cols if c.startswith(STATE)]
-        read_cols = [*read_cols, *(c for c in scales if c in names and c not in read_cols)]
+        read_cols = with_scale_columns(read_cols, names)
     basis = _entry_basis(Path(entry)) if any(n.startswith(STATE_SCALE) for n in read_cols or names) else None
     table = pa.concat_tables(decode_states(widen(pq.read_table(f, columns=read_cols)), basis, f) for f in files)
     if filter_splits is not None and "split" in table.column_names:
@@ -440,6 +470,13 @@ def code_matrix(col, width: int) -> np.ndarray:
     return column_matrix(col).astype(np.uint8, copy=False)
 
 
+def with_scale_columns(columns: Sequence[str], available: Sequence[str]) -> list[str]:
+    """`columns` plus the block-scale column of each state column among them that has one in `available`
+    (a quantized state column is always read with its scales)."""
+    scales = [STATE_SCALE + c[len(STATE):] for c in columns if c.startswith(STATE)]
+    return [*columns, *(c for c in scales if c in available and c not in columns)]
+
+
 def _entry_basis(entry: Path) -> dict:
     path = entry / STATE_BASIS
     if not path.exists():
@@ -476,8 +513,6 @@ def encode_states(table: pa.Table, basis: dict, bits: int, source: Path | str = 
     """A token table with float state scores (`state.<layer>`) -> the same table with them as `bits`-bit codes
     + `state_scale.<layer>`, as `lm_outputs` writes them at `extraction.state_bits`; codes are decoded first,
     so any stored width can be re-encoded (only ever to fewer bits: rounding twice loses nothing more)."""
-    from .quantized_scores import quantize_scores
-
     table = decode_states(table, basis, source)
     for name in [n for n in table.column_names if n.startswith(STATE)]:
         layer = name[len(STATE):]

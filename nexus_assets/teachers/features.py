@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,8 +13,8 @@ import pyarrow.parquet as pq
 
 from nexus_assets.core.atomic import atomic_path, sha256_json
 from nexus_assets.core.feature_store import (MANIFEST, STATE_BASIS, cache_features, cache_key, chunk_is_complete,
-                                             chunk_marker, encode_states, load_state_basis, save_state_basis,
-                                             write_chunk)
+                                             chunk_marker, link_file, load_state_basis, recode_chunk,
+                                             save_state_basis)
 from nexus_assets.core.precision import resolve_dtype
 from nexus_assets.core.registry import TeacherSpec, active_profile
 from nexus_assets.teachers.base import load_teacher
@@ -172,16 +170,6 @@ def state_basis_for_entry(teacher, spec: TeacherSpec, probe_rows, entry: Path,
     return basis
 
 
-def _link(src: Path, dst: Path) -> None:
-    """Entries are immutable (every file lands by an atomic rename), so a hard link shares it safely."""
-    if dst.exists():
-        return
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copy2(src, dst)
-
-
 def seed_from_sibling_entry(spec: TeacherSpec, entry: Path, snapshot_hash: str, data_hash: str, profile: str,
                             device: str, n_probe_rows: int, n_prompts: int,
                             log: Callable[[str], None] = print) -> dict | None:
@@ -226,16 +214,16 @@ def seed_from_sibling_entry(spec: TeacherSpec, entry: Path, snapshot_hash: str, 
         return None
     entry.mkdir(parents=True, exist_ok=True)
     if (sib / STATE_BASIS).exists():  # the linked chunks' state scores live in the sibling's basis
-        _link(sib / STATE_BASIS, entry / STATE_BASIS)
+        link_file(sib / STATE_BASIS, entry / STATE_BASIS)
     if parts:
         (entry / TEACHER_WRITTEN).mkdir(exist_ok=True)
     for i in parts:
-        _link(written_part(sib / TEACHER_WRITTEN, i), written_part(entry / TEACHER_WRITTEN, i))
+        link_file(written_part(sib / TEACHER_WRITTEN, i), written_part(entry / TEACHER_WRITTEN, i))
     for j in chunks:
         marker = json.loads(chunk_marker(sib, j).read_text())
         for meta in marker["files"].values():
-            _link(sib / meta["file"], entry / meta["file"])
-        _link(chunk_marker(sib, j), chunk_marker(entry, j))  # last: the chunk counts from here
+            link_file(sib / meta["file"], entry / meta["file"])
+        link_file(chunk_marker(sib, j), chunk_marker(entry, j))  # last: the chunk counts from here
     log(f"[{spec.name}] reusing {len(chunks)} feature chunks and {len(parts)} written-text chunks of entry "
         f"{sib.name} (the same settings with {sib_prompts} prompts instead of {n_prompts})")
     return {"entry": sib.name, "chunks": len(chunks), "written_chunks": len(parts)}
@@ -246,7 +234,7 @@ def recode_from_sibling_entry(spec: TeacherSpec, entry: Path, snapshot_hash: str
     """Fill a new entry whose settings differ from a finished one only in `state_bits` (to fewer bits) by
     re-encoding that entry's state scores, chunk by chunk, instead of running the teacher again.
 
-    Every other column is the sibling's, and its state basis is linked, so the entry is what the teacher pass
+    Every other column is the sibling's (its items and hidden-sample files and its state basis are linked), so the entry is what the teacher pass
     would have written up to the rounding of scores that were already rounded once (to float16 or more bits).
     A sibling qualifies only if its folder name is the key these settings give at its own `state_bits` and
     its manifest is complete. Returns what was re-encoded, or None."""
@@ -267,19 +255,14 @@ def recode_from_sibling_entry(spec: TeacherSpec, entry: Path, snapshot_hash: str
             continue
         t0 = time.time()
         entry.mkdir(parents=True, exist_ok=True)
-        _link(sib / STATE_BASIS, entry / STATE_BASIS)
+        link_file(sib / STATE_BASIS, entry / STATE_BASIS)
         if (sib / TEACHER_WRITTEN).is_dir():  # the same prompt count (it is in both keys): the same text
             (entry / TEACHER_WRITTEN).mkdir(exist_ok=True)
             for part in sorted((sib / TEACHER_WRITTEN).glob("part-*.parquet")):
-                _link(part, entry / TEACHER_WRITTEN / part.name)
+                link_file(part, entry / TEACHER_WRITTEN / part.name)
         basis = load_state_basis(sib / STATE_BASIS)
         for j in chunks:
-            files = json.loads(chunk_marker(sib, j).read_text())["files"]
-            tables = {kind: pq.read_table(sib / meta["file"]) for kind, meta in files.items()}
-            tokens = tables.get("tokens")
-            if tokens is not None:
-                tokens = encode_states(tokens, basis, ex.state_bits, sib / files["tokens"]["file"])
-            write_chunk(entry, j, tables["items"], tokens, tables.get("token_hidden"))
+            recode_chunk(sib, entry, j, basis, ex.state_bits)
         log(f"[{spec.name}] re-encoded the state scores of {len(chunks)} chunks of entry {sib.name} "
             f"({bits} -> {ex.state_bits} bits) in {time.time() - t0:.1f} s instead of running the teacher")
         return {"entry": sib.name, "chunks": len(chunks), "from_bits": bits}

@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from nexus_assets.core import metrics as M
-from nexus_assets.core.feature_store import (STATE, STATE_BASIS, STATE_SCALE, FeatureCacheError, column_matrix,
-                                             decode_states, load_state_basis, read_features)
+from nexus_assets.core.feature_store import (STATE_BASIS, FeatureCacheError, column_matrix, decode_states,
+                                             load_state_basis, read_features, with_scale_columns)
 from nexus_assets.student.carved import audio_input_features
 from nexus_assets.student.config import TowerConfig
 from nexus_assets.student.transforms import decode_wav, preprocess_image
@@ -361,8 +361,7 @@ def _state_targets(src: "_Sources", tensors: dict, trim: dict, cap: str, teacher
         if not set(names) <= have:
             raise FeatureCacheError(f"teacher {teacher!r}: {f.name} lacks {sorted(set(names) - have)} "
                                     f"although {STATE_BASIS} is there")
-        scales = [STATE_SCALE + n[len(STATE):] for n in names if STATE_SCALE + n[len(STATE):] in have]
-        t = decode_states(pq.read_table(f, columns=["row_id", "position", *names, *scales]), basis, f)
+        t = decode_states(pq.read_table(f, columns=["row_id", "position", *with_scale_columns(names, have)]), basis, f)
         ri, pos, keep = _token_slots(t, src.rows, length)
         for name in names:
             col = t.column(name).combine_chunks()

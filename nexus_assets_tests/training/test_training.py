@@ -448,30 +448,44 @@ def test_load_tower_data_text(tmp_path):
         load_tower_data(cfg, {"lmT": tmp_path / "lm"}, probe)
 
 
-def test_load_tower_data_reads_cached_token_states_as_float16_targets_with_their_basis(tmp_path):
-    from nexus_assets.core.feature_store import STATE_BASIS, FeatureCacheError, save_state_basis
+STATE_ROWS, STATE_TOKENS = ["t0", "t1"], [("t0", 0), ("t0", 1), ("t0", 2), ("t1", 0), ("t1", 1)]
 
-    cfg = tiny_config("text")
-    rows, splits, lengths, r = ["t0", "t1"], ["train", "train"], {"t0": 3, "t1": 2}, 4
+
+def _write_state_entries(tmp_path, state_columns: dict, variances):
+    """An LM teacher entry (lmT: 2 train rows, 3 + 2 tokens, `state_columns` in its token table, a basis of
+    identity components with `variances`) and an encoder entry (encT) for tiny_config("text")."""
+    from nexus_assets.core.feature_store import STATE_BASIS, save_state_basis
+
+    rows, splits, n = STATE_ROWS, ["train", "train"], len(STATE_TOKENS)
     rng = np.random.default_rng(0)
     items = pa.table({"row_id": rows, "split": splits,
                       "hidden.l.1": _fsl(rng.normal(size=(2, 24)).astype(np.float32)),
                       "hidden.l.2": _fsl(rng.normal(size=(2, 24)).astype(np.float32))})
-    tok_rows = [(row, p) for row in rows for p in range(lengths[row])]
-    scores = rng.normal(size=(len(tok_rows), r)).astype(np.float16)
-    tokens = pa.table({"row_id": [x for x, _ in tok_rows], "position": np.array([p for _, p in tok_rows], np.int32),
-                       "token_id": np.arange(len(tok_rows), dtype=np.int32),
-                       "topk_ids": _fsl(np.tile(np.arange(4, dtype=np.int32), (len(tok_rows), 1))),
-                       "topk_logits": _fsl(np.zeros((len(tok_rows), 4), np.float32)),
-                       "logsumexp": np.full(len(tok_rows), 5.0, np.float32), "state.layers.2": _fsl(scores)})
+    tokens = pa.table({"row_id": [x for x, _ in STATE_TOKENS],
+                       "position": np.array([p for _, p in STATE_TOKENS], np.int32),
+                       "token_id": np.arange(n, dtype=np.int32),
+                       "topk_ids": _fsl(np.tile(np.arange(4, dtype=np.int32), (n, 1))),
+                       "topk_logits": _fsl(np.zeros((n, 4), np.float32)),
+                       "logsumexp": np.full(n, 5.0, np.float32), **state_columns})
     write_chunk(tmp_path / "lm", 0, items, tokens)
-    basis = {"layers.2": {"mean": torch.zeros(24), "components": torch.eye(r, 24), "variances": torch.ones(r)}}
+    r = len(variances)
+    basis = {"layers.2": {"mean": torch.zeros(24), "components": torch.eye(r, 24),
+                          "variances": torch.as_tensor(variances)}}
     save_state_basis(basis, tmp_path / "lm" / STATE_BASIS)
     write_chunk(tmp_path / "enc", 0, pa.table({"row_id": rows, "split": splits,
                                                 "embedding": _fsl(rng.normal(size=(2, 16)).astype(np.float32)),
                                                 "hidden.e.1": _fsl(rng.normal(size=(2, 8)).astype(np.float32))}), None)
     probe = {"text-probe": pa.table({"row_id": rows, "text": ["a", "b"]})}
-    entries = {"lmT": tmp_path / "lm", "encT": tmp_path / "enc"}
+    return items, tokens, {"lmT": tmp_path / "lm", "encT": tmp_path / "enc"}, probe
+
+
+def test_load_tower_data_reads_cached_token_states_as_float16_targets_with_their_basis(tmp_path):
+    from nexus_assets.core.feature_store import FeatureCacheError
+
+    cfg = tiny_config("text")
+    rows, tok_rows, r = STATE_ROWS, STATE_TOKENS, 4
+    scores = np.random.default_rng(1).normal(size=(len(tok_rows), r)).astype(np.float16)
+    items, tokens, entries, probe = _write_state_entries(tmp_path, {"state.layers.2": _fsl(scores)}, torch.ones(r))
     data = load_tower_data(cfg, entries, probe, splits=("train",))
     got = data.tensors["text.generate:state.layers.2"]
     assert got.dtype == torch.float16 and got.shape == (2, 16, r)
@@ -489,34 +503,17 @@ def test_load_tower_data_reads_cached_token_states_as_float16_targets_with_their
 
 
 def test_load_tower_data_decodes_four_bit_token_states_with_the_entrys_basis(tmp_path):
-    from nexus_assets.core.feature_store import STATE_BASIS, save_state_basis
     from nexus_assets.core.quantized_scores import component_scale, dequantize_scores, quantize_scores
 
     cfg = tiny_config("text")
-    rows, splits, lengths, r = ["t0", "t1"], ["train", "train"], {"t0": 3, "t1": 2}, 32
-    rng = np.random.default_rng(0)
-    items = pa.table({"row_id": rows, "split": splits,
-                      "hidden.l.1": _fsl(rng.normal(size=(2, 24)).astype(np.float32)),
-                      "hidden.l.2": _fsl(rng.normal(size=(2, 24)).astype(np.float32))})
-    tok_rows = [(row, p) for row in rows for p in range(lengths[row])]
+    rows, tok_rows, r = STATE_ROWS, STATE_TOKENS, 32
     variances = np.geomspace(4.0, 0.01, r).astype(np.float32)
-    scores = (rng.normal(size=(len(tok_rows), r)) * np.sqrt(variances)).astype(np.float32)
+    scores = (np.random.default_rng(1).normal(size=(len(tok_rows), r)) * np.sqrt(variances)).astype(np.float32)
     codes, scales = quantize_scores(scores, component_scale(variances), 4)
-    tokens = pa.table({"row_id": [x for x, _ in tok_rows], "position": np.array([p for _, p in tok_rows], np.int32),
-                       "token_id": np.arange(len(tok_rows), dtype=np.int32),
-                       "topk_ids": _fsl(np.tile(np.arange(4, dtype=np.int32), (len(tok_rows), 1))),
-                       "topk_logits": _fsl(np.zeros((len(tok_rows), 4), np.float32)),
-                       "logsumexp": np.full(len(tok_rows), 5.0, np.float32), "state.layers.2": _fsl(codes),
-                       "state_scale.layers.2": _fsl(scales.astype(np.float16))})
-    write_chunk(tmp_path / "lm", 0, items, tokens)
-    basis = {"layers.2": {"mean": torch.zeros(24), "components": torch.eye(r, 24),
-                          "variances": torch.from_numpy(variances)}}
-    save_state_basis(basis, tmp_path / "lm" / STATE_BASIS)
-    write_chunk(tmp_path / "enc", 0, pa.table({"row_id": rows, "split": splits,
-                                                "embedding": _fsl(rng.normal(size=(2, 16)).astype(np.float32)),
-                                                "hidden.e.1": _fsl(rng.normal(size=(2, 8)).astype(np.float32))}), None)
-    probe = {"text-probe": pa.table({"row_id": rows, "text": ["a", "b"]})}
-    data = load_tower_data(cfg, {"lmT": tmp_path / "lm", "encT": tmp_path / "enc"}, probe, splits=("train",))
+    _, _, entries, probe = _write_state_entries(
+        tmp_path, {"state.layers.2": _fsl(codes), "state_scale.layers.2": _fsl(scales.astype(np.float16))},
+        torch.from_numpy(variances))
+    data = load_tower_data(cfg, entries, probe, splits=("train",))
     got = data.tensors["text.generate:state.layers.2"]
     assert got.dtype == torch.float16 and got.shape == (2, 16, r)
     want = dequantize_scores(codes, scales.astype(np.float16).astype(np.float32), component_scale(variances), 4)

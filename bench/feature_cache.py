@@ -4,13 +4,14 @@
     .venv/bin/python bench/feature_cache.py                 # all five default teachers, N=32
     .venv/bin/python bench/feature_cache.py --teachers minilm-l6 --rows 64
     .venv/bin/python bench/feature_cache.py --teachers smollm2-135m --rows 256 --state-bits 16  # override
+    .venv/bin/python bench/feature_cache.py --teachers smollm2-135m --rows 256 --state-bits 4 --hidden-sample-bits 8
 
 Prints the ratio (goal <= 1.05), bytes per cached row and, for sequence teachers (LM, ASR decoder), bytes
 per token on disk (token table + sampled per-token hidden table): float32 with every item's per-token
 layers (the cache before code version 3), float16 with every item's (code version 3), and the registry's
 layout (float16, per-token layers for `token_hidden_fraction` of the items only, plus the per-token state
 scores of `extraction.state_layers` at `state_rank` and `state_bits` (--state-bits overrides the registry's)
-where the teacher has them, their basis fitted first on
+where the teacher has them, the sample at `hidden_sample_bits` (--hidden-sample-bits overrides it), their basis fitted first on
 the same rows' train split, not timed), all on the same rows in this run; the timed cached pass is that
 registry layout, so the ratio includes projecting the states; "of it sample" is the part that is the sampled
 per-token hidden layers (profiling's PCA sample, not a training target). Use --rows 256 or more for the sampled
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--profile", default="tiny", help="probe-data profile the rows come from (tiny builds fast)")
     ap.add_argument("--state-bits", type=int, choices=[4, 8, 16], help="store state scores in these bits instead "
                     "of the registry's extraction.state_bits")
+    ap.add_argument("--hidden-sample-bits", type=int, choices=[4, 8, 16], help="store the sampled per-token "
+                    "hidden layers in these bits instead of the registry's extraction.hidden_sample_bits")
     args = ap.parse_args()
 
     from nexus_assets.core.feature_store import cache_features
@@ -60,6 +63,10 @@ def main() -> None:
             spec = spec.model_copy(update={"extraction": spec.extraction.model_copy(
                 update={"state_bits": args.state_bits})})
             print(f"{name}: state scores in {args.state_bits} bits")
+        if args.hidden_sample_bits and spec.extraction.token_hidden_fraction:
+            spec = spec.model_copy(update={"extraction": spec.extraction.model_copy(
+                update={"hidden_sample_bits": args.hidden_sample_bits})})
+            print(f"{name}: hidden sample in {args.hidden_sample_bits} bits")
         ds = reg.dataset(spec.dataset)
         if ds.name not in probes:
             text = None
@@ -95,7 +102,8 @@ def main() -> None:
             m = cache_features(teacher.forward, rows, tmp / "feat" / name / str(r), teacher=name, batch_size=bs,
                                chunk_rows=spec.extraction.chunk_rows, input_columns=INPUT_COLUMNS[spec.modality],
                                log=lambda s: None, compact=COMPACT_CACHE,
-                               token_hidden_fraction=spec.extraction.token_hidden_fraction)
+                               token_hidden_fraction=spec.extraction.token_hidden_fraction,
+                               hidden_sample_bits=spec.extraction.hidden_sample_bits)
             cached.append(time.perf_counter() - t0)
             nbytes = m["bytes"]
         b, c = min(bare), min(cached)

@@ -20,10 +20,14 @@ Compact storage: the bulk of a token row (its per-token hidden layers) is writte
 float32 dtype either way. A column whose values exceed float16's range stays float32 in that chunk.
 Per-token state scores (`state.<layer>`) may instead be stored in 4 or 8 bits (`extraction.state_bits`,
 core/quantized_scores.py): uint8 codes plus a `state_scale.<layer>` column, decoded back to float32 scores by
-the same readers with the entry's state basis (`decode_states`).
+the same readers with the entry's state basis (`decode_states`). The sampled per-token hidden layers may be
+stored likewise in 8 or 4 bits (`extraction.hidden_sample_bits`, encoded per chunk: `hidden_code_columns`): uint8
+codes, a `hidden_scale.<layer>` column, and the chunk's per-dimension mean and scale in the code field's metadata,
+decoded back to float32 by `read_features` and `iter_matrix` (`decode_hidden`). They only feed profiling's PCA.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -45,6 +49,7 @@ MANIFEST = "manifest.json"
 CURRENT = "current.json"
 STATE_BASIS = "state_basis.safetensors"  # the PCA basis of an entry's cached per-token states (state_layers)
 STATE, STATE_SCALE = "state.", "state_scale."  # per-token state scores; their block scales when quantized
+HIDDEN, HIDDEN_SCALE = "hidden.", "hidden_scale."  # cached hidden layers; the sample's block scales when quantized
 
 
 class FeatureCacheError(RuntimeError):
@@ -112,6 +117,63 @@ def sampled_items(row_ids: Sequence[str], fraction: float) -> np.ndarray:
         raise ValueError(f"token_hidden_fraction must lie in (0, 1], got {fraction}")
     cut = fraction * 2**32
     return np.array([int(hashlib.sha256(r.encode()).hexdigest()[:8], 16) < cut for r in row_ids], dtype=bool)
+
+
+def hidden_code_columns(name: str, values: np.ndarray, bits: int, fit_rows: np.ndarray | None = None
+                        ) -> list[tuple[pa.Field, pa.Array]]:
+    """A sampled hidden layer `hidden.<layer>` (N, D) -> [(its code field, codes), (`hidden_scale.<layer>`,
+    block scales)] at `bits` bits.
+
+    A raw layer has no basis, and an LM's residual stream has a few channels ~30-1,000x the rest on every
+    token: on one grid they would set their block's step for the 31 dimensions beside them. So each dimension
+    is first centred and divided by its standard deviation over the rows (`fit_rows`, a mask: the attention
+    sink's tokens are left out, they would set the statistics), then each 32 of a token's dimensions get their
+    own absmax (core/quantized_scores.py). Mean and scale ride in the code field's metadata (float32, ~4.6 kB a
+    576-d layer and chunk), so a chunk file decodes alone (`decode_hidden`)."""
+    x = np.asarray(values, np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"hidden column {name!r} must be (N, D), got {x.shape}")
+    fit = x if fit_rows is None or not np.any(fit_rows) else x[np.asarray(fit_rows, bool)]
+    mean = fit.mean(axis=0, dtype=np.float64).astype(np.float32) if len(fit) else np.zeros(x.shape[1], np.float32)
+    scale = component_scale(fit.var(axis=0, dtype=np.float64) if len(fit) else np.ones(x.shape[1]))
+    codes, block_scales = quantize_scores(x - mean, scale, bits)
+    meta = {b"dims": str(x.shape[1]).encode(), b"bits": str(bits).encode(),
+            b"mean": base64.b64encode(mean.tobytes()), b"scale": base64.b64encode(scale.tobytes())}
+    code, scales = _column(codes), _column(block_scales, half=True)
+    layer = name[len(HIDDEN):]
+    return [(pa.field(name, code.type, metadata=meta), code), (pa.field(HIDDEN_SCALE + layer, scales.type), scales)]
+
+
+def decode_hidden(table: pa.Table, source: Path | str = "?") -> pa.Table:
+    """A table whose quantized `hidden.<layer>` columns (codes + `hidden_scale.<layer>`) are replaced by their
+    float32 values; float columns pass through."""
+    for name in [n for n in table.column_names if n.startswith(HIDDEN)]:
+        field = table.schema.field(name)
+        if not code_bytes(field.type):
+            continue
+        meta = field.metadata or {}
+        scale_name = HIDDEN_SCALE + name[len(HIDDEN):]
+        if not {b"dims", b"bits", b"mean", b"scale"} <= set(meta) or scale_name not in table.column_names:
+            raise FeatureCacheError(f"{source}: quantized column {name!r} needs its {scale_name!r} column and its "
+                                    "dims / bits / mean / scale field metadata")
+        dims, bits = int(meta[b"dims"]), int(meta[b"bits"])
+        mean = np.frombuffer(base64.b64decode(meta[b"mean"]), np.float32)
+        scale = np.frombuffer(base64.b64decode(meta[b"scale"]), np.float32)
+        if mean.shape != (dims,) or scale.shape != (dims,):
+            raise FeatureCacheError(f"{source}: column {name!r}: mean / scale metadata of {mean.shape} / "
+                                    f"{scale.shape} values for {dims} dims")
+        width, groups = code_width(dims, bits)
+        if code_bytes(field.type) != width:
+            raise FeatureCacheError(f"{source}: column {name!r}: {code_bytes(field.type)} code bytes a row, "
+                                    f"{width} expected for {dims} dims at {bits} bits")
+        col = table.column(name)
+        codes = code_matrix(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col, width)
+        scales = column_matrix(table.column(scale_name)).reshape(len(codes), groups)
+        values = dequantize_scores(codes, scales, scale, bits) + mean
+        i = table.column_names.index(name)
+        table = table.set_column(i, name, _column(values))
+        table = table.drop_columns([scale_name])
+    return table
 
 
 def outputs_to_tables(row_ids: Sequence[str], splits: Sequence[str], outputs, teacher: str,
@@ -215,20 +277,45 @@ def link_file(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def recode_chunk(src: Path, dst: Path, i: int, basis: dict, bits: int) -> dict:
-    """Chunk i of entry `src` into entry `dst` with its state scores re-encoded at `bits` (`encode_states`):
-    only the token table is rewritten; the items and hidden-sample files are linked, the marker lands last."""
+def recode_chunk(src: Path, dst: Path, i: int, basis: dict, bits: int | None,
+                 hidden_bits: int | None = None) -> dict:
+    """Chunk i of entry `src` into entry `dst` with its state scores re-encoded at `bits` (`encode_states`) and
+    its hidden sample at `hidden_bits` (`encode_hidden`); None leaves that table as it is: a file not rewritten
+    is linked, the marker lands last."""
     marker = json.loads(chunk_marker(src, i).read_text())
     meta = {**marker, "files": {}}
     for kind, m in marker["files"].items():
-        if kind == "tokens":
-            tokens = encode_states(pq.read_table(src / m["file"]), basis, bits, src / m["file"])
-            meta["files"][kind] = _write_table(Path(dst) / m["file"], tokens)
+        path = src / m["file"]
+        if kind == "tokens" and bits is not None:
+            meta["files"][kind] = _write_table(Path(dst) / m["file"], encode_states(pq.read_table(path), basis,
+                                                                                    bits, path))
+        elif kind == "token_hidden" and hidden_bits is not None:
+            meta["files"][kind] = _write_table(Path(dst) / m["file"], encode_hidden(pq.read_table(path),
+                                                                                    hidden_bits, path))
         else:
-            link_file(src / m["file"], Path(dst) / m["file"])
+            link_file(path, Path(dst) / m["file"])
             meta["files"][kind] = m
     write_json(chunk_marker(dst, i), meta)
     return meta
+
+
+def encode_hidden(table: pa.Table, bits: int, source: Path | str = "?") -> pa.Table:
+    """A hidden-sample table -> the same table with its `hidden.<layer>` columns at `bits` (16: float16; 8 / 4:
+    `hidden_code_columns`); codes are decoded first, so any stored width can be re-encoded."""
+    table = decode_hidden(widen(table), source)
+    fit = None  # the statistics leave out the attention sink (position 0), as profiling does
+    if "position" in table.column_names:
+        fit = table.column("position").to_numpy() > 0
+    for name in [n for n in table.column_names if n.startswith(HIDDEN)]:
+        values = column_matrix(table.column(name))
+        i = table.column_names.index(name)
+        table = table.remove_column(i)
+        if bits == 16:
+            table = table.add_column(i, name, _column(values, half=True))
+            continue
+        for j, (field, col) in enumerate(hidden_code_columns(name, values, bits, fit)):
+            table = table.add_column(i + j, field, col)
+    return table
 
 
 def cache_features(
@@ -244,13 +331,15 @@ def cache_features(
     log: Callable[[str], None] = print,
     compact: bool = False,
     token_hidden_fraction: float | None = None,
+    hidden_sample_bits: int = 16,
     batch_by: Callable[[dict], float] | None = None,
 ) -> dict:
     """Run `forward` over every probe row, chunk by chunk, resuming from the last complete chunk.
 
     rows: the probe table (row_id, split, + the input columns). compact: token top-k logits and hidden
     layers as float16 (read back as float32). token_hidden_fraction: per-token hidden layers in their own
-    table for that fraction of the items (module docstring). batch_by: a row's length (e.g. its characters):
+    table for that fraction of the items (module docstring), at hidden_sample_bits (16: float16 when compact;
+    8 / 4: codes). batch_by: a row's length (e.g. its characters):
     rows of a chunk are batched in that order, so a padded batch holds rows of like length and pads little;
     the chunk's tables keep the probe's row order. Returns the manifest.
     """
@@ -259,7 +348,8 @@ def cache_features(
         return _cache_features_locked(forward, rows, folder, teacher=teacher, batch_size=batch_size,
                                       chunk_rows=chunk_rows, input_columns=input_columns,
                                       manifest_extra=manifest_extra, log=log, compact=compact,
-                                      token_hidden_fraction=token_hidden_fraction, batch_by=batch_by)
+                                      token_hidden_fraction=token_hidden_fraction,
+                                      hidden_sample_bits=hidden_sample_bits, batch_by=batch_by)
 
 
 @contextlib.contextmanager
@@ -289,7 +379,8 @@ def _in_row_order(table: pa.Table | None, order: dict[str, int]) -> pa.Table | N
 
 
 def _cache_features_locked(forward, rows, folder, *, teacher, batch_size, chunk_rows, input_columns,
-                           manifest_extra, log, compact, token_hidden_fraction, batch_by=None) -> dict:
+                           manifest_extra, log, compact, token_hidden_fraction, hidden_sample_bits=16,
+                           batch_by=None) -> dict:
     n = rows.num_rows
     plans = [ChunkPlan(i, s, min(s + chunk_rows, n)) for i, s in enumerate(range(0, n, chunk_rows))]
     done = [p.index for p in plans if chunk_is_complete(folder, p.index)]
@@ -318,6 +409,8 @@ def _cache_features_locked(forward, rows, folder, *, teacher, batch_size, chunk_
         items = _concat(item_tables)
         tokens = _concat(token_tables) if token_tables else None
         hidden = _concat(hidden_tables) if hidden_tables else None
+        if hidden is not None and hidden_sample_bits < 16:  # per chunk: its codes carry the chunk's statistics
+            hidden = encode_hidden(hidden, hidden_sample_bits, folder / f"token_hidden-{p.index:05d}")
         if batch_by is not None:
             items, tokens, hidden = (_in_row_order(t, order) for t in (items, tokens, hidden))
         chunks.append(write_chunk(folder, p.index, items, tokens, hidden))
@@ -334,6 +427,7 @@ def _cache_features_locked(forward, rows, folder, *, teacher, batch_size, chunk_
         "token_hidden_bytes": sum(c["files"].get("token_hidden", {}).get("bytes", 0) for c in chunks),
         "token_hidden_rows": sum(c["files"].get("token_hidden", {}).get("rows", 0) for c in chunks),
         "token_hidden_fraction": token_hidden_fraction,
+        "hidden_sample_bits": hidden_sample_bits,
         "compact": compact,
         "content_hash": sha256_json([sorted((k, m["sha256"]) for k, m in c["files"].items()) for c in chunks]),
         "seconds_this_run": round(time.time() - t0, 2),
@@ -378,7 +472,8 @@ def read_features(entry: Path, kind: str = "items", columns: list[str] | None = 
     if read_cols is not None:  # a quantized state column is read with its scales
         read_cols = with_scale_columns(read_cols, names)
     basis = _entry_basis(Path(entry)) if any(n.startswith(STATE_SCALE) for n in read_cols or names) else None
-    table = pa.concat_tables(decode_states(widen(pq.read_table(f, columns=read_cols)), basis, f) for f in files)
+    table = pa.concat_tables(decode_hidden(decode_states(widen(pq.read_table(f, columns=read_cols)), basis, f), f)
+                             for f in files)
     if filter_splits is not None and "split" in table.column_names:
         import pyarrow.compute as pc
 
@@ -408,13 +503,17 @@ def iter_matrix(entry: Path, column: str, kind: str = "items", batch_rows: int =
         if column not in pf.schema_arrow.names:
             raise FeatureCacheError(f"teacher {teacher!r}: layer/column {column!r} missing from {f}; "
                                     f"cached columns: {pf.schema_arrow.names}")
-        if code_bytes(pf.schema_arrow.field(column).type):
+        coded = bool(code_bytes(pf.schema_arrow.field(column).type))
+        if coded and not column.startswith(HIDDEN):
             raise FeatureCacheError(f"teacher {teacher!r}: {f}: column {column!r} holds quantized codes; read it "
                                     "with read_features, which decodes them")
         cols = [column, "row_id"] + (["position"] if min_position else [])
+        cols += with_scale_columns([column], pf.schema_arrow.names)[1:] if coded else []
         for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
             batch = _filter_rows(batch, keep, min_position)
             if batch.num_rows:
+                if coded:  # a quantized hidden sample: decode this block only
+                    batch = decode_hidden(pa.Table.from_batches([batch]), f)
                 yield column_matrix(batch.column(0))
 
 
@@ -471,9 +570,10 @@ def code_matrix(col, width: int) -> np.ndarray:
 
 
 def with_scale_columns(columns: Sequence[str], available: Sequence[str]) -> list[str]:
-    """`columns` plus the block-scale column of each state column among them that has one in `available`
-    (a quantized state column is always read with its scales)."""
+    """`columns` plus the block-scale column of each state or hidden column among them that has one in
+    `available` (a quantized column is always read with its scales)."""
     scales = [STATE_SCALE + c[len(STATE):] for c in columns if c.startswith(STATE)]
+    scales += [HIDDEN_SCALE + c[len(HIDDEN):] for c in columns if c.startswith(HIDDEN)]
     return [*columns, *(c for c in scales if c in available and c not in columns)]
 
 

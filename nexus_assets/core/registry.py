@@ -125,6 +125,9 @@ class ExtractionSettings(_Strict):
         None, gt=0.0, le=1.0, description="cache the per-token hidden layers (token_layers) for this fraction "
         "of the items only, in their own table (profiling needs a sample, not every token); None = every item"
     )
+    hidden_sample_bits: Literal[4, 8, 16] = Field(
+        16, description="bits a value of the hidden sample (token_hidden_fraction) is stored in: 16 = float16; "
+        "8 / 4 = block-wise absmax codes, a half / a quarter of the bytes (it only feeds profiling's PCA)")
     state_layers: list[str] = Field(
         default_factory=list, description="LMs: layers whose per-token states are cached for every token as "
         "their scores on the teacher's top `state_rank` PCA components (float16), the targets of a carved "

@@ -44,8 +44,11 @@ def feature_cache_key(spec: TeacherSpec, snapshot_hash: str, data_hash: str, pro
     if not extraction.get("state_layers"):  # a teacher that caches no per-token states keys as it always did
         for name in ("state_layers", "state_rank", "state_fit_rows", "state_bits"):
             extraction.pop(name, None)
-    if extraction.get("state_bits") == 16:  # float16 scores: the key they always had
-        extraction.pop("state_bits")
+    for name in ("state_bits", "hidden_sample_bits"):
+        if extraction.get(name) == 16:  # float16: the key they always had
+            extraction.pop(name)
+    if extraction.get("token_hidden_fraction") is None:  # no hidden sample: its bits change nothing
+        extraction.pop("hidden_sample_bits", None)
     dtype = resolve_dtype(spec.extraction.dtype, device)
     if dtype != "float32":
         extraction["dtype"] = dtype
@@ -231,41 +234,52 @@ def seed_from_sibling_entry(spec: TeacherSpec, entry: Path, snapshot_hash: str, 
 
 def recode_from_sibling_entry(spec: TeacherSpec, entry: Path, snapshot_hash: str, data_hash: str, profile: str,
                               device: str, log: Callable[[str], None] = print) -> dict | None:
-    """Fill a new entry whose settings differ from a finished one only in `state_bits` (to fewer bits) by
-    re-encoding that entry's state scores, chunk by chunk, instead of running the teacher again.
+    """Fill a new entry whose settings differ from a finished one only in `state_bits` and / or
+    `hidden_sample_bits` (to fewer bits) by re-encoding that entry's state scores and / or hidden sample, chunk
+    by chunk, instead of running the teacher again.
 
-    Every other column is the sibling's (its items and hidden-sample files and its state basis are linked), so the entry is what the teacher pass
-    would have written up to the rounding of scores that were already rounded once (to float16 or more bits).
-    A sibling qualifies only if its folder name is the key these settings give at its own `state_bits` and
+    Every other file is the sibling's (linked, its state basis too), so the entry is what the teacher pass
+    would have written up to the rounding of values that were already rounded once (to float16 or more bits).
+    A sibling qualifies only if its folder name is the key these settings give at its own bit widths and
     its manifest is complete. Returns what was re-encoded, or None."""
     ex = spec.extraction
-    if not ex.state_layers or ex.state_bits == 16 or not entry.parent.is_dir() or \
-            entry.exists() and any(entry.glob("chunk-*.json")):
+    states = bool(ex.state_layers) and ex.state_bits < 16
+    sample = ex.token_hidden_fraction is not None and ex.hidden_sample_bits < 16
+    if not (states or sample) or not entry.parent.is_dir() or entry.exists() and any(entry.glob("chunk-*.json")):
         return None  # nothing to re-encode to, no sibling yet, or a resume of this entry's own run
-    for bits in (16, 8):
-        if bits <= ex.state_bits:
-            continue
-        other = spec.model_copy(update={"extraction": ex.model_copy(update={"state_bits": bits})})
-        sib = entry.parent / feature_cache_key(other, snapshot_hash, data_hash, profile, device)
-        if sib == entry or not (sib / MANIFEST).exists() or not (sib / STATE_BASIS).exists():
-            continue
-        m = json.loads((sib / MANIFEST).read_text())
-        chunks = [j for j in range(int(m.get("chunks", 0))) if chunk_is_complete(sib, j)]
-        if not chunks:
-            continue
-        t0 = time.time()
-        entry.mkdir(parents=True, exist_ok=True)
-        link_file(sib / STATE_BASIS, entry / STATE_BASIS)
-        if (sib / TEACHER_WRITTEN).is_dir():  # the same prompt count (it is in both keys): the same text
-            (entry / TEACHER_WRITTEN).mkdir(exist_ok=True)
-            for part in sorted((sib / TEACHER_WRITTEN).glob("part-*.parquet")):
-                link_file(part, entry / TEACHER_WRITTEN / part.name)
-        basis = load_state_basis(sib / STATE_BASIS)
-        for j in chunks:
-            recode_chunk(sib, entry, j, basis, ex.state_bits)
-        log(f"[{spec.name}] re-encoded the state scores of {len(chunks)} chunks of entry {sib.name} "
-            f"({bits} -> {ex.state_bits} bits) in {time.time() - t0:.1f} s instead of running the teacher")
-        return {"entry": sib.name, "chunks": len(chunks), "from_bits": bits}
+    wider = (16, 8, 4)
+    for bits in wider if states else [ex.state_bits]:
+        for hidden_bits in wider if sample else [ex.hidden_sample_bits]:
+            if bits < ex.state_bits or hidden_bits < ex.hidden_sample_bits or \
+                    (bits, hidden_bits) == (ex.state_bits, ex.hidden_sample_bits):
+                continue
+            other = spec.model_copy(update={"extraction": ex.model_copy(
+                update={"state_bits": bits, "hidden_sample_bits": hidden_bits})})
+            sib = entry.parent / feature_cache_key(other, snapshot_hash, data_hash, profile, device)
+            if sib == entry or not (sib / MANIFEST).exists() or ex.state_layers and not (sib / STATE_BASIS).exists():
+                continue
+            m = json.loads((sib / MANIFEST).read_text())
+            chunks = [j for j in range(int(m.get("chunks", 0))) if chunk_is_complete(sib, j)]
+            if not chunks:
+                continue
+            t0 = time.time()
+            entry.mkdir(parents=True, exist_ok=True)
+            if ex.state_layers:
+                link_file(sib / STATE_BASIS, entry / STATE_BASIS)
+            if (sib / TEACHER_WRITTEN).is_dir():  # the same prompt count (it is in both keys): the same text
+                (entry / TEACHER_WRITTEN).mkdir(exist_ok=True)
+                for part in sorted((sib / TEACHER_WRITTEN).glob("part-*.parquet")):
+                    link_file(part, entry / TEACHER_WRITTEN / part.name)
+            basis = load_state_basis(sib / STATE_BASIS) if ex.state_layers else {}
+            recode_states = ex.state_bits if bits != ex.state_bits else None
+            recode_sample = ex.hidden_sample_bits if hidden_bits != ex.hidden_sample_bits else None
+            for j in chunks:
+                recode_chunk(sib, entry, j, basis, recode_states, recode_sample)
+            what = [f"state scores ({bits} -> {ex.state_bits} bits)"] if recode_states else []
+            what += [f"hidden sample ({hidden_bits} -> {ex.hidden_sample_bits} bits)"] if recode_sample else []
+            log(f"[{spec.name}] re-encoded the {' and '.join(what)} of {len(chunks)} chunks of entry {sib.name} "
+                f"in {time.time() - t0:.1f} s instead of running the teacher")
+            return {"entry": sib.name, "chunks": len(chunks), "from_bits": bits, "from_hidden_bits": hidden_bits}
     return None
 
 
@@ -318,6 +332,7 @@ def extract_teacher_features(
         input_columns=INPUT_COLUMNS[spec.modality],
         compact=COMPACT_CACHE,
         token_hidden_fraction=spec.extraction.token_hidden_fraction,
+        hidden_sample_bits=spec.extraction.hidden_sample_bits,
         # text batches pad to their longest row: batched by length, a batch of 8 of the default's texts pads
         # ~1.45x fewer tokens (mean 43, max 64 tokens; by characters, which order tokens closely enough)
         batch_by=BATCH_BY.get(spec.modality),

@@ -205,3 +205,35 @@ def test_re_encoding_needs_a_finished_higher_precision_sibling(llama_dir, tmp_pa
     got = recode_from_sibling_entry(spec[8], e16.parent / key(8), snap_hash, "d", "default", "cpu",
                                     log=lambda s: None)
     assert got["entry"] == e16.name and got["from_bits"] == 16
+
+
+def test_a_smaller_hidden_sample_re_encodes_a_finished_entry_and_profiles_alike(llama_dir, tmp_path):
+    """hidden_sample_bits 8 (with state bits 4): filled from the 16-bit entry without a teacher pass, both the
+    sample and the state scores re-encoded; the sample reads back as floats within rounding, and the subspaces
+    profiling fits on it are the float16 sample's."""
+    from nexus_assets.core.subspace import profile_subspaces
+
+    rows = probe_rows()
+    spec = {b: written_spec_for(llama_dir, teacher_written=None, token_hidden_fraction=0.5, state_layers=["layers.2"],
+                                state_rank=32, state_fit_rows=16, state_bits=16 if b == 16 else 4,
+                                hidden_sample_bits=b) for b in (16, 8)}
+    build_snapshot(spec[16], tmp_path / "snap", log=lambda s: None)
+    e16, m16 = extract_teacher_features(spec[16], tmp_path / "snap", rows, "d", tmp_path / "feat", log=lambda s: None)
+    logs = []
+    e8, m8 = extract_teacher_features(spec[8], tmp_path / "snap", rows, "d", tmp_path / "feat", log=logs.append)
+    assert e8 != e16 and m8["rows_computed_this_run"] == 0 and m8["seeded_from"]["from_hidden_bits"] == 16
+    assert any("state scores (16 -> 4 bits) and hidden sample (16 -> 8 bits)" in line for line in logs)
+    import pyarrow.parquet as pq
+
+    raw = pq.read_table(sorted(e8.glob("token_hidden-*.parquet"))[0])
+    assert pa.types.is_fixed_size_binary(raw.schema.field("hidden.layers.1").type)
+    a, b = (read_features(e, "token_hidden", columns=["row_id", "position", "hidden.layers.1"]) for e in (e16, e8))
+    assert a.num_rows == b.num_rows > 0 and a["row_id"].equals(b["row_id"])
+    x16, x8 = (np.stack(t["hidden.layers.1"].to_numpy(zero_copy_only=False)) for t in (a, b))
+    keep = a["position"].to_numpy() > 0
+    err = float(((x8 - x16)[keep] ** 2).mean() / x16[keep].var(axis=0).sum() * x16.shape[1])
+    assert 0 < err < 1e-3  # 8 bits: rounding noise ~1e-4 of the variance, not zero (the codes are real)
+    s16, s8 = (profile_subspaces(e, "tiny-llama", ["layers.1"], ["layers.1"], tmp_path / f"sub{n}", log=lambda s: None)
+               for n, e in ((16, e16), (8, e8)))
+    assert s8["layers"]["layers.1"]["rows"] == s16["layers"]["layers.1"]["rows"]
+    assert s8["layers"]["layers.1"]["intrinsic_dims"] == s16["layers"]["layers.1"]["intrinsic_dims"]

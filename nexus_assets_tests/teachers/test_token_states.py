@@ -233,6 +233,12 @@ def test_a_smaller_hidden_sample_re_encodes_a_finished_entry_and_profiles_alike(
     keep = a["position"].to_numpy() > 0
     err = float(((x8 - x16)[keep] ** 2).mean() / x16[keep].var(axis=0).sum() * x16.shape[1])
     assert 0 < err < 1e-3  # 8 bits: rounding noise ~1e-4 of the variance, not zero (the codes are real)
+    direct, dm = extract_teacher_features(spec[8], tmp_path / "snap", rows, "d", tmp_path / "direct",
+                                          log=lambda s: None)
+    assert direct.name == e8.name and dm["rows_computed_this_run"] == rows.num_rows  # a teacher pass at 8 bits
+    xd = np.stack(read_features(direct, "token_hidden", columns=["hidden.layers.1"])["hidden.layers.1"]
+                  .to_numpy(zero_copy_only=False))
+    assert xd.shape == x8.shape and float(((xd - x16)[keep] ** 2).mean()) < 2 * float(((x8 - x16)[keep] ** 2).mean()) + 1e-6
     s16, s8 = (profile_subspaces(e, "tiny-llama", ["layers.1"], ["layers.1"], tmp_path / f"sub{n}", log=lambda s: None)
                for n, e in ((16, e16), (8, e8)))
     assert s8["layers"]["layers.1"]["rows"] == s16["layers"]["layers.1"]["rows"]

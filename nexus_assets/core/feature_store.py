@@ -166,8 +166,7 @@ def decode_hidden(table: pa.Table, source: Path | str = "?") -> pa.Table:
         if code_bytes(field.type) != width:
             raise FeatureCacheError(f"{source}: column {name!r}: {code_bytes(field.type)} code bytes a row, "
                                     f"{width} expected for {dims} dims at {bits} bits")
-        col = table.column(name)
-        codes = code_matrix(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col, width)
+        codes = code_matrix(table.column(name), width)
         scales = column_matrix(table.column(scale_name)).reshape(len(codes), groups)
         values = dequantize_scores(codes, scales, scale, bits) + mean
         i = table.column_names.index(name)
@@ -410,7 +409,7 @@ def _cache_features_locked(forward, rows, folder, *, teacher, batch_size, chunk_
         tokens = _concat(token_tables) if token_tables else None
         hidden = _concat(hidden_tables) if hidden_tables else None
         if hidden is not None and hidden_sample_bits < 16:  # per chunk: its codes carry the chunk's statistics
-            hidden = encode_hidden(hidden, hidden_sample_bits, folder / f"token_hidden-{p.index:05d}")
+            hidden = encode_hidden(hidden, hidden_sample_bits, _chunk_files(folder, p.index)["token_hidden"])
         if batch_by is not None:
             items, tokens, hidden = (_in_row_order(t, order) for t in (items, tokens, hidden))
         chunks.append(write_chunk(folder, p.index, items, tokens, hidden))

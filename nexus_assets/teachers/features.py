@@ -270,9 +270,9 @@ def recode_from_sibling_entry(spec: TeacherSpec, entry: Path, snapshot_hash: str
                 (entry / TEACHER_WRITTEN).mkdir(exist_ok=True)
                 for part in sorted((sib / TEACHER_WRITTEN).glob("part-*.parquet")):
                     link_file(part, entry / TEACHER_WRITTEN / part.name)
-            basis = load_state_basis(sib / STATE_BASIS) if ex.state_layers else {}
             recode_states = ex.state_bits if bits != ex.state_bits else None
             recode_sample = ex.hidden_sample_bits if hidden_bits != ex.hidden_sample_bits else None
+            basis = load_state_basis(sib / STATE_BASIS) if recode_states else {}  # only re-encoding states reads it
             for j in chunks:
                 recode_chunk(sib, entry, j, basis, recode_states, recode_sample)
             what = [f"state scores ({bits} -> {ex.state_bits} bits)"] if recode_states else []

@@ -136,7 +136,7 @@ class ArchitectureConfig(dg.Config):
          "teacher_features": dg.AssetIn(partition_mapping=teacher_to_tower),
          "teacher_snapshot": dg.AssetIn(partition_mapping=teacher_to_tower),
          "probe_dataset": dg.AssetIn(partition_mapping=dataset_to_towers)},
-    code_version="9",
+    code_version="10",
     automation_condition=RECOMPUTE_WHEN_STALE,
     group_name="profiling",
     kinds={"json"},

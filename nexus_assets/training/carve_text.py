@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,7 +55,9 @@ class TextCarveTarget:
         block_selection: "contiguous" drops the run of consecutive blocks whose input and output are the
             closest in angle (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers"), so
             the kept blocks still see the residual stream they were trained on; "influence" keeps the
-            blocks of highest block influence wherever they are (ShortGPT).
+            blocks of highest block influence wherever they are (ShortGPT); "nll" removes blocks one at a
+            time, each time the one whose removal raises the teacher's next-token loss on the probe rows
+            least (SLEB; `greedy_block_removal`), scored over the kept vocabulary.
         input_rows: how many of the most frequent dropped train tokens keep an input-only embedding row
             (the teacher's); 0 = every dropped token reads as its nearest kept token.
     """
@@ -73,8 +75,9 @@ class TextCarveTarget:
             v = getattr(self, f)
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise ValueError(f"text carve {f}: must be in (0, 1], got {v!r}")
-        if self.block_selection not in ("contiguous", "influence"):
-            raise ValueError(f"text carve block_selection: 'contiguous' or 'influence', got {self.block_selection!r}")
+        if self.block_selection not in ("contiguous", "influence", "nll"):
+            raise ValueError(f"text carve block_selection: 'contiguous', 'influence' or 'nll', got "
+                             f"{self.block_selection!r}")
         if self.sample_rows < 1 or self.min_blocks < 1:
             raise ValueError("text carve sample_rows and min_blocks: must be >= 1")
         if isinstance(self.input_rows, bool) or not isinstance(self.input_rows, int) or self.input_rows < 0:
@@ -114,6 +117,76 @@ def select_blocks(bi: torch.Tensor, angular: torch.Tensor | None, keep: int, how
     start = int(torch.argmin(angular))
     drop = set(range(start, start + n_layers - keep))
     return [b for b in range(n_layers) if b not in drop]
+
+
+def greedy_block_removal(losses_without: Callable[[list[int]], Sequence[float]], n_blocks: int, keep: int,
+                         log: Callable[[str], None] = print) -> tuple[list[int], list[dict]]:
+    """SLEB (Song et al. 2024): remove one block at a time, the one whose removal raises the loss least,
+    re-scoring the rest after every removal (which blocks are redundant changes as others go; a one-shot
+    score of each block against the whole model does not see that).
+
+    losses_without(kept) -> the loss of the model of blocks `kept` without kept[j], for each j.
+    Returns (kept blocks, sorted; one {"dropped", "loss"} per removal, in order)."""
+    if not 1 <= keep <= n_blocks:
+        raise ValueError(f"greedy_block_removal: keep must be in 1..{n_blocks}, got {keep}")
+    kept, trace = list(range(n_blocks)), []
+    while len(kept) > keep:
+        losses = [float(v) for v in losses_without(kept)]
+        if len(losses) != len(kept):
+            raise ValueError(f"greedy_block_removal: {len(losses)} losses for {len(kept)} kept blocks")
+        j = min(range(len(kept)), key=lambda i: (losses[i], kept[i]))
+        trace.append({"dropped": kept[j], "loss": round(losses[j], 5)})
+        log(f"[text carve] {len(kept) - 1} blocks: drop {kept[j]} (loss {losses[j]:.4f})")
+        kept.pop(j)
+    return kept, trace
+
+
+@torch.no_grad()
+def nll_without_each(model, batches: list[tuple[torch.Tensor, torch.Tensor]], kept: list[int],
+                     vocab: torch.Tensor | None = None) -> list[float]:
+    """For each j: the mean next-token NLL of a Llama teacher run with blocks `kept` less kept[j], on
+    `batches` of (ids (B, T), mask (B, T) bool). The states before kept[j] are those of the `kept` model,
+    computed once per batch, so one call costs about half of len(kept) separate passes. `vocab`: score
+    the softmax over these ids only (the kept vocabulary: what the carved student can predict); targets
+    outside it are skipped."""
+    from transformers.masking_utils import create_causal_mask
+
+    inner = model.model
+    sums, count = [0.0] * len(kept), 0
+    for ids, mask in batches:
+        pos = torch.arange(ids.shape[1])[None]
+        h0 = inner.embed_tokens(ids)
+        causal = create_causal_mask(config=model.config, inputs_embeds=h0, attention_mask=mask.long(),
+                                    past_key_values=None, position_ids=pos)
+        pe = inner.rotary_emb(h0, position_ids=pos)
+
+        def run(h, blocks):
+            for b in blocks:
+                h = inner.layers[b](h, attention_mask=causal, position_embeddings=pe, position_ids=pos)
+            return h
+
+        inputs, h = [], h0
+        for b in kept:  # the input of every kept block in the current model
+            inputs.append(h)
+            h = run(h, [b])
+        tgt = ids[:, 1:]
+        valid = mask[:, 1:] & mask[:, :-1]
+        w = model.lm_head.weight
+        if vocab is not None:
+            pos_of = torch.full((w.shape[0],), -1, dtype=torch.long)
+            pos_of[vocab] = torch.arange(len(vocab))
+            tgt = pos_of[tgt]
+            valid = valid & (tgt >= 0)
+            tgt = tgt.clamp_min(0)
+            w = w[vocab]
+        for j in range(len(kept)):
+            out = inner.norm(run(inputs[j], kept[j + 1:]))[:, :-1]
+            logp = torch.log_softmax((out @ w.T).float(), -1).gather(-1, tgt[..., None])[..., 0]
+            sums[j] -= float((logp * valid).sum())
+        count += int(valid.sum())
+    if count == 0:
+        raise ValueError("text carve: no probe token to score block removal on")
+    return [v / count for v in sums]
 
 
 def vocab_by_coverage(counts: np.ndarray, mass: float, always: list[int]) -> list[int]:
@@ -264,7 +337,11 @@ def _load_teacher(model_dir: Path):
 
 
 def _sample_batches(token_rows: dict[str, list[int]], n: int, max_len: int, bs: int = 8):
-    ids = [v[:max_len] for _, v in sorted(token_rows.items())[:n] if len(v) >= 2]
+    """Batches of n train rows drawn evenly (a seeded permutation of the sorted row ids): the first n ids
+    in sorted order all came from one genre of the alphabetically first source (48 Brown press rows)."""
+    items = sorted(token_rows.items())
+    items = [items[i] for i in np.random.default_rng(0).permutation(len(items))[:n]]
+    ids = [v[:max_len] for _, v in items if len(v) >= 2]
     for i in range(0, len(ids), bs):
         chunk = ids[i:i + bs]
         t = max(len(x) for x in chunk)
@@ -348,9 +425,15 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
     log(f"[text carve] vocabulary {len(vocab)}/{teacher_vocab} (covering {target.vocab_mass:.3%} of the train "
         f"tokens + the teacher's next-token mass), {len(extra)} input-only rows; budget: {blocks} blocks, MLP {inter}")
     n_layers = model.config.num_hidden_layers
-    bi, taylor, ang = score_teacher(model, _sample_batches(token_rows, target.sample_rows, max_len),
-                                    n_drop=n_layers - blocks)
-    kept_blocks = select_blocks(bi, ang, blocks, target.block_selection)
+    batches = list(_sample_batches(token_rows, target.sample_rows, max_len))
+    bi, taylor, ang = score_teacher(model, batches, n_drop=n_layers - blocks)
+    removal = []
+    if target.block_selection == "nll" and blocks < n_layers:
+        vocab_t = torch.as_tensor(vocab, dtype=torch.long)
+        kept_blocks, removal = greedy_block_removal(lambda k: nll_without_each(model, batches, k, vocab_t),
+                                                    n_layers, blocks, log=log)
+    else:
+        kept_blocks = select_blocks(bi, ang, blocks, target.block_selection)
     kept_neurons = {}
     mass = {}
     for b in kept_blocks:
@@ -384,6 +467,7 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
         "blocks_kept": kept_blocks, "blocks_dropped": [b for b in range(n_layers) if b not in kept_blocks],
         "block_influence": [round(float(x), 5) for x in bi],
         "block_selection": target.block_selection,
+        "block_removal_order": removal,
         "angular_distance_of_dropped_run": None if ang is None else round(float(ang.min()), 4),
         "mlp_neurons_kept": f"{inter}/{tcfg['intermediate_size']} per block",
         "mlp_importance_mass_kept": {k: round(v, 4) for k, v in mass.items()},

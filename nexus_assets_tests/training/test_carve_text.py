@@ -546,3 +546,89 @@ def test_state_loss_is_zero_for_the_full_carve_and_teaches_a_cut_one_the_teacher
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[0] > 1e-2 and losses[-1] < 0.5 * losses[0]
+
+
+def test_greedy_block_removal_rescores_after_each_removal():
+    from nexus_assets.training.carve_text import greedy_block_removal
+
+    # blocks 1 and 2 are each redundant while the other stays (dropping either alone costs 0.1) but
+    # dropping both costs 5; block 0 costs 0.3 alone. A one-shot score would drop 1 and 2; SLEB drops
+    # one of them, re-scores, and then drops block 0.
+    def loss(blocks):
+        s = set(blocks)
+        return (0.0 if 0 in s else 0.3) + (5.0 if not ({1, 2} & s) else 0.0 if {1, 2} <= s else 0.1) \
+            + (0.0 if 3 in s else 9.0)
+
+    def losses_without(kept):
+        return [loss([b for b in kept if b != k]) for k in kept]
+
+    kept, trace = greedy_block_removal(losses_without, 4, 2, log=lambda m: None)
+    assert kept == [2, 3]
+    assert [t["dropped"] for t in trace] == [1, 0]  # ties broken by the lower block id
+    assert trace[0]["loss"] == pytest.approx(0.1) and trace[1]["loss"] == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="keep must be in 1..4"):
+        greedy_block_removal(losses_without, 4, 0)
+
+
+def test_nll_without_each_equals_a_forward_with_that_block_removed(tiny_llama):
+    from nexus_assets.training.carve_text import _sample_batches, nll_without_each
+
+    model, _ = tiny_llama
+    rows = _rows(n=6, t=9)
+    rows["short"] = [5, 7, 9]  # right padding in a batch
+    batches = list(_sample_batches(rows, 7, 16, bs=4))
+    kept = [0, 1, 3]
+    vocab = torch.arange(3, 70)
+
+    def direct(blocks, restrict):
+        layers = model.model.layers
+        tot, n = 0.0, 0
+        try:
+            model.model.layers = torch.nn.ModuleList([layers[b] for b in blocks])
+            for ids, mask in batches:
+                with torch.no_grad():
+                    logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits[:, :-1]
+                tgt, valid = ids[:, 1:], mask[:, 1:] & mask[:, :-1]
+                if restrict:
+                    logits = logits[..., vocab]
+                    valid = valid & (tgt >= 3) & (tgt < 70)
+                    tgt = (tgt - 3).clamp(0, len(vocab) - 1)
+                lp = torch.log_softmax(logits.float(), -1).gather(-1, tgt[..., None])[..., 0]
+                tot -= float((lp * valid).sum())
+                n += int(valid.sum())
+        finally:
+            model.model.layers = layers
+        return tot / n
+
+    got = nll_without_each(model, batches, kept)
+    want = [direct([b for b in kept if b != k], False) for k in kept]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    got_v = nll_without_each(model, batches, kept, vocab)
+    np.testing.assert_allclose(got_v, [direct([b for b in kept if b != k], True) for k in kept], rtol=1e-5)
+    assert got_v != got
+
+
+def test_probe_rows_for_carve_scores_are_spread_over_the_sorted_ids():
+    from nexus_assets.training.carve_text import _sample_batches
+
+    # 100 rows of source "a" sort before 100 of "b": the first 20 sorted ids are all "a"
+    rows = {f"{s}/{i:03d}": [s == "b" and 9 or 8, i % 50 + 3] for s in "ab" for i in range(100)}
+    got = torch.cat([ids[:, 0] for ids, _ in _sample_batches(rows, 20, 8)])
+    assert len(got) == 20 and 5 <= int((got == 9).sum()) <= 15
+    again = torch.cat([ids[:, 0] for ids, _ in _sample_batches(rows, 20, 8)])
+    assert torch.equal(got, again)  # seeded
+
+
+def test_nll_block_selection_in_the_plan_names_its_removal_order(tiny_llama):
+    model, d = tiny_llama
+    from nexus_assets.training.carve_text import TextCarveTarget, plan_text_carve
+
+    rows = _rows(n=12, t=10)
+    topk = np.array([[5, 6]] * 10)
+    plan = plan_text_carve(d, token_rows=rows, topk_ids=topk, max_len=16, log=lambda s: None,
+                           target=TextCarveTarget(0.6, 0.5, 1.0, block_selection="nll"))
+    rep = plan["report"]
+    assert len(rep["block_removal_order"]) == 4 - len(plan["blocks"]) > 0
+    assert sorted(plan["blocks"] + [t["dropped"] for t in rep["block_removal_order"]]) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="'contiguous', 'influence' or 'nll'"):
+        TextCarveTarget(block_selection="sleb")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 BN_EPS = 1e-3
@@ -232,7 +233,9 @@ def plan_vision_carve_from_artifacts(snapshot_dir: Path, entry: Path, *, probe_d
     if not pths:
         raise FileNotFoundError(f"vision carve: no *.pth weights in {snapshot_dir}")
     train = sorted(read_features(Path(entry), "items", columns=["row_id"], filter_splits=["train"])
-                   .column("row_id").to_pylist())[:sample_rows]
+                   .column("row_id").to_pylist())
+    # drawn evenly (seeded): the first ids in sorted order come from one source
+    train = [train[i] for i in np.random.default_rng(0).permutation(len(train))[:sample_rows]]
     want, images = set(train), {}
     for d in (probe_dirs or {}).values():
         t = read_probe_rows(Path(d))

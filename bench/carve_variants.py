@@ -65,7 +65,9 @@ def main() -> None:
         carve_s = time.perf_counter() - t0
         a = {**arch, "carve": plan}
         t0 = time.perf_counter()
-        s = train_tower_from_artifacts("text", architecture=a, **up, anchor_variance=0.95,
+        (out / f"variant_{i}").mkdir(parents=True, exist_ok=True)
+        (out / f"variant_{i}" / "plan.json").write_text(json.dumps(plan))  # a carve can take minutes: keep it
+        s = train_tower_from_artifacts("text", architecture=a, **up, overrides={}, anchor_variance=0.95,
                                        out_dir=out / f"variant_{i}",
                                        log=lambda m: print(m, flush=True) if "step" in m and "/" in m and "00/" in m
                                        else None)

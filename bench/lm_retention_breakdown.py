@@ -50,20 +50,16 @@ def main() -> None:
 
     entry = Path(_asset(artifacts_root(), "teacher_features", args.teacher)["path"])
     train_rows, _, _ = token_rows_from_cache(entry)
-    counts = np.zeros(1, dtype=np.float64)
-    for ids in train_rows.values():
-        a = np.asarray(ids, dtype=np.int64)
-        if a.max() >= len(counts):
-            counts = np.pad(counts, (0, int(a.max()) + 1 - len(counts)))
-        np.add.at(counts, a, 1.0)
-    rank = np.full(max(len(counts), 1 << 20), 10**9, dtype=np.int64)
-    order = np.argsort(-counts, kind="stable")
-    rank[order[counts[order] > 0]] = np.arange(int((counts > 0).sum()))  # never-counted ids stay past every bin
     tower = Bundle.load(args.bundle).tower("text")
     tok = read_features(entry, "tokens", columns=["row_id", "position", "token_id", "topk_ids"])
     rid = np.asarray(tok.column("row_id").to_pylist(), dtype=object)
     pos = tok.column("position").to_numpy()
     tid = tok.column("token_id").to_numpy()
+    counts = np.bincount(np.concatenate([np.asarray(v, dtype=np.int64) for v in train_rows.values()]),
+                         minlength=int(tid.max()) + 1)
+    rank = np.full(len(counts), 10**9, dtype=np.int64)  # never-counted ids stay past every bin
+    order = np.argsort(-counts, kind="stable")
+    rank[order[counts[order] > 0]] = np.arange(int((counts > 0).sum()))
     top1 = np.asarray([a[0] for a in tok.column("topk_ids").to_pylist()])
     where: dict[str, list[int]] = {}
     for i, r in enumerate(rid):

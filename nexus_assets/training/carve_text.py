@@ -119,6 +119,12 @@ def select_blocks(bi: torch.Tensor, angular: torch.Tensor | None, keep: int, how
     return [b for b in range(n_layers) if b not in drop]
 
 
+def seeded_subset(items: Sequence, n: int) -> list:
+    """n of `items` drawn evenly and reproducibly (seed 0): what each carver scores on. Sorted ids are
+    grouped by source, so their first n all come from one (48 Brown press rows once)."""
+    return [items[i] for i in np.random.default_rng(0).permutation(len(items))[:n]]
+
+
 def greedy_block_removal(losses_without: Callable[[list[int]], Sequence[float]], n_blocks: int, keep: int,
                          log: Callable[[str], None] = print) -> tuple[list[int], list[dict]]:
     """SLEB (Song et al. 2024): remove one block at a time, the one whose removal raises the loss least,
@@ -152,6 +158,12 @@ def nll_without_each(model, batches: list[tuple[torch.Tensor, torch.Tensor]], ke
     from transformers.masking_utils import create_causal_mask
 
     inner = model.model
+    w = model.lm_head.weight
+    pos_of = None
+    if vocab is not None:  # teacher id -> its row of the kept vocabulary (-1: not kept)
+        pos_of = torch.full((w.shape[0],), -1, dtype=torch.long)
+        pos_of[vocab] = torch.arange(len(vocab))
+        w = w[vocab]
     sums, count = [0.0] * len(kept), 0
     for ids, mask in batches:
         pos = torch.arange(ids.shape[1])[None]
@@ -171,14 +183,10 @@ def nll_without_each(model, batches: list[tuple[torch.Tensor, torch.Tensor]], ke
             h = run(h, [b])
         tgt = ids[:, 1:]
         valid = mask[:, 1:] & mask[:, :-1]
-        w = model.lm_head.weight
-        if vocab is not None:
-            pos_of = torch.full((w.shape[0],), -1, dtype=torch.long)
-            pos_of[vocab] = torch.arange(len(vocab))
+        if pos_of is not None:
             tgt = pos_of[tgt]
             valid = valid & (tgt >= 0)
             tgt = tgt.clamp_min(0)
-            w = w[vocab]
         for j in range(len(kept)):
             out = inner.norm(run(inputs[j], kept[j + 1:]))[:, :-1]
             logp = torch.log_softmax((out @ w.T).float(), -1).gather(-1, tgt[..., None])[..., 0]
@@ -285,7 +293,7 @@ def embedding_exit_block(plan: dict, model_dir: Path, token_rows: dict[str, list
     from nexus_assets.student.config import HeadSpec, TowerConfig
 
     ids = sorted(r for r in targets if r in token_rows)
-    ids = [ids[i] for i in np.random.default_rng(0).permutation(len(ids))[:rows]]
+    ids = seeded_subset(ids, rows)
     if len(ids) < 16:
         raise ValueError(f"text carve: {len(ids)} train rows have both LM tokens and embedding targets (< 16)")
     hf, nv = plan["hf_config"], len(plan["vocab"]) + 1
@@ -337,11 +345,8 @@ def _load_teacher(model_dir: Path):
 
 
 def _sample_batches(token_rows: dict[str, list[int]], n: int, max_len: int, bs: int = 8):
-    """Batches of n train rows drawn evenly (a seeded permutation of the sorted row ids): the first n ids
-    in sorted order all came from one genre of the alphabetically first source (48 Brown press rows)."""
-    items = sorted(token_rows.items())
-    items = [items[i] for i in np.random.default_rng(0).permutation(len(items))[:n]]
-    ids = [v[:max_len] for _, v in items if len(v) >= 2]
+    """Batches of n train rows (`seeded_subset` of the sorted row ids)."""
+    ids = [v[:max_len] for _, v in seeded_subset(sorted(token_rows.items()), n) if len(v) >= 2]
     for i in range(0, len(ids), bs):
         chunk = ids[i:i + bs]
         t = max(len(x) for x in chunk)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 BN_EPS = 1e-3
@@ -229,13 +228,13 @@ def plan_vision_carve_from_artifacts(snapshot_dir: Path, entry: Path, *, probe_d
     from nexus_assets.probes.probe_data import read_probe_rows
     from nexus_assets.student.transforms import preprocess_image
 
+    from .carve_text import seeded_subset
+
     pths = sorted(Path(snapshot_dir).glob("*.pth"))
     if not pths:
         raise FileNotFoundError(f"vision carve: no *.pth weights in {snapshot_dir}")
-    train = sorted(read_features(Path(entry), "items", columns=["row_id"], filter_splits=["train"])
-                   .column("row_id").to_pylist())
-    # drawn evenly (seeded): the first ids in sorted order come from one source
-    train = [train[i] for i in np.random.default_rng(0).permutation(len(train))[:sample_rows]]
+    train = seeded_subset(sorted(read_features(Path(entry), "items", columns=["row_id"], filter_splits=["train"])
+                                 .column("row_id").to_pylist()), sample_rows)
     want, images = set(train), {}
     for d in (probe_dirs or {}).values():
         t = read_probe_rows(Path(d))

@@ -103,6 +103,7 @@ def _audio_exit_blocks(plan: dict, asr: TeacherSpec, teachers: Sequence[TeacherS
     from nexus_assets.student.carved_whisper import whisper_log_mel
     from nexus_assets.student.transforms import decode_wav
 
+    from .carve_text import seeded_subset
     from .carve_whisper import encoder_exit_block
 
     def measure(t: TeacherSpec, emb: dict) -> dict:
@@ -112,7 +113,7 @@ def _audio_exit_blocks(plan: dict, asr: TeacherSpec, teachers: Sequence[TeacherS
         table = read_probe_rows(Path(probe_dirs[t.dataset]))
         wavs = dict(zip(table.column("row_id").to_pylist(), table.column("wav").to_pylist()))
         ids = sorted(r for r in emb if r in wavs)
-        ids = [ids[i] for i in np.random.default_rng(0).permutation(len(ids))[:rows]]
+        ids = seeded_subset(ids, rows)
         mels = [whisper_log_mel(decode_wav(wavs[r], r), int(plan["max_seconds"])) for r in ids]
         res = encoder_exit_block(plan, model_dir, mels, np.stack([emb[r] for r in ids]))
         log(f"[audio carve] {t.capabilities} read {res['blocks']} of {plan['hf_config']['encoder_layers']} encoder "

@@ -33,12 +33,17 @@ def _logits(cfg, sd, k, ids):
         return m(input_ids=ids).logits
 
 
-def test_rotation_without_slicing_keeps_the_function():
-    m, cfg = _llama(uniform_final_gain=True)
+def _reference(uniform_final_gain: bool):
+    """(config, state dict without the tied head, input ids, the unrotated model's logits)."""
+    m, cfg = _llama(uniform_final_gain)
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         want = m(input_ids=ids).logits
-    sd = {k: v for k, v in m.state_dict().items() if k != "lm_head.weight"}
+    return cfg, {k: v for k, v in m.state_dict().items() if k != "lm_head.weight"}, ids, want
+
+
+def test_rotation_without_slicing_keeps_the_function():
+    cfg, sd, ids, want = _reference(uniform_final_gain=True)
     # the identity folds the norm gains into the linears; a random rotation is exact only because this
     # final gain is uniform (a per-channel one cannot ride on the tied embedding: the module docstring)
     for q in (torch.eye(32), torch.linalg.qr(torch.randn(32, 32))[0]):
@@ -46,11 +51,7 @@ def test_rotation_without_slicing_keeps_the_function():
 
 
 def test_a_per_channel_final_gain_is_only_approximated_after_a_rotation():
-    m, cfg = _llama(uniform_final_gain=False)
-    ids = torch.randint(0, 64, (2, 9))
-    with torch.no_grad():
-        want = m(input_ids=ids).logits
-    sd = {k: v for k, v in m.state_dict().items() if k != "lm_head.weight"}
+    cfg, sd, ids, want = _reference(uniform_final_gain=False)
     torch.testing.assert_close(_logits(cfg, slice_llama_state(sd, torch.eye(32)), 32, ids), want, atol=1e-4, rtol=1e-4)
     q = torch.linalg.qr(torch.randn(32, 32))[0]
     assert (_logits(cfg, slice_llama_state(sd, q), 32, ids) - want).abs().max() > 1e-2

@@ -5,6 +5,11 @@ and tokens to keep, measured on the cached probe tokens, and the teacher weights
   barely turns the residual stream is the cheapest to drop); the kept blocks keep their order.
 * MLP neurons: NIWT-style first-order Taylor score |a * dL/da| on each block's down_proj input, with
   L = the log-likelihood of the TRUE next tokens (`core.importance.taylor_scores` idea, per neuron).
+* attention heads (`heads_keep`): the same first-order Taylor estimate per query head, |sum over the head's
+  dims of a * dL/da| on o_proj's input per token (the loss change of zeroing that head there); each kv
+  group keeps its best `round(heads_keep * heads per group)` query heads, the same count in every block
+  and group, so the carve is still a stock Llama (fewer `num_attention_heads`, explicit `head_dim`) and
+  grouped-query attention pairs every kept query head with its own key/value head.
 * tokens: the fewest ids covering `vocab_mass` of a combined mass: the train tokens themselves plus the
   teacher's cached next-token probabilities (top-k), so tokens the teacher predicts but the small probe
   corpus never spells still count; plus the special tokens.
@@ -60,6 +65,8 @@ class TextCarveTarget:
             least (SLEB; `greedy_block_removal`), scored over the kept vocabulary.
         input_rows: how many of the most frequent dropped train tokens keep an input-only embedding row
             (the teacher's); 0 = every dropped token reads as its nearest kept token.
+        heads_keep: share of each kv group's query heads kept, in (0, 1] (at least one per group); the
+            parameters it frees go to blocks, like `mlp_keep`'s.
     """
 
     param_fraction: float = 0.26
@@ -69,9 +76,10 @@ class TextCarveTarget:
     min_blocks: int = 2
     block_selection: str = "contiguous"
     input_rows: int = 0
+    heads_keep: float = 1.0
 
     def __post_init__(self):
-        for f in ("param_fraction", "mlp_keep", "vocab_mass"):
+        for f in ("param_fraction", "mlp_keep", "vocab_mass", "heads_keep"):
             v = getattr(self, f)
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise ValueError(f"text carve {f}: must be in (0, 1], got {v!r}")
@@ -318,6 +326,25 @@ def embedding_exit_block(plan: dict, model_dir: Path, token_rows: dict[str, list
     return {"blocks": choose_exit_block(scores), "fold_cosine": [round(v, 4) for v in scores], "rows": len(ids)}
 
 
+def heads_per_group(n_heads: int, n_kv: int, keep: float) -> int:
+    """Query heads each kv group keeps: round(keep * n_heads / n_kv), at least 1."""
+    if n_kv < 1 or n_heads % n_kv:
+        raise ValueError(f"text carve: {n_heads} query heads do not split into {n_kv} kv groups")
+    return max(1, min(n_heads // n_kv, int(round(keep * n_heads / n_kv))))
+
+
+def select_heads(scores: torch.Tensor, n_kv: int, per_group: int) -> list[int]:
+    """Kept query heads of one block: the `per_group` best-scoring heads of each kv group (query head i
+    belongs to group i // (H / n_kv), as in transformers' repeat_kv), in head order, so the kept heads stay
+    grouped by their key/value head. scores: (H,)."""
+    g = scores.numel() // n_kv
+    out = []
+    for k in range(n_kv):
+        top = torch.argsort(scores[k * g:(k + 1) * g], descending=True, stable=True)[:per_group]
+        out += sorted((k * g + top).tolist())
+    return out
+
+
 def layer_budget(teacher_cfg: dict, vocab_size: int, target: TextCarveTarget, teacher_params: int,
                  input_rows: int = 0) -> tuple[int, int]:
     """(blocks, mlp width) fitting param_fraction * teacher_params with the kept vocabulary (tied) and
@@ -325,6 +352,7 @@ def layer_budget(teacher_cfg: dict, vocab_size: int, target: TextCarveTarget, te
     h, heads, kv = teacher_cfg["hidden_size"], teacher_cfg["num_attention_heads"], teacher_cfg["num_key_value_heads"]
     d = teacher_cfg.get("head_dim") or h // heads
     inter = max(1, int(round(teacher_cfg["intermediate_size"] * target.mlp_keep)))
+    heads = kv * heads_per_group(heads, kv, target.heads_keep)
     per_block = h * heads * d * 2 + h * kv * d * 2 + 3 * h * inter + 2 * h
     fixed = (vocab_size + 1 + input_rows) * h + h
     if target.param_fraction >= 1.0:  # no depth cut asked for (the fallback row alone must not drop a block)
@@ -357,21 +385,28 @@ def _sample_batches(token_rows: dict[str, list[int]], n: int, max_len: int, bs: 
         yield x, m
 
 
-def score_teacher(model, batches, n_drop: int = 0) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+def score_teacher(model, batches, n_drop: int = 0
+                  ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
     """(block influence (L,), per-block MLP neuron Taylor scores [(I,)], angular distances for dropping
-    n_drop consecutive blocks (or None)) over the probe batches."""
+    n_drop consecutive blocks (or None), per-block query-head Taylor scores [(H,)]) over the probe batches."""
     layers = model.model.layers
+    n_heads = model.config.num_attention_heads
     acts: dict[int, torch.Tensor] = {}
+    head_acts: dict[int, torch.Tensor] = {}
+    def keep_input(store: dict, i: int):  # a forward pre-hook keeping the module's input (and its grad)
+        def hook(mod, args):
+            args[0].retain_grad()
+            store[i] = args[0]
+        return hook
+
     hooks = []
     for i, layer in enumerate(layers):
-        def hook(mod, args, i=i):
-            a = args[0]
-            a.retain_grad()
-            acts[i] = a
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(hook))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(keep_input(acts, i)))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(keep_input(head_acts, i)))
     bi_sum = torch.zeros(len(layers))
     ang_sum = None
     taylor = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
+    head_taylor = [torch.zeros(n_heads, dtype=torch.float64) for _ in layers]
     n_batches = 0
     try:
         for ids, mask in batches:
@@ -392,13 +427,17 @@ def score_teacher(model, batches, n_drop: int = 0) -> tuple[torch.Tensor, list[t
             for i, a in acts.items():
                 s = (a.detach() * a.grad).abs() * mask[..., None]  # (B, T, I)
                 taylor[i] += s.sum((0, 1)).double()
+            for i, a in head_acts.items():  # (B, T, H * d): zeroing head k at a token changes L by ~ -sum_d a g
+                ag = (a.detach() * a.grad).unflatten(-1, (n_heads, -1)).sum(-1).abs() * mask[..., None]  # (B, T, H)
+                head_taylor[i] += ag.sum((0, 1)).double()
             n_batches += 1
     finally:
         for h in hooks:
             h.remove()
     if n_batches == 0:
         raise ValueError("text carve: no probe sequence with >= 2 tokens to score")
-    return bi_sum / n_batches, [t.float() for t in taylor], None if ang_sum is None else ang_sum / n_batches
+    return (bi_sum / n_batches, [t.float() for t in taylor], None if ang_sum is None else ang_sum / n_batches,
+            [t.float() for t in head_taylor])
 
 
 def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_ids: np.ndarray,
@@ -431,7 +470,7 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
         f"tokens + the teacher's next-token mass), {len(extra)} input-only rows; budget: {blocks} blocks, MLP {inter}")
     n_layers = model.config.num_hidden_layers
     batches = list(_sample_batches(token_rows, target.sample_rows, max_len))
-    bi, taylor, ang = score_teacher(model, batches, n_drop=n_layers - blocks)
+    bi, taylor, ang, head_taylor = score_teacher(model, batches, n_drop=n_layers - blocks)
     removal = []
     if target.block_selection == "nll" and blocks < n_layers:
         vocab_t = torch.as_tensor(vocab, dtype=torch.long)
@@ -445,6 +484,12 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
         order = torch.argsort(taylor[b], descending=True)[:inter]
         kept_neurons[str(b)] = sorted(order.tolist())
         mass[str(b)] = float(taylor[b][order].sum() / taylor[b].sum().clamp_min(1e-30))
+    n_heads, n_kv = tcfg["num_attention_heads"], tcfg["num_key_value_heads"]
+    per_group = heads_per_group(n_heads, n_kv, target.heads_keep)
+    kept_heads, head_mass = {}, {}
+    for b in kept_blocks:
+        kept_heads[str(b)] = select_heads(head_taylor[b], n_kv, per_group)
+        head_mass[str(b)] = float(head_taylor[b][kept_heads[str(b)]].sum() / head_taylor[b].sum().clamp_min(1e-30))
     # teacher layer "layers.i" = its hidden_states[i] = output of block i-1; the student's hidden_states[j]
     # is the output of its (j-1)-th kept block. Anchor a teacher layer only where that block was kept.
     anchor_map = {}
@@ -456,7 +501,8 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
     hf = {k: tcfg[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
                                 "rope_theta", "max_position_embeddings", "hidden_act", "attention_bias",
                                 "mlp_bias", "head_dim", "rope_scaling", "rope_parameters") if k in tcfg}
-    hf.update(num_hidden_layers=len(kept_blocks), intermediate_size=inter)
+    hf.update(num_hidden_layers=len(kept_blocks), intermediate_size=inter, num_attention_heads=n_kv * per_group,
+              head_dim=tcfg.get("head_dim") or tcfg["hidden_size"] // n_heads)
     eos = tcfg.get("eos_token_id")
     eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int) and e in set(vocab)]
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -483,12 +529,16 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
         "train_token_coverage": float(counts[vocab].sum() / max(counts.sum(), 1.0)),
         "train_input_token_coverage": float(counts[vocab + extra].sum() / max(counts.sum(), 1.0)),
         "teacher_next_token_mass_covered": float(soft[vocab].sum() / max(soft.sum(), 1e-12)),
-        "heads": f"all {tcfg['num_attention_heads']} query / {tcfg['num_key_value_heads']} kv heads kept",
+        "heads": (f"all {n_heads} query / {n_kv} kv heads kept" if per_group * n_kv == n_heads else
+                  f"{per_group * n_kv}/{n_heads} query heads per block ({per_group} of each of the {n_kv} kv groups), "
+                  f"every kv head kept"),
+        "head_importance_mass_kept": {k: round(v, 4) for k, v in head_mass.items()},
     }
     log(f"[text carve] keep blocks {kept_blocks} of {n_layers}; {student_params / 1e6:.1f}M of "
         f"{teacher_params / 1e6:.1f}M params ({report['param_fraction']:.2f})")
     return {"family": "llama", "teacher_vocab": teacher_vocab, "vocab": vocab, "hf_config": hf,
-            "blocks": kept_blocks, "mlp_neurons": kept_neurons, "anchor_map": anchor_map, "eos_ids": eos_ids,
+            "blocks": kept_blocks, "mlp_neurons": kept_neurons, "attention_heads": kept_heads,
+            "anchor_map": anchor_map, "eos_ids": eos_ids,
             "input_map": input_map, "input_rows": extra, "target": asdict(target), "report": report}
 
 
@@ -528,14 +578,21 @@ def carved_text_state(plan: dict, model_dir: Path) -> dict[str, torch.Tensor]:
     out = {"backbone.lm.model.embed_tokens.weight": torch.cat([emb[vocab], fallback, emb[extra]]).contiguous(),
            "backbone.lm.model.norm.weight": sd["model.norm.weight"]}
     out["backbone.lm.lm_head.weight"] = out["backbone.lm.model.embed_tokens.weight"]
+    d = plan["hf_config"].get("head_dim") or plan["hf_config"]["hidden_size"] // plan["hf_config"]["num_attention_heads"]
     for j, b in enumerate(plan["blocks"]):
         src, dst = f"model.layers.{b}.", f"backbone.lm.model.layers.{j}."
         keep = torch.as_tensor(plan["mlp_neurons"][str(b)], dtype=torch.long)
+        heads = plan.get("attention_heads", {}).get(str(b))  # older plans kept every head
+        q_rows = None if heads is None else torch.cat([torch.arange(k * d, (k + 1) * d) for k in heads])
         for k, v in sd.items():
             if not k.startswith(src):
                 continue
             name = k[len(src):]
-            if name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+            if q_rows is not None and name in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
+                v = v[q_rows]
+            elif q_rows is not None and name == "self_attn.o_proj.weight":
+                v = v[:, q_rows]
+            elif name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
                 v = v[keep]
             elif name == "mlp.down_proj.weight":
                 v = v[:, keep]

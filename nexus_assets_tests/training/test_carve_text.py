@@ -6,8 +6,8 @@ import torch
 from nexus_assets.student.config import HeadSpec, TowerConfig
 from nexus_assets.student.tower import StudentTower, load_tower, save_tower
 from nexus_assets.training.carve_text import (TextCarveTarget, block_influence, carved_text_state,
-                                              frequent_dropped, layer_budget, nearest_kept, plan_text_carve,
-                                              vocab_by_coverage, with_input_rows)
+                                              frequent_dropped, heads_per_group, layer_budget, nearest_kept,
+                                              plan_text_carve, select_heads, vocab_by_coverage, with_input_rows)
 
 V = 96
 
@@ -632,3 +632,62 @@ def test_nll_block_selection_in_the_plan_names_its_removal_order(tiny_llama):
     assert sorted(plan["blocks"] + [t["dropped"] for t in rep["block_removal_order"]]) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="'contiguous', 'influence' or 'nll'"):
         TextCarveTarget(block_selection="sleb")
+
+
+def test_heads_are_chosen_within_their_kv_group_and_free_parameters_for_blocks():
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.2, 0.8, 0.7, 0.6, 0.4])  # 9 query heads, 3 kv groups of 3
+    assert select_heads(scores, 3, 2) == [1, 2, 3, 5, 6, 7]  # each group's best two, grouped by kv head
+    assert select_heads(scores, 3, 1) == [1, 5, 6]
+    assert select_heads(scores, 3, 3) == list(range(9))
+    assert heads_per_group(9, 3, 0.67) == 2 and heads_per_group(9, 3, 0.01) == 1 and heads_per_group(9, 3, 1.0) == 3
+    with pytest.raises(ValueError, match="do not split into 3 kv groups"):
+        heads_per_group(10, 3, 0.5)
+    with pytest.raises(ValueError, match="heads_keep"):
+        TextCarveTarget(heads_keep=0.0)
+    cfg = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+           "num_hidden_layers": 8}
+    # a block: q and o 2 x 32 x 32, k and v 2 x 32 x 16, MLP 3 x 32 x 64, norms 64 = 9,280; half the query
+    # heads: q and o 2 x 32 x 16 -> 8,256; the 50,056 parameters past the vocabulary fit 5.4 and 6.06 blocks
+    assert layer_budget(cfg, 90, TextCarveTarget(param_fraction=0.53, mlp_keep=1.0), 100_000) == (5, 64)
+    assert layer_budget(cfg, 90, TextCarveTarget(param_fraction=0.53, mlp_keep=1.0, heads_keep=0.5), 100_000) == (6, 64)
+
+
+def test_pruning_dead_heads_reproduces_the_teacher_and_saves_as_a_stock_llama(tiny_llama, tmp_path):
+    """Query heads 1 and 2 (one of each kv group) write nothing (their o_proj columns are zero) in every block:
+    their Taylor score is 0, `heads_keep` 0.5 keeps heads 0 and 3, and the carved tower's outputs are the
+    teacher's exactly; the same carve of the intact teacher is not."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    model, d = tiny_llama
+    dead = LlamaForCausalLM(model.config).eval()
+    dead.load_state_dict(model.state_dict())
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        for layer in dead.model.layers:
+            layer.self_attn.o_proj.weight[:, 1 * hd:3 * hd] = 0.0
+    dead.save_pretrained(tmp_path / "dead")
+    rows = _rows()
+    target = TextCarveTarget(1.0, 1.0, 1.0, heads_keep=0.5)
+    ids = torch.tensor([rows["r00"]])
+    for teacher, folder, same in ((dead, tmp_path / "dead", True), (model, d, False)):
+        plan = plan_text_carve(folder, token_rows=rows, topk_ids=np.arange(V), target=target, max_len=16,
+                               log=lambda s: None)
+        assert plan["hf_config"]["num_attention_heads"] == 2 and plan["hf_config"]["head_dim"] == hd
+        assert plan["report"]["heads"].startswith("2/4 query heads per block")
+        if same:
+            assert all(h == [0, 3] for h in plan["attention_heads"].values())
+            assert all(m == pytest.approx(1.0) for m in plan["report"]["head_importance_mass_kept"].values())
+        tower = StudentTower(_tower(plan))
+        missing, unexpected = tower.load_state_dict(carved_text_state(plan, folder), strict=False)
+        assert not unexpected and not [k for k in missing if k.startswith("backbone.")]
+        with torch.no_grad():
+            got = tower.base_backbone().to_teacher_vocab(tower.eval()({"input_ids": ids}, "text.generate")["out"])
+            ref = torch.log_softmax(teacher(input_ids=ids).logits, -1)
+        assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4) is same
+    save_tower(tower, tmp_path / "t")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "t" / "hf")
+    assert stock.config.num_attention_heads == 2 and stock.model.layers[0].self_attn.q_proj.out_features == 2 * hd
+    with torch.no_grad():
+        a = tower({"input_ids": ids}, "text.generate")["out"]
+        b = load_tower(tmp_path / "t")({"input_ids": ids}, "text.generate")["out"]
+    torch.testing.assert_close(a, b)

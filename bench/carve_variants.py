@@ -9,6 +9,7 @@ carver: the baseline of the same run.
 
 Run (README command 1 first):
     .venv/bin/python bench/carve_variants.py --variant '{}' --variant '{"block_selection": "nll"}'
+    .venv/bin/python bench/carve_variants.py --seed 1 --variant '{}' --variant '{"heads_keep": 0.67}'
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", required=True,
                     help="JSON object of text carve settings over the pipeline's (repeatable)")
     ap.add_argument("--out", default="", help="keep the towers here (default: a folder under NEXUS_HOME)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="training seed (model init, adapters, batch order); default: the pipeline's")
     args = ap.parse_args()
     variants = []
     for v in args.variant:
@@ -67,7 +70,8 @@ def main() -> None:
         t0 = time.perf_counter()
         (out / f"variant_{i}").mkdir(parents=True, exist_ok=True)
         (out / f"variant_{i}" / "plan.json").write_text(json.dumps(plan))  # a carve can take minutes: keep it
-        s = train_tower_from_artifacts("text", architecture=a, **up, overrides={}, anchor_variance=0.95,
+        s = train_tower_from_artifacts("text", architecture=a, **up, anchor_variance=0.95,
+                                       overrides={} if args.seed is None else {"seed": args.seed},
                                        out_dir=out / f"variant_{i}",
                                        log=lambda m: print(m, flush=True) if "step" in m and "/" in m and "00/" in m
                                        else None)

@@ -134,7 +134,7 @@ class TowerConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{f}: must be an int >= 1, got {v!r}")
-        if self.width % self.n_heads:
+        if self.width % self.n_heads and self.init != "carved":  # a carve keeps its teacher's head_dim: any count
             raise ValueError(f"width: {self.width} is not divisible by n_heads={self.n_heads}")
         if not isinstance(self.vocab_size, int) or self.vocab_size < 2:
             raise ValueError(f"vocab_size: must be an int >= 2, got {self.vocab_size!r}")

@@ -644,6 +644,13 @@ def test_heads_are_chosen_within_their_kv_group_and_free_parameters_for_blocks()
         heads_per_group(10, 3, 0.5)
     with pytest.raises(ValueError, match="heads_keep"):
         TextCarveTarget(heads_keep=0.0)
+    # a carve keeps the teacher's head_dim, so its head count need not divide the width (a random tower's must)
+    plan_like = {"family": "llama", "hf_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 6},
+                 "vocab": list(range(9))}
+    assert _tower(plan_like).n_heads == 6
+    with pytest.raises(ValueError, match="not divisible by n_heads=6"):
+        TowerConfig(name="text", modality="text", width=32, depth=2, n_heads=6, vocab_size=10, max_len=16,
+                    capabilities={"text.generate": HeadSpec("lm", 10)})
     cfg = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
            "num_hidden_layers": 8}
     # a block: q and o 2 x 32 x 32, k and v 2 x 32 x 16, MLP 3 x 32 x 64, norms 64 = 9,280; half the query

@@ -87,6 +87,9 @@ def test_full_carve_reproduces_the_teacher(tiny_llama):
     plan = plan_text_carve(d, token_rows=rows, topk_ids=np.arange(V), target=TextCarveTarget(1.0, 1.0, 1.0),
                            max_len=16, log=lambda s: None)
     assert plan["blocks"] == [0, 1, 2, 3] and len(plan["vocab"]) == V
+    # a plan from before head carving (no "attention_heads") slices the same weights: every head kept
+    old = {k: v for k, v in plan.items() if k != "attention_heads"}
+    assert all(torch.equal(a, b) for a, b in zip(carved_text_state(old, d).values(), carved_text_state(plan, d).values()))
     tower = StudentTower(_tower(plan))
     missing, unexpected = tower.load_state_dict(carved_text_state(plan, d), strict=False)
     assert not unexpected and not [k for k in missing if k.startswith("backbone.")]

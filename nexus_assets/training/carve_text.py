@@ -326,6 +326,11 @@ def embedding_exit_block(plan: dict, model_dir: Path, token_rows: dict[str, list
     return {"blocks": choose_exit_block(scores), "fold_cosine": [round(v, 4) for v in scores], "rows": len(ids)}
 
 
+def head_dim(cfg: dict) -> int:
+    """Width of one attention head of a Llama config dict (explicit `head_dim`, else hidden / heads)."""
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
 def heads_per_group(n_heads: int, n_kv: int, keep: float) -> int:
     """Query heads each kv group keeps: round(keep * n_heads / n_kv), at least 1."""
     if n_kv < 1 or n_heads % n_kv:
@@ -350,7 +355,7 @@ def layer_budget(teacher_cfg: dict, vocab_size: int, target: TextCarveTarget, te
     """(blocks, mlp width) fitting param_fraction * teacher_params with the kept vocabulary (tied) and
     `input_rows` input-only rows."""
     h, heads, kv = teacher_cfg["hidden_size"], teacher_cfg["num_attention_heads"], teacher_cfg["num_key_value_heads"]
-    d = teacher_cfg.get("head_dim") or h // heads
+    d = head_dim(teacher_cfg)
     inter = max(1, int(round(teacher_cfg["intermediate_size"] * target.mlp_keep)))
     heads = kv * heads_per_group(heads, kv, target.heads_keep)
     per_block = h * heads * d * 2 + h * kv * d * 2 + 3 * h * inter + 2 * h
@@ -502,7 +507,7 @@ def plan_text_carve(model_dir: Path, *, token_rows: dict[str, list[int]], topk_i
                                 "rope_theta", "max_position_embeddings", "hidden_act", "attention_bias",
                                 "mlp_bias", "head_dim", "rope_scaling", "rope_parameters") if k in tcfg}
     hf.update(num_hidden_layers=len(kept_blocks), intermediate_size=inter, num_attention_heads=n_kv * per_group,
-              head_dim=tcfg.get("head_dim") or tcfg["hidden_size"] // n_heads)
+              head_dim=head_dim(tcfg))
     eos = tcfg.get("eos_token_id")
     eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int) and e in set(vocab)]
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -578,12 +583,14 @@ def carved_text_state(plan: dict, model_dir: Path) -> dict[str, torch.Tensor]:
     out = {"backbone.lm.model.embed_tokens.weight": torch.cat([emb[vocab], fallback, emb[extra]]).contiguous(),
            "backbone.lm.model.norm.weight": sd["model.norm.weight"]}
     out["backbone.lm.lm_head.weight"] = out["backbone.lm.model.embed_tokens.weight"]
-    d = plan["hf_config"].get("head_dim") or plan["hf_config"]["hidden_size"] // plan["hf_config"]["num_attention_heads"]
     for j, b in enumerate(plan["blocks"]):
         src, dst = f"model.layers.{b}.", f"backbone.lm.model.layers.{j}."
         keep = torch.as_tensor(plan["mlp_neurons"][str(b)], dtype=torch.long)
         heads = plan.get("attention_heads", {}).get(str(b))  # older plans kept every head
-        q_rows = None if heads is None else torch.cat([torch.arange(k * d, (k + 1) * d) for k in heads])
+        q_rows = None
+        if heads is not None:  # the plan writes its head_dim with every head map
+            d = plan["hf_config"]["head_dim"]
+            q_rows = torch.cat([torch.arange(k * d, (k + 1) * d) for k in heads])
         for k, v in sd.items():
             if not k.startswith(src):
                 continue
